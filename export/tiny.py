@@ -1,0 +1,62 @@
+"""Build small Stable Diffusion pipelines with random weights, saved as ordinary diffusers folders.
+
+Used by the tests and the demo; the layout and every class are SD 1.x's, only smaller.
+With `reference_config` the components take SD 1.5's real configs (random weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgesd.tokenizer import ClipTokenizer
+
+TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=8, sample_size=32, scaling_factor=0.18215,
+)
+TINY_TEXT = dict(
+    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_act="quick_gelu",
+)
+SD_SCHEDULER = dict(
+    _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+    prediction_type="epsilon", timestep_spacing="leading",
+)
+
+
+def build_random_sd(out: Path, seed: int = 0, reference_config: Path | None = None,
+                    prediction_type: str = "epsilon") -> Path:
+    """Write a diffusers StableDiffusionPipeline folder with random weights to `out`."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    if reference_config is not None:
+        ref = Path(reference_config)
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(ref / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(ref / "vae"))
+        text = CLIPTextModel(CLIPTextConfig.from_pretrained(ref / "text_encoder"))
+        scheduler = PNDMScheduler.from_config(json.loads((ref / "scheduler" / "scheduler_config.json").read_text()))
+    else:
+        unet = UNet2DConditionModel(**TINY_UNET)
+        vae = AutoencoderKL(**TINY_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
+        scheduler = PNDMScheduler.from_config({**SD_SCHEDULER, "prediction_type": prediction_type})
+    tok_dir = out / "tokenizer"
+    ClipTokenizer.packaged().write_folder(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,155 @@
+"""The `edgesd` command: export, generate, info."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import Cancelled, EdgesdError
+
+
+class _Command(click.Group):
+    """Turns EdgesdError into one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgesdError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except Cancelled as e:
+            click.echo(f"cancelled: {e}", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Command)
+@click.version_option(package_name="edgesd")
+def main():
+    """Stable Diffusion on CPUs: export checkpoints to ONNX and generate images."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--no-vae-encoder", is_flag=True, help="Skip the VAE encoder (only img2img needs it).")
+def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool):
+    """Export the diffusers-layout SD folder SRC to ONNX graphs in OUT."""
+    try:
+        from edgesd.export import STAGES, ExportOptions, ExportParityError, export_model
+    except ImportError as e:
+        raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
+                          "pip install 'edgesd[export]' -c constraints.txt") from None
+    stages = [s for s in STAGES if not (no_vae_encoder and s == "vae_encoder")]
+    options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder)
+    with click.progressbar(length=len(stages), label="export", file=sys.stderr,
+                           item_show_func=lambda s: s) as bar:
+        def on_stage(name: str) -> None:
+            if name != stages[0]:
+                bar.update(1, name)
+            else:
+                bar.update(0, name)
+
+        try:
+            report = export_model(src, out, options, on_stage)
+        except ExportParityError as e:
+            bar.render_finish()
+            _print_parity(e.report.parity)
+            raise
+        bar.update(1, "done")
+    _print_parity(report.parity)
+    click.echo(f"wrote {out} in {report.seconds:.1f} s")
+
+
+def _print_parity(results) -> None:
+    click.echo(f"{'graph':<14}{'output':<20}{'PSNR dB':>9}{'max |err|':>12}{'min dB':>8}  result")
+    for r in results:
+        click.echo(f"{r.component:<14}{r.output:<20}{r.psnr_db:>9.1f}{r.max_abs_error:>12.2e}"
+                   f"{r.threshold_db:>8.1f}  {'ok' if r.passed else 'FAIL'}")
+
+
+def _scheduler_choice(value: str | None):
+    """A short name, or a path to a diffusers scheduler_config.json."""
+    if value is None or not value.endswith(".json"):
+        return value
+    from .model import read_json
+
+    return read_json(Path(value), "scheduler config")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder (default: the embedded model).")
+@click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--seed", default=None, type=int, help="Random seed (default: random, printed).")
+@click.option("--width", default=None, type=int, help="Image width (default: the model's).")
+@click.option("--height", default=None, type=int, help="Image height (default: the model's).")
+@click.option("--scheduler", default=None, help="Sampler name, 'list', or a scheduler_config.json.")
+@click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
+              help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
+def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, provider, count, output):
+    """Generate an image from PROMPT."""
+    from .schedulers import SAMPLERS
+
+    if scheduler == "list":
+        for name, (cls, _, description) in SAMPLERS.items():
+            click.echo(f"{name:<16}{description}  [{cls}]")
+        return
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise EdgesdError(f"output '{output}' is not a .png path", "name the output NAME.png")
+    if not output.parent.is_dir():
+        raise EdgesdError(f"the folder '{output.parent}' for the output does not exist", "create it first")
+    if count < 1:
+        raise EdgesdError(f"--count must be >= 1, got {count}")
+    from .images import save_png
+    from .pipeline import Pipeline
+
+    choice = _scheduler_choice(scheduler)
+    pipe = Pipeline.load(model_dir, provider=provider)
+    with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
+        result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                      width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
+                      callback=lambda i, n: bar.update(1))
+    paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]
+    for image, path in zip(result.images, paths):
+        save_png(image, path, result.parameters)
+        click.echo(f"wrote {path} (seed {result.seed})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(model: Path, as_json: bool):
+    """Describe the model folder MODEL: components, precisions, sizes, graph inputs/outputs."""
+    from .inspect import describe
+
+    summary = describe(model)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"model      {summary['path']}")
+    click.echo(f"written by {summary['written_by']}")
+    for key, value in summary["constants"].items():
+        click.echo(f"  {key:<22}{value}")
+    click.echo(f"scheduler  {summary['scheduler']}")
+    for name, g in summary["graphs"].items():
+        click.echo(f"{name}: {g['precision']}, {g['size_mb']:.1f} MB")
+        for io in ("inputs", "outputs"):
+            for t in g[io]:
+                click.echo(f"  {io[:-1]:<7}{t['name']:<24}{t['dtype']:<9}{t['shape']}")
+
+
+if __name__ == "__main__":
+    main()

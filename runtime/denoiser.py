@@ -1,0 +1,63 @@
+"""The layer between the U-Net graph and the samplers.
+
+It batches cond/uncond into one U-Net call, applies classifier-free guidance
+(Ho & Salimans 2022), and converts the network's prediction (epsilon, v or x0)
+into what a sampler asks for, so samplers never see a graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# unet(sample (M, C, h, w), timestep (M,), context (M, S, D)) -> prediction (M, C, h, w)
+UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class Denoiser:
+    unet: UnetFn
+    context: np.ndarray  # (2B, S, D) as [uncond; cond] when guiding, else (B, S, D)
+    guidance_scale: float
+    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
+    alphas_cumprod: np.ndarray  # (T,) float32
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    def _predict(self, x_vp: np.ndarray, t: float) -> np.ndarray:
+        """Guided network output for the VP sample x_vp (B, C, h, w) at train timestep t."""
+        x_in = np.concatenate([x_vp, x_vp]) if self.guided else x_vp  # (2B, C, h, w)
+        t_in = np.full((x_in.shape[0],), t, dtype=np.float32)
+        out = self.unet(x_in.astype(np.float32), t_in, self.context)
+        if not self.guided:
+            return out
+        uncond, cond = np.split(out, 2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def _to_eps(self, out: np.ndarray, x_vp: np.ndarray, alpha_bar: float) -> np.ndarray:
+        if self.prediction_type == "epsilon":
+            return out
+        a, s = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
+        if self.prediction_type == "v_prediction":  # v = a * eps - s * x0 (Salimans & Ho 2022)
+            return a * out + s * x_vp
+        return (x_vp - a * out) / s  # "sample": the network predicts x0
+
+    def eps(self, x_t: np.ndarray, t: float) -> np.ndarray:
+        """Noise estimate for alpha-space samplers (x_t is the VP sample)."""
+        out = self._predict(x_t, t)
+        return self._to_eps(out, x_t, float(self.alphas_cumprod[int(t)]))
+
+    def denoise(self, x: np.ndarray, sigma: float, t: float) -> np.ndarray:
+        """x0 estimate for sigma-space samplers (x = x_vp * sqrt(1 + sigma^2))."""
+        c_in = 1.0 / np.sqrt(sigma**2 + 1.0)
+        x_vp = x * c_in
+        out = self._predict(x_vp, t)
+        if self.prediction_type == "epsilon":
+            return x - sigma * out
+        if self.prediction_type == "v_prediction":  # Karras et al. 2022, Table 1 scalings
+            return out * (-sigma * c_in) + x * c_in**2
+        return out

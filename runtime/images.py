@@ -1,0 +1,36 @@
+"""Latents <-> pictures, and PNGs that carry their generation parameters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+def to_pil(decoded: np.ndarray) -> list[Image.Image]:
+    """VAE output in [-1, 1], (N, 3, H, W) -> PIL RGB images."""
+    pixels = np.clip(decoded / 2 + 0.5, 0.0, 1.0)
+    pixels = (pixels.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)  # (N, H, W, 3)
+    return [Image.fromarray(p) for p in pixels]
+
+
+def parameters_text(params: dict) -> str:
+    """The A1111-style 'parameters' text many image tools read back."""
+    lines = [params["prompt"]]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    lines.append(
+        f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance_scale']}, "
+        f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params['model']}"
+    )
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, params: dict) -> None:
+    info = PngInfo()
+    info.add_text("parameters", parameters_text(params))
+    info.add_text("edgesd", json.dumps(params))
+    image.save(path, format="PNG", pnginfo=info)

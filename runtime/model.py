@@ -1,0 +1,126 @@
+"""A model folder on disk: edgesd's own export or one written by `optimum-cli export onnx`.
+
+Both use optimum's layout (`text_encoder/model.onnx`, `unet/model.onnx`,
+`vae_decoder/model.onnx`, `tokenizer/`, `scheduler/scheduler_config.json`).
+Ours adds `edgesd.json`, the manifest: each graph's description and the model's
+constants. For a folder without it, the constants come from the component
+`config.json` files that optimum copies next to each graph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import EdgesdError
+from .graphs import GRAPHS, REQUIRED_FOR_TEXT_TO_IMAGE
+
+MANIFEST = "edgesd.json"
+MANIFEST_VERSION = 1
+GRAPH_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ModelConstants:
+    latent_channels: int  # U-Net in/out channels (4 for SD 1.x/2.x)
+    vae_scale_factor: int  # image pixels per latent pixel, 2 ** (VAE down blocks - 1)
+    vae_scaling_factor: float  # latents are multiplied by this before the U-Net (0.18215 for SD 1.x)
+    sample_size: int  # the U-Net's native latent size; default image side = sample_size * vae_scale_factor
+    text_max_length: int  # tokens per prompt (77)
+    text_hidden_size: int  # width of the text encoder's hidden states
+    prediction_type: str  # what the U-Net predicts: epsilon | v_prediction | sample
+    latent_size_multiple: int  # latent sides must divide by this: 2 ** (U-Net down blocks - 1)
+
+    @property
+    def default_image_size(self) -> int:
+        return self.sample_size * self.vae_scale_factor
+
+    @property
+    def image_size_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_size_multiple
+
+
+def constants_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dict) -> ModelConstants:
+    """The model constants from diffusers/transformers component configs (exporter and runtime both use this)."""
+    sample_size = unet.get("sample_size", 64)
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = sample_size[0]
+    return ModelConstants(
+        latent_channels=int(unet.get("in_channels", 4)),
+        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        sample_size=int(sample_size),
+        text_max_length=int(text_encoder.get("max_position_embeddings", 77)),
+        text_hidden_size=int(unet.get("cross_attention_dim", text_encoder.get("hidden_size", 768))),
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        latent_size_multiple=2 ** (len(unet.get("block_out_channels", [0, 0, 0, 0])) - 1),
+    )
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgesdError(f"{path} is missing", f"the {what} needs it; re-export the model") from None
+    except (OSError, ValueError) as e:
+        raise EdgesdError(f"{path} is not valid JSON ({e})", f"fix or re-export the {what}") from None
+    if not isinstance(data, dict):
+        raise EdgesdError(f"{path} does not hold a JSON object", f"fix or re-export the {what}")
+    return data
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    root: Path
+    constants: ModelConstants
+    scheduler_config: dict
+    manifest: dict | None  # None for folders edgesd did not write
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ModelFolder":
+        root = Path(path)
+        if not root.exists():
+            raise EdgesdError(f"model folder '{root}' does not exist", "pass the folder `edgesd export` wrote")
+        if not root.is_dir():
+            raise EdgesdError(f"'{root}' is not a folder", "pass the model folder, not a file in it")
+        for component in REQUIRED_FOR_TEXT_TO_IMAGE:
+            if not (root / component / GRAPH_FILE).is_file():
+                raise EdgesdError(
+                    f"'{root}' has no {component}/{GRAPH_FILE}",
+                    "pass a folder written by `edgesd export` or `optimum-cli export onnx`",
+                )
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
+        manifest = read_json(root / MANIFEST, "manifest") if (root / MANIFEST).is_file() else None
+        if manifest is not None:
+            if manifest.get("format_version") != MANIFEST_VERSION:
+                raise EdgesdError(f"{root / MANIFEST} has format version {manifest.get('format_version')}",
+                                  f"this edgesd reads version {MANIFEST_VERSION}; re-export the model")
+            constants = ModelConstants(**manifest["constants"])
+        else:
+            constants = constants_from_configs(
+                read_json(root / "unet" / "config.json", "U-Net"),
+                read_json(root / "vae_decoder" / "config.json", "VAE decoder"),
+                read_json(root / "text_encoder" / "config.json", "text encoder"),
+                scheduler,
+            )
+        return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest)
+
+    def graph_path(self, component: str) -> Path:
+        return self.root / component / GRAPH_FILE
+
+    def has(self, component: str) -> bool:
+        return self.graph_path(component).is_file()
+
+
+def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict], source: dict) -> None:
+    """Write edgesd.json: the graphs (as described in graphs.py plus precision and file), constants, source."""
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "constants": asdict(constants),
+        "source": source,
+        "graphs": {
+            name: {**GRAPHS[name].to_json(), **extra} for name, extra in graphs.items()
+        },
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

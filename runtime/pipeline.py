@@ -1,0 +1,227 @@
+"""Text-to-image with exported graphs; everything but the networks runs in NumPy."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from . import sampling
+from .backends import Graph, load_graph
+from .denoiser import Denoiser
+from .errors import Cancelled, EdgesdError
+from .graphs import GRAPHS
+from .images import to_pil
+from .model import ModelFolder
+from .schedulers import SchedulerConfig, alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
+from .tokenizer import ClipTokenizer
+
+# callback(step, total) after each denoising step; returning False cancels the generation.
+ProgressCallback = Callable[[int, int], "bool | None"]
+MAX_STEPS = 1000
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompts: list[str]
+    negative_prompts: list[str]
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    images_per_prompt: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+
+class Pipeline:
+    """A loaded model: `Pipeline.load(path)(prompt, ...)` -> GenerationResult."""
+
+    def __init__(self, folder: ModelFolder, graphs: dict[str, Graph], tokenizer: ClipTokenizer, provider: str):
+        self.folder = folder
+        self.graphs = graphs
+        self.tokenizer = tokenizer
+        self.provider = provider
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, provider: str = "cpu", threads: int | None = None) -> "Pipeline":
+        """Load a model folder (default: the embedded model) on an ONNX Runtime provider."""
+        if path is None:
+            from .models_path import default_model_path
+
+            path = default_model_path()
+        folder = ModelFolder.open(path)
+        from .backends.onnxruntime_backend import resolve_provider
+
+        resolve_provider(provider)  # fail on a bad provider before loading large graphs
+        tokenizer = ClipTokenizer.from_folder(folder.root / "tokenizer")
+        graphs = {
+            name: load_graph(folder.graph_path(name), GRAPHS[name], provider, threads)
+            for name in ("text_encoder", "unet", "vae_decoder")
+        }
+        return cls(folder, graphs, tokenizer, provider)
+
+    @property
+    def constants(self):
+        return self.folder.constants
+
+    # --- the stages -------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        """Prompts -> text encoder hidden states (N, S, D)."""
+        ids = self.tokenizer(prompts)  # (N, 77)
+        return self.graphs["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+
+    def unet(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
+        return self.graphs["unet"].run(feeds)["out_sample"]
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """Latents (N, C, h, w) -> images, one VAE call per image to bound peak memory."""
+        images = []
+        for z in latents:
+            z = (z[None] / self.constants.vae_scaling_factor).astype(np.float32)
+            images += to_pil(self.graphs["vae_decoder"].run({"latent_sample": z})["sample"])
+        return images
+
+    # --- text to image ----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        num_images_per_prompt: int = 1,
+        latents: np.ndarray | None = None,
+        scheduler: str | dict | None = None,
+        callback: ProgressCallback | None = None,
+        noise: sampling.NoiseFn | None = None,
+    ) -> GenerationResult:
+        """Generate images; arguments follow diffusers' StableDiffusionPipeline.
+
+        `latents`: initial standard-normal noise (N, C, H/f, W/f), scaled by the
+        scheduler's initial sigma exactly as diffusers does. `noise`: the source of
+        fresh noise for ancestral samplers (default: a generator seeded by `seed`).
+        """
+        req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
+                            seed, num_images_per_prompt)
+        sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
+        rng = np.random.default_rng(req.seed)
+        x = self._initial_latents(req, latents, rng)
+        denoiser = Denoiser(
+            unet=self.unet,
+            context=self._context(req),
+            guidance_scale=req.guidance_scale,
+            prediction_type=sched.prediction_type,
+            alphas_cumprod=alphas_cumprod(sched),
+        )
+        noise = noise or (lambda shape: rng.standard_normal(shape, dtype=np.float32))
+        x = _run_sampler(sched, denoiser, x, req.steps, noise, _checked(callback))
+        images = self.decode(x)
+        params = {
+            "prompt": req.prompts[0] if len(req.prompts) == 1 else req.prompts,
+            "negative_prompt": req.negative_prompts[0] if len(set(req.negative_prompts)) == 1 else req.negative_prompts,
+            "steps": req.steps, "scheduler": sched.name, "guidance_scale": req.guidance_scale,
+            "seed": req.seed, "width": req.width, "height": req.height,
+            "model": self.folder.root.name, "provider": self.provider,
+        }
+        return GenerationResult(images=images, seed=req.seed, parameters=params)
+
+    def _request(self, prompt, negative_prompt, steps, guidance, width, height, seed, per_prompt) -> _Request:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise EdgesdError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise EdgesdError(f"{len(negatives)} negative prompts for {len(prompts)} prompts",
+                                  "give one negative prompt per prompt, or a single one")
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+            raise EdgesdError(f"steps must be between 1 and {MAX_STEPS}, got {steps}", "use e.g. 20")
+        if guidance < 0 or not np.isfinite(guidance):
+            raise EdgesdError(f"guidance scale must be >= 0, got {guidance}", "use e.g. 7.5, or 1 for no guidance")
+        if not isinstance(per_prompt, (int, np.integer)) or per_prompt < 1:
+            raise EdgesdError(f"images per prompt must be >= 1, got {per_prompt}")
+        size = self.constants.default_image_size
+        width, height = width or size, height or size
+        multiple = self.constants.image_size_multiple
+        for name, value in (("width", width), ("height", height)):
+            if value % multiple or value <= 0:
+                raise EdgesdError(f"{name} {value} is not a positive multiple of {multiple}",
+                                  f"this model needs sizes in steps of {multiple}, e.g. {size}")
+        if seed is None:
+            seed = secrets.randbelow(2**32)
+        return _Request(prompts, negatives, int(steps), float(guidance), int(width), int(height), int(seed),
+                        int(per_prompt))
+
+    def _context(self, req: _Request) -> np.ndarray:
+        """Text conditioning, [uncond; cond] stacked for one batched U-Net call when guiding."""
+        repeat = req.images_per_prompt
+        if req.guidance_scale > 1.0:
+            hidden = self.encode_prompts(req.negative_prompts + req.prompts)  # (2P, S, D)
+            uncond, cond = np.split(hidden, 2)
+            return np.concatenate([np.repeat(uncond, repeat, 0), np.repeat(cond, repeat, 0)])  # (2B, S, D)
+        return np.repeat(self.encode_prompts(req.prompts), repeat, 0)  # (B, S, D)
+
+    def _initial_latents(self, req: _Request, latents: np.ndarray | None, rng) -> np.ndarray:
+        c = self.constants
+        shape = (req.batch, c.latent_channels, req.height // c.vae_scale_factor, req.width // c.vae_scale_factor)
+        if latents is None:
+            return rng.standard_normal(shape, dtype=np.float32)
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != shape:
+            raise EdgesdError(f"latents have shape {latents.shape}, expected {shape}",
+                              "match the batch (prompts x images per prompt), channels and size / "
+                              f"{c.vae_scale_factor}")
+        return latents
+
+
+def _checked(callback: ProgressCallback | None) -> sampling.StepCallback | None:
+    if callback is None:
+        return None
+
+    def step(i: int, n: int) -> None:
+        if callback(i, n) is False:
+            raise Cancelled(f"cancelled after step {i} of {n}")
+
+    return step
+
+
+def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps: int,
+                 noise: sampling.NoiseFn, callback) -> np.ndarray:
+    """Scale the initial noise as diffusers does and run the chosen sampler."""
+    if sched.is_sigma_space:
+        s = sigma_schedule(sched, steps)
+        x = noise_x * np.float32(s.init_noise_sigma)
+        if sched.class_name == "EulerAncestralDiscreteScheduler":
+            return sampling.sample_euler_ancestral(d.denoise, x, s, noise, callback)
+        if sched.class_name == "DPMSolverMultistepScheduler":
+            return sampling.sample_dpmpp_2m(d.denoise, x, s, callback, sched["lower_order_final"])
+        return sampling.sample_euler(d.denoise, x, s, callback)
+    s = alpha_schedule(sched, steps)
+    if sched.class_name == "DDIMScheduler":
+        clip = sched["clip_sample_range"] if sched["clip_sample"] else None
+        return sampling.sample_ddim(d.eps, noise_x, s, callback, clip)
+    return sampling.sample_plms(d.eps, noise_x, s, callback)

@@ -1,0 +1,181 @@
+"""Samplers: pure functions over NumPy arrays.
+
+Two families, as in the literature:
+- sigma space (Karras et al. 2022, "Elucidating the design space", k-diffusion):
+  x = x_vp * sqrt(1 + sigma^2); `denoise(x, sigma, t)` returns the model's x0.
+- alpha space (DDPM/DDIM/PNDM): x is the variance-preserving sample x_t;
+  `eps(x, t)` returns the model's noise prediction.
+Each step uses the schedule arrays it is given; no sampler keeps hidden state.
+The network, guidance and prediction-type conversion live in `denoiser.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# denoise(x, sigma, t) -> x0 ; eps(x_t, t) -> eps ; noise(shape) -> standard normal array
+DenoiseFn = Callable[[np.ndarray, float, float], np.ndarray]
+EpsFn = Callable[[np.ndarray, float], np.ndarray]
+NoiseFn = Callable[[tuple], np.ndarray]
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SigmaSchedule:
+    """Sigma-space plan: model timesteps (n,), sigmas (n+1,) ending at the final sigma."""
+
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+    init_noise_sigma: float
+
+
+@dataclass(frozen=True)
+class AlphaSchedule:
+    """Alpha-space plan: the timesteps (n,) to call the model at and the step size in train steps."""
+
+    timesteps: np.ndarray
+    alphas_cumprod: np.ndarray  # (num_train_timesteps,)
+    final_alpha_cumprod: float  # alpha_bar used past t = 0
+    step_ratio: int  # num_train_timesteps // num_inference_steps
+
+
+def _notify(callback: StepCallback | None, i: int, n: int) -> None:
+    if callback is not None:
+        callback(i + 1, n)
+
+
+def sample_euler(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
+    n = len(s.timesteps)
+    for i in range(n):
+        sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
+        d = (x - denoise(x, sigma, s.timesteps[i])) / sigma  # dx/dsigma
+        x = x + d * (sigma_next - sigma)
+        _notify(callback, i, n)
+    return x
+
+
+def ancestral_step(sigma_from: float, sigma_to: float) -> tuple[float, float]:
+    """Split a step into a deterministic part down to sigma_down and fresh noise sigma_up."""
+    sigma_up = np.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2)
+    sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
+    return sigma_down, sigma_up
+
+
+def sample_euler_ancestral(
+    denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn, callback: StepCallback | None = None
+):
+    """Euler steps to sigma_down, then noise up to the next sigma (k-diffusion's euler_ancestral, eta=1)."""
+    n = len(s.timesteps)
+    for i in range(n):
+        sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
+        denoised = denoise(x, sigma, s.timesteps[i])
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        x = x + noise(x.shape).astype(x.dtype) * sigma_up
+        _notify(callback, i, n)
+    return x
+
+
+def sample_dpmpp_2m(
+    denoise: DenoiseFn,
+    x: np.ndarray,
+    s: SigmaSchedule,
+    callback: StepCallback | None = None,
+    lower_order_final: bool = True,
+):
+    """DPM-Solver++(2M), midpoint form (Lu et al. 2022, arXiv:2211.01095, Alg. 2), in sigma space.
+
+    With lambda = -log(sigma) and h = lambda_next - lambda, the update is
+    x_next = (sigma_next / sigma) x - expm1(-h) D, where D is x0 (first step,
+    or the last step when it ends at sigma 0 / is short) or the multistep blend
+    x0 + (x0 - x0_prev) / (2 r), r = h_prev / h.
+    """
+    n = len(s.timesteps)
+    prev_denoised, h_prev = None, None
+    for i in range(n):
+        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
+        denoised = denoise(x, sigma, s.timesteps[i])
+        if sigma_next == 0.0:
+            x = denoised  # the limit of the update at sigma_next = 0
+        else:
+            h = np.log(sigma) - np.log(sigma_next)
+            last = i == n - 1 and lower_order_final and n < 15
+            if prev_denoised is None or last:
+                blend = denoised
+            else:
+                r = h_prev / h
+                blend = denoised + (denoised - prev_denoised) / (2.0 * r)
+            x = (sigma_next / sigma) * x - np.expm1(-h) * blend
+            h_prev = h
+        prev_denoised = denoised
+        _notify(callback, i, n)
+    return x
+
+
+def _alpha_at(s: AlphaSchedule, t: int) -> float:
+    return float(s.alphas_cumprod[t]) if t >= 0 else s.final_alpha_cumprod
+
+
+def sample_ddim(
+    eps: EpsFn,
+    x: np.ndarray,
+    s: AlphaSchedule,
+    callback: StepCallback | None = None,
+    clip_sample_range: float | None = None,
+):
+    """Deterministic DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 with eta = 0)."""
+    n = len(s.timesteps)
+    for i, t in enumerate(s.timesteps):
+        t = int(t)
+        a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t - s.step_ratio)
+        e = eps(x, t)
+        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        if clip_sample_range is not None:
+            x0 = np.clip(x0, -clip_sample_range, clip_sample_range)
+            e = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e
+        _notify(callback, i, n)
+    return x
+
+
+def _plms_transfer(s: AlphaSchedule, x: np.ndarray, t: int, t_prev: int, e: np.ndarray) -> np.ndarray:
+    """PNDM's transfer from t to t_prev given a noise estimate (Liu et al. 2022, arXiv:2202.09778, Eq. 9)."""
+    a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t_prev)
+    denom = a_t * np.sqrt(1 - a_prev) + np.sqrt(a_t * (1 - a_t) * a_prev)
+    return np.sqrt(a_prev / a_t) * x - (a_prev - a_t) * e / denom
+
+
+def sample_plms(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, callback: StepCallback | None = None):
+    """Pseudo linear multistep (PLMS) with diffusers' warm-up that skips the Runge-Kutta steps.
+
+    The first step is taken twice: once with eps(t0), then redone from the same
+    start with the mean of eps(t0) and eps(t1) (a second-order start). Later
+    steps use Adams-Bashforth weights over the last 2, 3 or 4 noise estimates.
+    `s.timesteps` is the model-call list, whose second entry repeats (n + 1 calls).
+    """
+    n = len(s.timesteps)
+    history: list[np.ndarray] = []
+    x_start = x
+    for i, t in enumerate(s.timesteps):
+        t = int(t)
+        e = eps(x, t)
+        if i == 1:  # redo the first step with the averaged estimate
+            t_from = t + s.step_ratio
+            x = _plms_transfer(s, x_start, t_from, t, (e + history[-1]) / 2)
+        else:
+            history = (history + [e])[-4:]
+            if len(history) == 1:
+                e_hat = e
+            elif len(history) == 2:
+                e_hat = (3 * history[-1] - history[-2]) / 2
+            elif len(history) == 3:
+                e_hat = (23 * history[-1] - 16 * history[-2] + 5 * history[-3]) / 12
+            else:
+                e_hat = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+            x = _plms_transfer(s, x, t, t - s.step_ratio, e_hat)
+        _notify(callback, i, n)
+    return x

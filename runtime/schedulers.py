@@ -1,0 +1,268 @@
+"""Scheduler choice and configuration, read the way diffusers reads it.
+
+A model folder's `scheduler/scheduler_config.json` is read with its keys unchanged.
+Choosing a sampler by name works like diffusers' `XScheduler.from_config(config)`:
+the model's keys that the chosen class knows override the class defaults, the
+rest are dropped. A key we do not support with a value other than the default
+is an error naming it; nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .errors import EdgesdError
+from .sampling import AlphaSchedule, SigmaSchedule
+
+Spacing = Literal["linspace", "leading", "trailing"]
+
+# Keys every scheduler class shares, with diffusers' class defaults.
+_COMMON = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+
+# Per class: (keys we implement with their defaults, keys we only accept at their default).
+_CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "DDIMScheduler": (
+        {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0},
+        {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0},
+    ),
+    "PNDMScheduler": (
+        {"timestep_spacing": "leading", "set_alpha_to_one": False, "skip_prk_steps": False},
+        {},
+    ),
+    "EulerDiscreteScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "final_sigmas_type": "zero"},
+        {
+            "interpolation_type": "linear",
+            "use_exponential_sigmas": False,
+            "use_beta_sigmas": False,
+            "sigma_min": None,
+            "sigma_max": None,
+            "timestep_type": "discrete",
+        },
+    ),
+    "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
+    "DPMSolverMultistepScheduler": (
+        {
+            "timestep_spacing": "linspace",
+            "use_karras_sigmas": False,
+            "final_sigmas_type": "zero",
+            "lower_order_final": True,
+        },
+        {
+            "solver_order": 2,
+            "algorithm_type": "dpmsolver++",
+            "solver_type": "midpoint",
+            "thresholding": False,
+            "dynamic_thresholding_ratio": 0.995,
+            "sample_max_value": 1.0,
+            "euler_at_final": False,
+            "use_exponential_sigmas": False,
+            "use_beta_sigmas": False,
+            "use_lu_lambdas": False,
+            "use_flow_sigmas": False,
+            "flow_shift": 1.0,
+            "lambda_min_clipped": -float("inf"),
+            "variance_type": None,
+            "use_dynamic_shifting": False,
+        },
+    ),
+}
+
+# Our short names: (diffusers class, keys forced on top of the model's config, description).
+SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "ddim": ("DDIMScheduler", {}, "DDIM, deterministic (eta 0)"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS (A1111 'PLMS')"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (A1111 'Euler a')"),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
+}
+_CLASS_TO_NAME = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
+                  "EulerAncestralDiscreteScheduler": "euler-a", "DPMSolverMultistepScheduler": "dpm++2m"}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A diffusers scheduler class and its full, validated configuration."""
+
+    class_name: str
+    config: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.config[key]
+
+    @property
+    def prediction_type(self) -> str:
+        return self.config["prediction_type"]
+
+    @property
+    def is_sigma_space(self) -> bool:
+        return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                   "DPMSolverMultistepScheduler")
+
+    @property
+    def name(self) -> str:
+        name = _CLASS_TO_NAME[self.class_name]
+        if self.config.get("use_karras_sigmas"):
+            name += "-karras"
+        return name
+
+
+def scheduler_names() -> list[str]:
+    return list(SAMPLERS)
+
+
+def resolve_scheduler(choice: str | dict | None, model_config: dict) -> SchedulerConfig:
+    """Turn a short name, a diffusers config dict, or None (the model's own) into a SchedulerConfig."""
+    if choice is None:
+        return _from_dict(model_config.get("_class_name", ""), model_config, {})
+    if isinstance(choice, dict):
+        return _from_dict(choice.get("_class_name", ""), {**model_config, **choice}, {})
+    if choice not in SAMPLERS:
+        raise EdgesdError(f"unknown scheduler '{choice}'", f"choose one of: {', '.join(SAMPLERS)}")
+    class_name, forced, _ = SAMPLERS[choice]
+    return _from_dict(class_name, model_config, forced)
+
+
+def _from_dict(class_name: str, source: dict, forced: dict) -> SchedulerConfig:
+    if class_name not in _CLASSES:
+        raise EdgesdError(
+            f"scheduler class '{class_name}' is not supported",
+            f"use one of {', '.join(_CLASSES)} or pick a sampler by name ({', '.join(SAMPLERS)})",
+        )
+    implemented, default_only = _CLASSES[class_name]
+    defaults = {**_COMMON, **implemented, **default_only}
+    config = {k: source.get(k, v) for k, v in defaults.items()}
+    config.update(forced)
+    for key, default in default_only.items():
+        if config[key] != default:
+            raise EdgesdError(f"{class_name}: {key}={config[key]!r} is not supported", f"use {key}={default!r}")
+    _check_values(class_name, config)
+    return SchedulerConfig(class_name, config)
+
+
+def _check_values(class_name: str, c: dict) -> None:
+    allowed = {
+        "beta_schedule": ("linear", "scaled_linear"),
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    }
+    for key, values in allowed.items():
+        if key in c and c[key] not in values and not (key == "beta_schedule" and c["trained_betas"] is not None):
+            raise EdgesdError(f"{class_name}: {key}={c[key]!r} is not supported", f"use one of {values}")
+    if c["rescale_betas_zero_snr"]:
+        raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported yet", "set it to false")
+    if class_name == "PNDMScheduler" and not c["skip_prk_steps"]:
+        raise EdgesdError("PNDMScheduler: skip_prk_steps=False (Runge-Kutta warm-up) is not supported",
+                          "set skip_prk_steps to true or use --scheduler pndm")
+
+
+# --- noise schedule ------------------------------------------------------------------------------
+
+
+def alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
+    """alpha_bar_t for t = 0..T-1 in float32, computed as diffusers does (Ho et al. 2020)."""
+    T = c["num_train_timesteps"]
+    if c["trained_betas"] is not None:
+        betas = np.asarray(c["trained_betas"], dtype=np.float32)
+    elif c["beta_schedule"] == "linear":
+        betas = np.linspace(c["beta_start"], c["beta_end"], T, dtype=np.float32)
+    else:  # scaled_linear: linear in sqrt(beta), SD's schedule
+        betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T, dtype=np.float32) ** 2
+    return np.cumprod((1.0 - betas).astype(np.float32), dtype=np.float32)
+
+
+def _spaced_timesteps(spacing: str, n: int, T: int, offset: int) -> np.ndarray:
+    """Descending timesteps for n steps (Lin et al. 2023, arXiv:2305.08891, Table 2)."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float64) + offset
+    return np.round(np.arange(T, 0, -T / n)) - 1  # trailing
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, Eq. 5."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional train timestep of each sigma, interpolating in log sigma."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
+    """Timesteps and sigmas for the sigma-space samplers, equal to diffusers' set_timesteps."""
+    ac = alphas_cumprod(c)
+    T = c["num_train_timesteps"]
+    train_sigmas = ((1 - ac) / ac) ** 0.5  # float32, as diffusers
+    log_sigmas = np.log(train_sigmas)
+    spacing = c["timestep_spacing"]
+    dpm = c.class_name == "DPMSolverMultistepScheduler"
+    if dpm:  # DPM-Solver spaces n + 1 integer points and drops t = 0
+        if spacing == "linspace":
+            t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            t = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1] + c["steps_offset"]
+        else:
+            t = np.arange(T, 0, -T / n).round() - 1
+        t = t.astype(np.int64).astype(np.float64)
+    else:
+        t = _spaced_timesteps(spacing, n, T, c["steps_offset"]).astype(np.float32).astype(np.float64)
+    if c.get("use_karras_sigmas"):
+        sigmas = _karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
+        t = sigma_to_t(sigmas, log_sigmas)
+        if dpm:
+            t = t.round()
+    else:
+        sigmas = np.interp(t, np.arange(T), train_sigmas)
+    final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c["final_sigmas_type"] == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
+    t = t.astype(np.float32)
+    max_sigma = float(sigmas.max())
+    if dpm:  # DPM-Solver starts from unit-variance noise in alpha space
+        init = float(np.sqrt(sigmas[0] ** 2 + 1))
+    elif spacing in ("linspace", "trailing"):
+        init = max_sigma
+    else:
+        init = float(np.sqrt(max_sigma**2 + 1))
+    return SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init)
+
+
+def alpha_schedule(c: SchedulerConfig, n: int) -> AlphaSchedule:
+    """Timesteps for DDIM / PNDM, equal to diffusers' set_timesteps."""
+    ac = alphas_cumprod(c)
+    T = c["num_train_timesteps"]
+    spacing = c["timestep_spacing"]
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, n).round()[::-1]
+    elif spacing == "leading":
+        t = (np.arange(0, n) * (T // n)).round()[::-1] + c["steps_offset"]
+    else:
+        t = np.round(np.arange(T, 0, -T / n)) - 1
+    t = t.astype(np.int64)
+    if c.class_name == "PNDMScheduler":
+        # PLMS without Runge-Kutta warm-up: the second-highest timestep is called twice.
+        ascending = t[::-1]
+        t = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1].copy()
+    final = 1.0 if c["set_alpha_to_one"] else float(ac[0])
+    return AlphaSchedule(timesteps=t, alphas_cumprod=ac, final_alpha_cumprod=final, step_ratio=T // n)
