@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from edgesd.tokenizer import ClipTokenizer
 
@@ -25,6 +26,12 @@ TINY_TEXT = dict(
     vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_act="quick_gelu",
 )
+# Smaller still, for fixtures committed to the repository (a few MB in all).
+MICRO_OVERRIDES = {
+    "unet": dict(block_out_channels=(16, 32), cross_attention_dim=8, attention_head_dim=4),
+    "vae": dict(block_out_channels=(8, 16)),
+    "text": dict(hidden_size=8, intermediate_size=16, num_attention_heads=2),
+}
 SD_SCHEDULER = dict(
     _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
@@ -33,7 +40,7 @@ SD_SCHEDULER = dict(
 
 
 def build_random_sd(out: Path, seed: int = 0, reference_config: Path | None = None,
-                    prediction_type: str = "epsilon") -> Path:
+                    prediction_type: str = "epsilon", size: Literal["tiny", "micro"] = "tiny") -> Path:
     """Write a diffusers StableDiffusionPipeline folder with random weights to `out`."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -48,9 +55,10 @@ def build_random_sd(out: Path, seed: int = 0, reference_config: Path | None = No
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(ref / "text_encoder"))
         scheduler = PNDMScheduler.from_config(json.loads((ref / "scheduler" / "scheduler_config.json").read_text()))
     else:
-        unet = UNet2DConditionModel(**TINY_UNET)
-        vae = AutoencoderKL(**TINY_VAE)
-        text = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
+        micro = MICRO_OVERRIDES if size == "micro" else {"unet": {}, "vae": {}, "text": {}}
+        unet = UNet2DConditionModel(**{**TINY_UNET, **micro["unet"]})
+        vae = AutoencoderKL(**{**TINY_VAE, **micro["vae"]})
+        text = CLIPTextModel(CLIPTextConfig(**{**TINY_TEXT, **micro["text"]}))
         scheduler = PNDMScheduler.from_config({**SD_SCHEDULER, "prediction_type": prediction_type})
     tok_dir = out / "tokenizer"
     ClipTokenizer.packaged().write_folder(tok_dir)

@@ -30,6 +30,7 @@ class GenerationResult:
     images: list[Image.Image]
     seed: int
     parameters: dict = field(default_factory=dict)
+    latents: np.ndarray | None = None  # final denoised latents (N, C, H/f, W/f), before the VAE
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Pipeline:
             "seed": req.seed, "width": req.width, "height": req.height,
             "model": self.folder.root.name, "provider": self.provider,
         }
-        return GenerationResult(images=images, seed=req.seed, parameters=params)
+        return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x)
 
     def _request(self, prompt, negative_prompt, steps, guidance, width, height, seed, per_prompt) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

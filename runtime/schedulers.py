@@ -228,14 +228,14 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
         t = t.astype(np.int64).astype(np.float64)
     else:
         t = _spaced_timesteps(spacing, n, T, c["steps_offset"]).astype(np.float32).astype(np.float64)
-    if c.get("use_karras_sigmas"):
+    if c.config.get("use_karras_sigmas"):
         sigmas = _karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
         t = sigma_to_t(sigmas, log_sigmas)
         if dpm:
             t = t.round()
     else:
         sigmas = np.interp(t, np.arange(T), train_sigmas)
-    final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c["final_sigmas_type"] == "sigma_min" else 0.0
+    final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.config.get("final_sigmas_type") == "sigma_min" else 0.0
     sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
     t = t.astype(np.float32)
     max_sigma = float(sigmas.max())

@@ -72,10 +72,24 @@ class OrtGraph:
             raise EdgesdError(f"{self.path}: input '{name}' has unsupported type {onnx_type}")
         return np.dtype(ONNX_TO_NUMPY[onnx_type])
 
+    def _fit_rank(self, name: str, value: np.ndarray) -> np.ndarray:
+        """optimum's U-Net takes one scalar timestep where ours takes one per batch row."""
+        if len(self._inputs[name].shape) == 0 and value.ndim == 1:
+            if not np.all(value == value[0]):
+                raise EdgesdError(f"{self.path}: input '{name}' is a scalar but the batch has different values")
+            return value[0]
+        return value
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.spec, feeds)
         # Graphs from other exporters may take int32 ids, int64 timesteps or fp16: cast to the graph.
-        cast = {k: np.ascontiguousarray(v, dtype=self.input_dtype(k)) for k, v in feeds.items()}
-        values = self._session.run(self._outputs, cast)
+        cast = {k: np.asarray(self._fit_rank(k, v), dtype=self.input_dtype(k), order="C") for k, v in feeds.items()}
+        try:
+            values = self._session.run(self._outputs, cast)
+        except Exception as e:  # a graph that loads but cannot run these shapes
+            reason = str(e).splitlines()[0][:240]
+            shapes = {k: v.shape for k, v in cast.items()}
+            raise EdgesdError(f"{self.path} failed on inputs {shapes} ({reason})",
+                              "check the requested size and batch, or re-export the model") from None
         return {name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
                 for name, v in zip(self._outputs, values)}

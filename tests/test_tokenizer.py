@@ -1,0 +1,48 @@
+import pytest
+
+from edgesd.tokenizer import ClipTokenizer
+
+TRICKY = [
+    "a photo of a cat",
+    "Café déjà vu — naïve résumé!!",
+    "  many    spaces\t\tand\nnewlines  ",
+    "日本語のテキスト 中文 한국어",
+    "12345 3.14159 1,000,000 2nd 3rd",
+    "it's we're I'll they'd you've I'm",
+    "emoji 🐱🚀👍🏽 and symbols ©®™ ±≠",
+    "(masterpiece:1.2), [best quality], {detailed}, <lora:x:0.5>",
+    "ÀÉÎÕÜ straße ﬁnance Ωmega",
+    "hello,world;foo:bar!?...---",
+    "UPPER lower MiXeD",
+    "",
+    "word " * 100,  # over 77 tokens: truncated, EOS kept last
+    "a <|endoftext|> b <|startoftext|>",
+    "\u200bzero\u00a0width and nbsp",
+]
+
+
+def test_packaged_vocabulary_matches_clip():
+    tok = ClipTokenizer.packaged()
+    assert tok.tokenize("a photo of a cat") == [49406, 320, 1125, 539, 320, 2368, 49407]
+    ids = tok(["a photo of a cat"])
+    assert ids.shape == (1, 77) and ids.dtype.name == "int64"
+    assert (ids[0, 7:] == 49407).all()  # SD 1.x pads with <|endoftext|>
+
+
+@pytest.mark.parametrize("prompt", TRICKY)
+def test_matches_transformers_clip_tokenizer(prompt, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.getbasetemp() / "clip-tokenizer"
+    if not folder.exists():
+        ClipTokenizer.packaged().write_folder(folder)
+    ours = ClipTokenizer.from_folder(folder)
+    theirs = transformers.CLIPTokenizer.from_pretrained(folder)
+    expected = theirs([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="np")
+    assert ours([prompt]).tolist() == expected["input_ids"].tolist()
+
+
+def test_missing_tokenizer_files_is_a_clear_error(tmp_path):
+    from edgesd.errors import EdgesdError
+
+    with pytest.raises(EdgesdError, match="vocab.json and merges.txt"):
+        ClipTokenizer.from_folder(tmp_path)
