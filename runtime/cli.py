@@ -119,9 +119,13 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
     choice = _scheduler_choice(scheduler)
     pipe = Pipeline.load(model_dir, provider=provider)
     with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
+        def on_step(i: int, n: int) -> None:
+            bar.length = n  # PLMS evaluates the U-Net steps + 1 times
+            bar.update(1)
+
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
-                      callback=lambda i, n: bar.update(1))
+                      callback=on_step)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]
     for image, path in zip(result.images, paths):
         save_png(image, path, result.parameters)

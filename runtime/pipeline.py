@@ -20,7 +20,7 @@ from .model import ModelFolder
 from .schedulers import SchedulerConfig, alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
 from .tokenizer import ClipTokenizer
 
-# callback(step, total) after each denoising step; returning False cancels the generation.
+# callback(step, total) after each U-Net evaluation (PLMS makes steps + 1); returning False cancels.
 ProgressCallback = Callable[[int, int], "bool | None"]
 MAX_STEPS = 1000
 

@@ -1,0 +1,132 @@
+"""The CLI: a working generate/info/export, and one clear line with exit code 2 for each bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from .conftest import FIXTURES
+
+
+def edgesd(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edgesd.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error") or l.startswith("Error")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_generate_writes_png_with_parameters(tiny_onnx, tmp_path):
+    out = tmp_path / "cat.png"
+    proc = edgesd("generate", "a red circle", "--model", tiny_onnx, "--steps", 3, "--seed", 42,
+                  "--scheduler", "euler-a", "--negative", "blurry", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(out)
+    assert image.size == (32, 32)  # the tiny model's default: sample_size 16 x VAE factor 2
+    params = json.loads(image.text["edgesd"])
+    assert params["seed"] == 42 and params["steps"] == 3 and params["scheduler"] == "euler-a"
+    assert image.text["parameters"].startswith("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: euler-a")
+
+
+def test_same_seed_same_image(tiny_onnx, tmp_path):
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for p in paths:
+        assert edgesd("generate", "x", "--model", tiny_onnx, "--steps", 2, "--seed", 7, "-o", p).returncode == 0
+    assert Image.open(paths[0]).tobytes() == Image.open(paths[1]).tobytes()
+
+
+def test_count_writes_numbered_files(tiny_onnx, tmp_path):
+    proc = edgesd("generate", "x", "--model", tiny_onnx, "--steps", 2, "--count", 2, "--width", 48,
+                  "-o", tmp_path / "img.png")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "img-1.png").size == (48, 32)
+    assert (tmp_path / "img-2.png").is_file()
+
+
+def test_scheduler_list():
+    proc = edgesd("generate", "x", "--scheduler", "list")
+    assert proc.returncode == 0
+    assert "dpm++2m-karras" in proc.stdout and "euler-a" in proc.stdout
+
+
+def test_info(tiny_onnx):
+    proc = edgesd("info", tiny_onnx, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["written_by"] == "edgesd"
+    assert summary["graphs"]["unet"]["precision"] == "fp32"
+    assert summary["graphs"]["unet"]["inputs"][1]["name"] == "timestep"
+
+
+def test_export_prints_parity_table(tiny_src, tmp_path):
+    proc = edgesd("export", tiny_src, tmp_path / "out", "--no-vae-encoder")
+    assert proc.returncode == 0, proc.stderr
+    assert "out_sample" in proc.stdout and " ok" in proc.stdout
+    assert not (tmp_path / "out" / "vae_encoder").exists()
+
+
+@pytest.fixture
+def broken_models(tiny_onnx, tmp_path):
+    """Copies of the tiny export with one defect each."""
+    def make(name, damage):
+        folder = tmp_path / name
+        shutil.copytree(tiny_onnx, folder)
+        damage(folder)
+        return folder
+
+    graph = lambda f: f / "unet" / "model.onnx"  # noqa: E731
+    return {
+        "no_unet": make("no_unet", lambda f: shutil.rmtree(f / "unet")),
+        "corrupt": make("corrupt", lambda f: graph(f).write_bytes(b"\x08\x07garbage" * 100)),
+        "truncated": make("truncated", lambda f: graph(f).write_bytes(graph(f).read_bytes()[:5000])),
+    }
+
+
+def test_bad_model_folders(broken_models, tmp_path):
+    assert_clean_error(edgesd("generate", "x", "--model", tmp_path / "nope", "-o", tmp_path / "a.png"),
+                       "does not exist")
+    assert_clean_error(edgesd("generate", "x", "--model", broken_models["no_unet"], "-o", tmp_path / "a.png"),
+                       "unet/model.onnx")
+    for name in ("corrupt", "truncated"):
+        assert_clean_error(edgesd("generate", "x", "--model", broken_models[name], "-o", tmp_path / "a.png"),
+                           "not a loadable ONNX graph", "re-export")
+    assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--width", 33], "width 33 is not a positive multiple of 4"),
+    (["--height", 30], "height 30 is not a positive multiple of 4"),
+    (["--steps", 0], "steps must be between 1"),
+    (["--guidance", -1], "guidance scale must be >= 0"),
+    (["--scheduler", "warp-drive"], "unknown scheduler 'warp-drive'"),
+    (["--provider", "quantum"], "unknown or unavailable provider 'quantum'"),
+    (["--count", 0], "--count must be >= 1"),
+])
+def test_bad_generation_options(tiny_onnx, tmp_path, args, needle):
+    proc = edgesd("generate", "x", "--model", tiny_onnx, "-o", tmp_path / "a.png", *args)
+    assert_clean_error(proc, needle)
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_output_in_missing_directory(tiny_onnx, tmp_path):
+    assert_clean_error(edgesd("generate", "x", "--model", tiny_onnx, "-o", tmp_path / "no" / "a.png"),
+                       "does not exist", "create it")
+
+
+def test_bad_export_sources(tiny_src, tmp_path):
+    assert_clean_error(edgesd("export", tmp_path / "missing", tmp_path / "out"), "does not exist")
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    shutil.rmtree(src / "unet")
+    assert_clean_error(edgesd("export", src, tmp_path / "out"), "has no unet/ folder")
+    assert not (tmp_path / "out").exists()
+    assert_clean_error(edgesd("export", tiny_src, tmp_path / "no" / "out"), "does not exist")

@@ -1,0 +1,54 @@
+"""The runtime generates with torch, diffusers, transformers, optimum and nncf impossible to import."""
+
+import subprocess
+import sys
+import textwrap
+
+from .conftest import FIXTURES
+
+BLOCKER = """
+import sys
+BLOCKED = ("torch", "diffusers", "transformers", "optimum", "nncf")
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def run_blocked(code: str) -> subprocess.CompletedProcess:
+    script = BLOCKER + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_without_heavy_libraries(tiny_onnx, tmp_path):
+    out = tmp_path / "lean.png"
+    proc = run_blocked(f"""
+        import edgesd
+        from edgesd.cli import main
+        pipe = edgesd.Pipeline.load({str(tiny_onnx)!r})
+        for scheduler in ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras"):
+            result = pipe("a red circle", num_inference_steps=3, seed=1, scheduler=scheduler)
+            assert result.images[0].size == (32, 32)
+        optimum = edgesd.Pipeline.load({str(FIXTURES / "optimum-onnx-micro")!r})
+        assert optimum("a red circle", num_inference_steps=2, seed=1).images[0].size == (32, 32)
+        try:
+            main(["generate", "a blue square", "--model", {str(tiny_onnx)!r}, "--steps", "2", "-o", {str(out)!r}])
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+        heavy = [m for m in sys.modules if m.split(".")[0] in BLOCKED]
+        assert not heavy, heavy
+        print("LEAN-OK")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "LEAN-OK" in proc.stdout
+    assert out.is_file()
+
+
+def test_blocker_really_blocks():
+    proc = run_blocked("import torch")
+    assert proc.returncode != 0 and "blocked" in proc.stderr

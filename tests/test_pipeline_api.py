@@ -1,0 +1,82 @@
+"""The Python API: arguments, callbacks, cancellation, seeds, latents, foreign (optimum) folders."""
+
+import numpy as np
+import pytest
+
+import edgesd
+from edgesd.errors import Cancelled, EdgesdError
+
+from .conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_onnx):
+    return edgesd.Pipeline.load(tiny_onnx)
+
+
+def test_progress_callback_and_cancel(pipe):
+    seen = []
+    pipe("x", num_inference_steps=4, seed=0, scheduler="euler", callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    seen.clear()  # PLMS calls the U-Net once more than the step count, and reports each call
+    pipe("x", num_inference_steps=4, seed=0, scheduler="pndm", callback=lambda i, n: seen.append((i, n)))
+    assert seen[-1] == (5, 5)
+    with pytest.raises(Cancelled, match="after step 2 of 4"):
+        pipe("x", num_inference_steps=4, seed=0, scheduler="euler", callback=lambda i, n: i < 2)
+
+
+def test_seed_reproduces_and_differs(pipe):
+    a = pipe("x", num_inference_steps=2, seed=3).latents
+    b = pipe("x", num_inference_steps=2, seed=3).latents
+    c = pipe("x", num_inference_steps=2, seed=4).latents
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-2
+
+
+def test_prompt_changes_the_result(pipe):
+    a = pipe("a red circle", num_inference_steps=2, seed=3).latents
+    b = pipe("a green square", num_inference_steps=2, seed=3).latents
+    assert np.abs(a - b).max() > 1e-4
+
+
+def test_batch_shapes(pipe):
+    result = pipe(["a", "b"], num_images_per_prompt=2, num_inference_steps=2, seed=1, width=40, height=24)
+    assert len(result.images) == 4 and result.images[0].size == (40, 24)
+    assert result.latents.shape == (4, 4, 12, 20)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, "latents have shape"),
+    ({"negative_prompt": ["a", "b"]}, "2 negative prompts for 1 prompts"),
+    ({"num_inference_steps": 0}, "steps must be between"),
+    ({"guidance_scale": float("nan")}, "guidance scale"),
+    ({"num_images_per_prompt": 0}, "images per prompt"),
+    ({"scheduler": {"_class_name": "LMSDiscreteScheduler"}}, "LMSDiscreteScheduler"),
+    ({"scheduler": {"_class_name": "DDIMScheduler", "thresholding": True}}, "thresholding=True is not supported"),
+])
+def test_bad_arguments(pipe, kwargs, needle):
+    with pytest.raises(EdgesdError, match=needle):
+        pipe("x", **kwargs)
+
+
+def test_scheduler_from_diffusers_config_dict(pipe):
+    config = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing"}
+    by_dict = pipe("x", num_inference_steps=3, seed=2, scheduler=config).latents
+    by_name = pipe("x", num_inference_steps=3, seed=2, scheduler="euler").latents
+    assert np.abs(by_dict - by_name).max() > 1e-4  # spacing changed: leading (model config) vs trailing
+
+
+def test_optimum_folder_matches_our_export_of_the_same_checkpoint(tmp_path):
+    """optimum's layout (int64 ids, scalar timestep, no manifest) runs, and agrees with our export."""
+    pytest.importorskip("torch")
+    from edgesd.export import ExportOptions, export_model
+
+    ours_dir = tmp_path / "ours"
+    export_model(FIXTURES / "sd-micro-transformers4", ours_dir, ExportOptions(with_vae_encoder=False))
+    optimum = edgesd.Pipeline.load(FIXTURES / "optimum-onnx-micro")
+    assert optimum.folder.manifest is None
+    ours = edgesd.Pipeline.load(ours_dir)
+    assert optimum.constants == ours.constants
+    a = optimum("a red circle", num_inference_steps=3, seed=9, scheduler="dpm++2m").latents
+    b = ours("a red circle", num_inference_steps=3, seed=9, scheduler="dpm++2m").latents
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
