@@ -118,6 +118,11 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
 
     choice = _scheduler_choice(scheduler)
     pipe = Pipeline.load(model_dir, provider=provider)
+    from .models_path import is_placeholder
+
+    if is_placeholder(pipe.folder.root):
+        click.echo("note: this model has RANDOM weights (a stand-in until the trained default model ships); "
+                   "expect noise, not the prompt", err=True)
     with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
         def on_step(i: int, n: int) -> None:
             bar.length = n  # PLMS evaluates the U-Net steps + 1 times

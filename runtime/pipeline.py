@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ class GenerationResult:
     seed: int
     parameters: dict = field(default_factory=dict)
     latents: np.ndarray | None = None  # final denoised latents (N, C, H/f, W/f), before the VAE
+    timings: dict = field(default_factory=dict)  # seconds per graph, U-Net calls, total
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,16 @@ class Pipeline:
         self.graphs = graphs
         self.tokenizer = tokenizer
         self.provider = provider
+        self._seconds: dict[str, float] = {}
+        self._calls: dict[str, int] = {}
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one graph, adding its wall time to the current generation's timings."""
+        start = time.perf_counter()
+        out = self.graphs[name].run(feeds)
+        self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
+        self._calls[name] = self._calls.get(name, 0) + 1
+        return out
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "cpu", threads: int | None = None) -> "Pipeline":
@@ -85,18 +97,18 @@ class Pipeline:
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> text encoder hidden states (N, S, D)."""
         ids = self.tokenizer(prompts)  # (N, 77)
-        return self.graphs["text_encoder"].run({"input_ids": ids})["last_hidden_state"]
+        return self._run("text_encoder", {"input_ids": ids})["last_hidden_state"]
 
     def unet(self, sample: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
-        return self.graphs["unet"].run(feeds)["out_sample"]
+        return self._run("unet", feeds)["out_sample"]
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """Latents (N, C, h, w) -> images, one VAE call per image to bound peak memory."""
         images = []
         for z in latents:
             z = (z[None] / self.constants.vae_scaling_factor).astype(np.float32)
-            images += to_pil(self.graphs["vae_decoder"].run({"latent_sample": z})["sample"])
+            images += to_pil(self._run("vae_decoder", {"latent_sample": z})["sample"])
         return images
 
     # --- text to image ----------------------------------------------------------------------
@@ -122,6 +134,8 @@ class Pipeline:
         scheduler's initial sigma exactly as diffusers does. `noise`: the source of
         fresh noise for ancestral samplers (default: a generator seeded by `seed`).
         """
+        started = time.perf_counter()
+        self._seconds, self._calls = {}, {}
         req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
                             seed, num_images_per_prompt)
         sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
@@ -144,7 +158,9 @@ class Pipeline:
             "seed": req.seed, "width": req.width, "height": req.height,
             "model": self.folder.root.name, "provider": self.provider,
         }
-        return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x)
+        timings = {f"{name}_s": round(t, 4) for name, t in self._seconds.items()}
+        timings.update({"unet_calls": self._calls.get("unet", 0), "total_s": round(time.perf_counter() - started, 4)})
+        return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x, timings=timings)
 
     def _request(self, prompt, negative_prompt, steps, guidance, width, height, seed, per_prompt) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up edgesd for development on a fresh machine: a venv in .venv with the runtime,
+# the exporter and the test tools, torch pinned by constraints.txt to the CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q -c constraints.txt -e '.[export,dev]'
+# Until the trained embedded model ships, the default model is a tiny random-weights stand-in.
+if [ ! -f models/edgesd-tiny/unet/model.onnx ]; then
+  .venv/bin/python -m edgesd.models.placeholder
+fi
