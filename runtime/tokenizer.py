@@ -97,18 +97,7 @@ class ClipTokenizer:
     def from_folder(cls, folder: Path) -> "ClipTokenizer":
         """Read a transformers-style tokenizer folder (vocab.json + merges.txt [+ tokenizer_config.json])."""
         folder = Path(folder)
-        vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-        if not vocab_file.is_file() or not merges_file.is_file():
-            raise EdgesdError(
-                f"{folder} has no vocab.json and merges.txt",
-                "copy the CLIP tokenizer files into it (edgesd export writes them)",
-            )
-        try:
-            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-            lines = merges_file.read_text(encoding="utf-8").split("\n")
-        except (OSError, ValueError) as e:
-            raise EdgesdError(f"cannot read the tokenizer in {folder}: {e}", "re-export the model") from None
-        merges = [tuple(l.split()) for l in lines if l and not l.startswith("#version")]
+        vocab, merges = _read_vocab_and_merges(folder)
         max_length, pad = DEFAULT_MAX_LENGTH, EOS
         config = folder / "tokenizer_config.json"
         if config.is_file():
@@ -152,3 +141,23 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+def _read_vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json + merges.txt (transformers 4.x, optimum), else the BPE model inside tokenizer.json (5.x)."""
+    vocab_file, merges_file, joint = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
+    try:
+        if vocab_file.is_file() and merges_file.is_file():
+            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+            lines = merges_file.read_text(encoding="utf-8").split("\n")
+            return vocab, [tuple(l.split()) for l in lines if l and not l.startswith("#version")]
+        if joint.is_file():
+            model = json.loads(joint.read_text(encoding="utf-8"))["model"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            return model["vocab"], merges
+    except (OSError, ValueError, KeyError) as e:
+        raise EdgesdError(f"cannot read the tokenizer in {folder}: {e}", "re-export the model") from None
+    raise EdgesdError(
+        f"{folder} has no vocab.json and merges.txt (nor tokenizer.json)",
+        "copy the CLIP tokenizer files into it (edgesd export writes them)",
+    )

@@ -43,7 +43,7 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6
     unet_steps: int = 6_000
     unet_lr: float = 5e-4
-    text_lr: float = 2e-4
+    text_lr: float = 5e-4
     caption_dropout: float = 0.1
     warmup_steps: int = 200
     log_every: int = 100
@@ -199,11 +199,14 @@ class Trainer:
         self.unet.train()
         self.text.train()
         device = latents.device
-        total, timed_from = cfg.unet_steps, (self.unet_step, time.time())
+        total, first = cfg.unet_steps, self.unet_step
+        timed_from = time.time()
         while self.unet_step < total and time.time() < deadline:
-            if self.unet_step == timed_from[0] + 50 and deadline < float("inf"):
+            if self.unet_step == first + 20:  # past the first, slow (autotuning) steps
+                timed_from = time.time()
+            if self.unet_step == first + 120 and deadline < float("inf"):
                 # Fit the schedule (and its learning-rate decay) into the time left.
-                per_step = (time.time() - timed_from[1]) / 50
+                per_step = (time.time() - timed_from) / 100
                 total = min(total, self.unet_step + int(0.95 * (deadline - time.time()) / per_step))
                 print(f"unet {per_step:.3f} s/step: training to step {total}", flush=True)
             for group, peak in zip(self.unet_opt.param_groups, (cfg.unet_lr, cfg.text_lr)):
