@@ -46,3 +46,16 @@ def test_missing_tokenizer_files_is_a_clear_error(tmp_path):
 
     with pytest.raises(EdgesdError, match="vocab.json and merges.txt"):
         ClipTokenizer.from_folder(tmp_path)
+
+
+def test_reads_tokenizer_json_only_folders(tmp_path):
+    """transformers 5.x saves a CLIP tokenizer as tokenizer.json alone."""
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "four"
+    ClipTokenizer.packaged().write_folder(source)
+    transformers.CLIPTokenizer.from_pretrained(source).save_pretrained(tmp_path / "five")
+    five = tmp_path / "five"
+    for name in ("vocab.json", "merges.txt"):
+        (five / name).unlink(missing_ok=True)
+    assert (five / "tokenizer.json").is_file()
+    assert ClipTokenizer.from_folder(five).tokenize("a photo of a cat") == [49406, 320, 1125, 539, 320, 2368, 49407]
