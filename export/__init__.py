@@ -48,7 +48,13 @@ class ExportReport:
 def export_model(src: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
                  on_stage: Callable[[str], None] | None = None) -> ExportReport:
     """Export every graph of the SD folder `src` into `out`. Raises EdgesdError on bad input or failed parity."""
-    import torch
+    try:
+        import diffusers  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
+                          "pip install -c constraints.txt 'edgesd[export]'") from None
 
     from .components import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
     from .loading import check_source_folder, load_source, source_checksum
