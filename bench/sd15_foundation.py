@@ -157,6 +157,7 @@ def main() -> None:
     name = f"foundation-{platform.node() or 'machine'}-{results['date']}"
     (HERE / "results" / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (HERE / "results" / f"{name}.md").write_text(markdown(results))
+    update_readme(results, f"bench/results/{name}.json")
     print(markdown(results))
 
 
@@ -178,6 +179,33 @@ def markdown(r: dict) -> str:
              "| | edgesd, ONNX Runtime CPU fp32 | diffusers, PyTorch CPU fp32 |", "|---|---:|---:|"]
     lines += [f"| {name} | {a} | {b} |" for name, a, b in rows]
     return "\n".join(lines) + "\n"
+
+
+def update_readme(r: dict, source: str) -> None:
+    """Rewrite the README's performance section (between the perf markers) from these results."""
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- perf:start -->", "<!-- perf:end -->"
+    if start not in text or end not in text:
+        return
+    o, d, e, m = r["ours"], r["diffusers"], r["export"], r["machine"]
+    section = f"""{start}
+Measured {r['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB (`{source}`), in one run:
+{r['what']}.
+
+| | edgesd, ONNX Runtime CPU fp32 | diffusers, PyTorch CPU fp32 |
+|---|---:|---:|
+| text encoder (s) | {o['text_encoder_s']:.2f} | {d['text_encoder_s']:.2f} |
+| U-Net per step (s) | {o['unet_s_per_step']:.2f} | {d['unet_s_per_step']:.2f} |
+| VAE decode (s) | {o['vae_decode_s']:.1f} | {d['vae_decode_s']:.1f} |
+| 20 steps, total (s) | {o['total_s']:.0f} | {d['total_s']:.0f} |
+| load (s) | {o['load_s']:.0f} | {d['load_s']:.0f} |
+| peak RSS (GB) | {o['peak_rss_gb']:.1f} | {d['peak_rss_gb']:.1f} |
+
+Export (`edgesd export`, fp32, four graphs with parity checks): {e['export_s']:.0f} s, peak RSS
+{e['export_peak_rss_gb']:.1f} GB.
+{end}"""
+    readme.write_text(text[: text.index(start)] + section + text[text.index(end) + len(end):])
 
 
 if __name__ == "__main__":

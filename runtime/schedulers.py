@@ -252,14 +252,8 @@ def alpha_schedule(c: SchedulerConfig, n: int) -> AlphaSchedule:
     """Timesteps for DDIM / PNDM, equal to diffusers' set_timesteps."""
     ac = alphas_cumprod(c)
     T = c["num_train_timesteps"]
-    spacing = c["timestep_spacing"]
-    if spacing == "linspace":
-        t = np.linspace(0, T - 1, n).round()[::-1]
-    elif spacing == "leading":
-        t = (np.arange(0, n) * (T // n)).round()[::-1] + c["steps_offset"]
-    else:
-        t = np.round(np.arange(T, 0, -T / n)) - 1
-    t = t.astype(np.int64)
+    # DDIM and PNDM use integer timesteps: linspace spacing is rounded.
+    t = _spaced_timesteps(c["timestep_spacing"], n, T, c["steps_offset"]).round().astype(np.int64)
     if c.class_name == "PNDMScheduler":
         # PLMS without Runge-Kutta warm-up: the second-highest timestep is called twice.
         ascending = t[::-1]

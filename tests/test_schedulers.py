@@ -1,0 +1,95 @@
+"""Schedules and sampling loops against diffusers' schedulers, with a stand-in model (no network)."""
+
+import inspect
+
+import numpy as np
+import pytest
+
+from edgesd.denoiser import Denoiser
+from edgesd.errors import EdgesdError
+from edgesd.pipeline import _run_sampler
+from edgesd.schedulers import alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+SD = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+      "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+      "clip_sample": False, "prediction_type": "epsilon"}
+NAMES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+         "euler-a": "EulerAncestralDiscreteScheduler", "dpm++2m": "DPMSolverMultistepScheduler",
+         "dpm++2m-karras": "DPMSolverMultistepScheduler"}
+STEPS = [1, 2, 4, 20, 50]
+SPACINGS = ["leading", "linspace", "trailing"]
+
+
+def diffusers_scheduler(name, config):
+    overrides = {"use_karras_sigmas": True} if name.endswith("karras") else {}
+    if name == "pndm":
+        overrides["skip_prk_steps"] = True
+    return getattr(diffusers, NAMES[name]).from_config(config, **overrides)
+
+
+def stand_in_eps(x: np.ndarray, t: float) -> np.ndarray:
+    """A smooth, deterministic 'noise prediction' that depends on the input and the timestep."""
+    return (0.8 * np.tanh(x) + 0.1 * np.sin(x * 3.0 + t / 97.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", list(NAMES))
+def test_schedule_equals_diffusers(name, spacing, steps):
+    config = {**SD, "timestep_spacing": spacing}
+    ref = diffusers_scheduler(name, config)
+    ref.set_timesteps(steps)
+    ours = resolve_scheduler(name, config)
+    if ours.is_sigma_space:
+        s = sigma_schedule(ours, steps)
+        np.testing.assert_allclose(s.timesteps, ref.timesteps.numpy().astype(np.float32), rtol=1e-6, atol=1e-4)
+        np.testing.assert_allclose(s.sigmas, ref.sigmas.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if name[:3] != "dpm" else
+                                   float(np.sqrt(ref.sigmas[0] ** 2 + 1)), rtol=1e-5)
+    else:
+        a = alpha_schedule(ours, steps)
+        np.testing.assert_array_equal(a.timesteps, ref.timesteps.numpy())
+    np.testing.assert_allclose(alphas_cumprod(ours), ref.alphas_cumprod.numpy(), rtol=1e-5)  # float32 linspace rounding
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", list(NAMES))
+def test_sampling_loop_equals_diffusers(name, spacing, steps):
+    """The whole loop with the stand-in model: ours (NumPy) vs diffusers' scheduler (torch), same noise."""
+    config = {**SD, "timestep_spacing": spacing}
+    shape = (1, 4, 8, 8)
+    start = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+    ref = diffusers_scheduler(name, config)
+    ref.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.from_numpy(start) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        inp = ref.scale_model_input(x, t)
+        eps = torch.from_numpy(stand_in_eps(inp.numpy(), float(t)))
+        extra = {"generator": gen} if "generator" in inspect.signature(ref.step).parameters else {}
+        x = ref.step(eps, t, x, **extra).prev_sample
+    expected = x.numpy()
+
+    sched = resolve_scheduler(name, config)
+    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+    gen2 = torch.Generator().manual_seed(1)
+    got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "sideways"}, "timestep_spacing='sideways'"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "solver_order=3 is not supported"),
+    ({"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+    ({"_class_name": "PNDMScheduler", "skip_prk_steps": False}, "skip_prk_steps=False"),
+    ({"_class_name": "KDPM2DiscreteScheduler"}, "KDPM2DiscreteScheduler"),
+])
+def test_unsupported_configs_are_named(config, needle):
+    with pytest.raises(EdgesdError, match=needle):
+        resolve_scheduler(config, SD)
