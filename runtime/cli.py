@@ -142,7 +142,7 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(model: Path, as_json: bool):
     """Describe the model folder MODEL: components, precisions, sizes, graph inputs/outputs."""
-    from .inspect import describe
+    from .describe import describe
 
     summary = describe(model)
     if as_json:

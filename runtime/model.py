@@ -96,7 +96,10 @@ class ModelFolder:
             if manifest.get("format_version") != MANIFEST_VERSION:
                 raise EdgesdError(f"{root / MANIFEST} has format version {manifest.get('format_version')}",
                                   f"this edgesd reads version {MANIFEST_VERSION}; re-export the model")
-            constants = ModelConstants(**manifest["constants"])
+            try:
+                constants = ModelConstants(**manifest["constants"])
+            except (KeyError, TypeError) as e:
+                raise EdgesdError(f"{root / MANIFEST} has unreadable constants ({e})", "re-export the model") from None
         else:
             constants = constants_from_configs(
                 read_json(root / "unet" / "config.json", "U-Net"),

@@ -13,11 +13,13 @@ from PIL import Image
 
 from . import sampling
 from .backends import Graph, load_graph
+from .backends.onnxruntime_backend import resolve_provider
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .graphs import GRAPHS
 from .images import to_pil
 from .model import ModelFolder
+from .models_path import default_model_path
 from .schedulers import SchedulerConfig, alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
 from .tokenizer import ClipTokenizer
 
@@ -73,13 +75,7 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "cpu", threads: int | None = None) -> "Pipeline":
         """Load a model folder (default: the embedded model) on an ONNX Runtime provider."""
-        if path is None:
-            from .models_path import default_model_path
-
-            path = default_model_path()
-        folder = ModelFolder.open(path)
-        from .backends.onnxruntime_backend import resolve_provider
-
+        folder = ModelFolder.open(default_model_path() if path is None else path)
         resolve_provider(provider)  # fail on a bad provider before loading large graphs
         tokenizer = ClipTokenizer.from_folder(folder.root / "tokenizer")
         graphs = {

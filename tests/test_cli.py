@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -130,3 +131,19 @@ def test_bad_export_sources(tiny_src, tmp_path):
     assert_clean_error(edgesd("export", src, tmp_path / "out"), "has no unet/ folder")
     assert not (tmp_path / "out").exists()
     assert_clean_error(edgesd("export", tiny_src, tmp_path / "no" / "out"), "does not exist")
+
+
+def test_generate_with_the_default_model(tmp_path):
+    """No --model: the embedded model (until the trained one ships, a random stand-in that says so)."""
+    from edgesd import models
+    from edgesd.models_path import DEFAULT_MODEL_NAME, PLACEHOLDER_MARKER
+
+    folder = Path(models.__file__).parent / DEFAULT_MODEL_NAME
+    proc = edgesd("generate", "a red circle on a blue background", "--steps", 2, "-o", tmp_path / "d.png")
+    if not (folder / "unet" / "model.onnx").is_file():
+        assert_clean_error(proc, "no embedded default model", "edgesd.models.placeholder")
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "d.png").is_file()
+    if (folder / PLACEHOLDER_MARKER).is_file():
+        assert "RANDOM weights" in proc.stderr
