@@ -100,11 +100,13 @@ def _scheduler_choice(value: str | None):
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
 def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, provider, count, output):
     """Generate an image from PROMPT."""
-    from .schedulers import SAMPLERS
+    from .schedulers import A1111_NAMES, SAMPLERS
 
     if scheduler == "list":
+        a1111 = {ours: theirs for theirs, ours in A1111_NAMES.items()}
+        click.echo(f"{'name':<16}{'A1111 name':<18}{'diffusers class':<34}description")
         for name, (cls, _, description) in SAMPLERS.items():
-            click.echo(f"{name:<16}{description}  [{cls}]")
+            click.echo(f"{name:<16}{a1111.get(name, ''):<18}{cls:<34}{description}")
         return
     output = Path(output)
     if output.suffix.lower() != ".png":

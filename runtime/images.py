@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .schedulers import A1111_NAMES
+
 
 def to_pil(decoded: np.ndarray) -> list[Image.Image]:
     """VAE output in [-1, 1], (N, 3, H, W) -> PIL RGB images."""
@@ -22,8 +24,9 @@ def parameters_text(params: dict) -> str:
     lines = [params["prompt"]]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
+    sampler = {ours: theirs for theirs, ours in A1111_NAMES.items()}.get(params["scheduler"], params["scheduler"])
     lines.append(
-        f"Steps: {params['steps']}, Sampler: {params['scheduler']}, CFG scale: {params['guidance_scale']}, "
+        f"Steps: {params['steps']}, Sampler: {sampler}, CFG scale: {params['guidance_scale']}, "
         f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params['model']}"
     )
     return "\n".join(lines)

@@ -83,12 +83,15 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # Our short names: (diffusers class, keys forced on top of the model's config, description).
 SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ddim": ("DDIMScheduler", {}, "DDIM, deterministic (eta 0)"),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS (A1111 'PLMS')"),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS, without Runge-Kutta warm-up"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (A1111 'Euler a')"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (fresh noise each step)"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
 }
+# The names A1111's web UI shows, which many users know their samplers by.
+A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "DPM++ 2M": "dpm++2m",
+               "DPM++ 2M Karras": "dpm++2m-karras"}
 _CLASS_TO_NAME = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
                   "EulerAncestralDiscreteScheduler": "euler-a", "DPMSolverMultistepScheduler": "dpm++2m"}
 
@@ -130,10 +133,18 @@ def resolve_scheduler(choice: str | dict | None, model_config: dict) -> Schedule
         return _from_dict(model_config.get("_class_name", ""), model_config, {})
     if isinstance(choice, dict):
         return _from_dict(choice.get("_class_name", ""), {**model_config, **choice}, {})
+    choice = _canonical_name(choice)
     if choice not in SAMPLERS:
-        raise EdgesdError(f"unknown scheduler '{choice}'", f"choose one of: {', '.join(SAMPLERS)}")
+        raise EdgesdError(f"unknown scheduler '{choice}'",
+                          f"choose one of: {', '.join(SAMPLERS)} (or A1111's: {', '.join(A1111_NAMES)})")
     class_name, forced, _ = SAMPLERS[choice]
     return _from_dict(class_name, model_config, forced)
+
+
+def _canonical_name(choice: str) -> str:
+    """Our short name for `choice`, given as ours or as A1111 writes it (any case)."""
+    folded = {k.lower(): v for k, v in A1111_NAMES.items()} | {k: k for k in SAMPLERS}
+    return folded.get(choice.strip().lower(), choice)
 
 
 def _from_dict(class_name: str, source: dict, forced: dict) -> SchedulerConfig:

@@ -35,7 +35,7 @@ def test_generate_writes_png_with_parameters(tiny_onnx, tmp_path):
     assert image.size == (32, 32)  # the tiny model's default: sample_size 16 x VAE factor 2
     params = json.loads(image.text["edgesd"])
     assert params["seed"] == 42 and params["steps"] == 3 and params["scheduler"] == "euler-a"
-    assert image.text["parameters"].startswith("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: euler-a")
+    assert image.text["parameters"].startswith("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a")
 
 
 def test_same_seed_same_image(tiny_onnx, tmp_path):

@@ -55,12 +55,18 @@ def test_schedule_equals_diffusers(name, spacing, steps):
     np.testing.assert_allclose(alphas_cumprod(ours), ref.alphas_cumprod.numpy(), rtol=1e-5)  # float32 linspace rounding
 
 
+# diffusers' PNDM combines raw v-predictions across steps before converting them, so it is checked
+# with epsilon only; EulerAncestral has no "sample" prediction in diffusers.
+PREDICTIONS = [(n, p) for n in NAMES for p in ("epsilon", "v_prediction", "sample")
+               if not (n == "pndm" and p != "epsilon") and not (n == "euler-a" and p == "sample")]
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4, 20])
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("name", list(NAMES))
-def test_sampling_loop_equals_diffusers(name, spacing, steps):
+@pytest.mark.parametrize("name, prediction", PREDICTIONS)
+def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
     """The whole loop with the stand-in model: ours (NumPy) vs diffusers' scheduler (torch), same noise."""
-    config = {**SD, "timestep_spacing": spacing}
+    config = {**SD, "timestep_spacing": spacing, "prediction_type": prediction}
     shape = (1, 4, 8, 8)
     start = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
@@ -77,7 +83,7 @@ def test_sampling_loop_equals_diffusers(name, spacing, steps):
 
     sched = resolve_scheduler(name, config)
     denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
-                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+                        guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
     gen2 = torch.Generator().manual_seed(1)
     got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -93,3 +99,9 @@ def test_sampling_loop_equals_diffusers(name, spacing, steps):
 def test_unsupported_configs_are_named(config, needle):
     with pytest.raises(EdgesdError, match=needle):
         resolve_scheduler(config, SD)
+
+
+@pytest.mark.parametrize("a1111, ours", [("DPM++ 2M Karras", "dpm++2m-karras"), ("Euler a", "euler-a"),
+                                         ("euler A", "euler-a"), ("PLMS", "pndm"), ("DDIM", "ddim")])
+def test_a1111_names(a1111, ours):
+    assert resolve_scheduler(a1111, SD) == resolve_scheduler(ours, SD)
