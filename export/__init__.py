@@ -61,6 +61,8 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
 
     src, out = Path(src), Path(out)
     check_source_folder(src)
+    if out.exists() and not out.is_dir():
+        raise EdgesdError(f"output '{out}' exists and is not a folder", "choose a folder path for OUT")
     if out.exists() and any(out.iterdir()) and not options.overwrite:
         raise EdgesdError(f"output folder '{out}' exists and is not empty", "pass --overwrite or choose another")
     if not out.parent.exists():

@@ -131,6 +131,9 @@ def test_bad_export_sources(tiny_src, tmp_path):
     assert_clean_error(edgesd("export", src, tmp_path / "out"), "has no unet/ folder")
     assert not (tmp_path / "out").exists()
     assert_clean_error(edgesd("export", tiny_src, tmp_path / "no" / "out"), "does not exist")
+    (tmp_path / "file").write_text("x")
+    assert_clean_error(edgesd("export", tiny_src, tmp_path / "file"), "is not a folder")
+    assert_clean_error(edgesd("export", tmp_path / "file", tmp_path / "out"), "is not a folder")
 
 
 def test_generate_with_the_default_model(tmp_path):
