@@ -53,6 +53,10 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
+    "HeunDiscreteScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0},
+        {"use_exponential_sigmas": False, "use_beta_sigmas": False},
+    ),
     "DPMSolverMultistepScheduler": (
         {
             "timestep_spacing": "linspace",
@@ -86,14 +90,17 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS, without Runge-Kutta warm-up"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (fresh noise each step)"),
+    "heun": ("HeunDiscreteScheduler", {}, "Heun, second order (2 U-Net calls per step)"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
 }
 # The names A1111's web UI shows, which many users know their samplers by.
-A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "DPM++ 2M": "dpm++2m",
+A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
+               "DPM++ 2M": "dpm++2m",
                "DPM++ 2M Karras": "dpm++2m-karras"}
 _CLASS_TO_NAME = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
-                  "EulerAncestralDiscreteScheduler": "euler-a", "DPMSolverMultistepScheduler": "dpm++2m"}
+                  "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
+                  "DPMSolverMultistepScheduler": "dpm++2m"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class SchedulerConfig:
     @property
     def is_sigma_space(self) -> bool:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                   "DPMSolverMultistepScheduler")
+                                   "HeunDiscreteScheduler", "DPMSolverMultistepScheduler")
 
     @property
     def name(self) -> str:
