@@ -232,6 +232,8 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
             return sampling.sample_euler_ancestral(d.denoise, x, s, noise, callback)
         if sched.class_name == "DPMSolverMultistepScheduler":
             return sampling.sample_dpmpp_2m(d.denoise, x, s, callback, sched["lower_order_final"])
+        if sched.class_name == "LMSDiscreteScheduler":
+            return sampling.sample_lms(d.denoise, x, s, callback)
         if sched.class_name == "HeunDiscreteScheduler":
             clip = sched["clip_sample_range"] if sched["clip_sample"] else None
             return sampling.sample_heun(d.denoise, x, s, callback, clip)

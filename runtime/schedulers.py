@@ -53,6 +53,10 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
+    "LMSDiscreteScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False},
+        {"use_exponential_sigmas": False, "use_beta_sigmas": False},
+    ),
     "HeunDiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0},
         {"use_exponential_sigmas": False, "use_beta_sigmas": False},
@@ -91,15 +95,19 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (fresh noise each step)"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun, second order (2 U-Net calls per step)"),
+    "lms": ("LMSDiscreteScheduler", {}, "linear multistep, order 4"),
+    "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "linear multistep with Karras sigmas"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
 }
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
+               "LMS": "lms", "LMS Karras": "lms-karras",
                "DPM++ 2M": "dpm++2m",
                "DPM++ 2M Karras": "dpm++2m-karras"}
 _CLASS_TO_NAME = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
                   "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
+                  "LMSDiscreteScheduler": "lms",
                   "DPMSolverMultistepScheduler": "dpm++2m"}
 
 
@@ -120,7 +128,7 @@ class SchedulerConfig:
     @property
     def is_sigma_space(self) -> bool:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                   "HeunDiscreteScheduler", "DPMSolverMultistepScheduler")
+                                   "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
 
     @property
     def name(self) -> str:
@@ -191,16 +199,27 @@ def _check_values(class_name: str, c: dict) -> None:
 # --- noise schedule ------------------------------------------------------------------------------
 
 
+def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32), bit for bit: a fused multiply-add from the nearer end."""
+    a, b = np.float32(start), np.float32(end)
+    step = np.float64((b - a) / np.float32(max(n - 1, 1)))
+    i = np.arange(n)
+    from_start = (step * i + np.float64(a)).astype(np.float32)  # exact product, one rounding: an FMA
+    from_end = (np.float64(b) - step * (n - 1 - i)).astype(np.float32)
+    return np.where(i < n // 2, from_start, from_end)
+
+
 def alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
     """alpha_bar_t for t = 0..T-1 in float32, computed as diffusers does (Ho et al. 2020)."""
     T = c["num_train_timesteps"]
     if c["trained_betas"] is not None:
         betas = np.asarray(c["trained_betas"], dtype=np.float32)
     elif c["beta_schedule"] == "linear":
-        betas = np.linspace(c["beta_start"], c["beta_end"], T, dtype=np.float32)
+        betas = _linspace_f32(c["beta_start"], c["beta_end"], T)
     else:  # scaled_linear: linear in sqrt(beta), SD's schedule
-        betas = np.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T, dtype=np.float32) ** 2
-    return np.cumprod((1.0 - betas).astype(np.float32), dtype=np.float32)
+        betas = _linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
+    alphas = (np.float32(1.0) - betas).astype(np.float32)
+    return np.cumprod(alphas, dtype=np.float64).astype(np.float32)  # torch accumulates in double
 
 
 def _spaced_timesteps(spacing: str, n: int, T: int, offset: int) -> np.ndarray:
@@ -247,7 +266,9 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     else:
         t = _spaced_timesteps(spacing, n, T, c["steps_offset"]).astype(np.float32).astype(np.float64)
     if c.config.get("use_karras_sigmas"):
-        sigmas = _karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
+        # DPM-Solver spans the whole training range; the others the range of their spaced schedule.
+        spaced = train_sigmas if dpm else np.interp(t, np.arange(T), train_sigmas)[::-1]
+        sigmas = _karras_sigmas(float(spaced[0]), float(spaced[-1]), n)
         t = sigma_to_t(sigmas, log_sigmas)
         if dpm:
             t = t.round()

@@ -44,7 +44,7 @@ class OrtGraph:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         # Without the arena, memory goes back after each run: on the SD 1.5 U-Net (512x512, batch 2) peak RSS
-        # fell from 8.1 to 6.5 GB at the same step time (measured 2026-11-22, 2-core machine).
+        # fell from 8.1 to 6.5 GB, step time within noise (bench/ort_session_memory.py, bench/results/).
         options.enable_cpu_mem_arena = False
         if threads:
             options.intra_op_num_threads = threads
