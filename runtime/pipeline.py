@@ -230,6 +230,8 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
         x = noise_x * np.float32(s.init_noise_sigma)
         if sched.class_name == "EulerAncestralDiscreteScheduler":
             return sampling.sample_euler_ancestral(d.denoise, x, s, noise, callback)
+        if sched.class_name == "DPMSolverMultistepScheduler" and sched["algorithm_type"] == "sde-dpmsolver++":
+            return sampling.sample_dpmpp_2m_sde(d.denoise, x, s, noise, callback, sched["lower_order_final"])
         if sched.class_name == "DPMSolverMultistepScheduler":
             return sampling.sample_dpmpp_2m(d.denoise, x, s, callback, sched["lower_order_final"])
         if sched.class_name == "LMSDiscreteScheduler":

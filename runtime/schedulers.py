@@ -67,10 +67,10 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "use_karras_sigmas": False,
             "final_sigmas_type": "zero",
             "lower_order_final": True,
+            "algorithm_type": "dpmsolver++",
         },
         {
             "solver_order": 2,
-            "algorithm_type": "dpmsolver++",
             "solver_type": "midpoint",
             "thresholding": False,
             "dynamic_thresholding_ratio": 0.995,
@@ -93,17 +93,23 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ddim": ("DDIMScheduler", {}, "DDIM, deterministic (eta 0)"),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS, without Runge-Kutta warm-up"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler with Karras sigmas"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral (fresh noise each step)"),
     "heun": ("HeunDiscreteScheduler", {}, "Heun, second order (2 U-Net calls per step)"),
     "lms": ("LMSDiscreteScheduler", {}, "linear multistep, order 4"),
     "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "linear multistep with Karras sigmas"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
+    "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
+    "dpm++2m-sde-karras": ("DPMSolverMultistepScheduler",
+                           {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+                           "DPM++ 2M SDE with Karras sigmas"),
 }
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
                "LMS": "lms", "LMS Karras": "lms-karras",
-               "DPM++ 2M": "dpm++2m",
+               "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
+               "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
 _CLASS_TO_NAME = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
                   "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
@@ -133,6 +139,8 @@ class SchedulerConfig:
     @property
     def name(self) -> str:
         name = _CLASS_TO_NAME[self.class_name]
+        if self.config.get("algorithm_type") == "sde-dpmsolver++":
+            name += "-sde"
         if self.config.get("use_karras_sigmas"):
             name += "-karras"
         return name
@@ -185,6 +193,7 @@ def _check_values(class_name: str, c: dict) -> None:
         "prediction_type": ("epsilon", "v_prediction", "sample"),
         "timestep_spacing": ("linspace", "leading", "trailing"),
         "final_sigmas_type": ("zero", "sigma_min"),
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     }
     for key, values in allowed.items():
         if key in c and c[key] not in values and not (key == "beta_schedule" and c["trained_betas"] is not None):

@@ -19,6 +19,8 @@ SCHEDULERS = {
     "lms": ("LMSDiscreteScheduler", {}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m-sde-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True,
+                                                           "algorithm_type": "sde-dpmsolver++"}),
 }
 MIN_PSNR_DB = 40.0
 PROMPT = "a small red circle on a blue background"

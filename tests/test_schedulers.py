@@ -17,6 +17,8 @@ SD = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, 
       "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
       "clip_sample": False, "prediction_type": "epsilon"}
 NAMES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+         "euler-karras": "EulerDiscreteScheduler", "dpm++2m-sde": "DPMSolverMultistepScheduler",
+         "dpm++2m-sde-karras": "DPMSolverMultistepScheduler",
          "euler-a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
          "lms": "LMSDiscreteScheduler", "lms-karras": "LMSDiscreteScheduler",
          "dpm++2m": "DPMSolverMultistepScheduler",
@@ -27,6 +29,8 @@ SPACINGS = ["leading", "linspace", "trailing"]
 
 def diffusers_scheduler(name, config):
     overrides = {"use_karras_sigmas": True} if name.endswith("karras") else {}
+    if "-sde" in name:
+        overrides["algorithm_type"] = "sde-dpmsolver++"
     if name == "pndm":
         overrides["skip_prk_steps"] = True
     return getattr(diffusers, NAMES[name]).from_config(config, **overrides)
@@ -114,6 +118,7 @@ def test_unsupported_configs_are_named(config, needle):
 
 @pytest.mark.parametrize("a1111, ours", [("DPM++ 2M Karras", "dpm++2m-karras"), ("Euler a", "euler-a"),
                                          ("euler A", "euler-a"), ("PLMS", "pndm"), ("DDIM", "ddim"),
-                                         ("Heun", "heun"), ("LMS Karras", "lms-karras")])
+                                         ("Heun", "heun"), ("LMS Karras", "lms-karras"),
+                                         ("DPM++ 2M SDE Karras", "dpm++2m-sde-karras")])
 def test_a1111_names(a1111, ours):
     assert resolve_scheduler(a1111, SD) == resolve_scheduler(ours, SD)
