@@ -104,9 +104,11 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
 
     if scheduler == "list":
         a1111 = {ours: theirs for theirs, ours in A1111_NAMES.items()}
-        click.echo(f"{'name':<16}{'A1111 name':<18}{'diffusers class':<34}description")
-        for name, (cls, _, description) in SAMPLERS.items():
-            click.echo(f"{name:<16}{a1111.get(name, ''):<18}{cls:<34}{description}")
+        rows = [("name", "A1111 name", "diffusers class", "description")]
+        rows += [(name, a1111.get(name, ""), cls, text) for name, (cls, _, text) in SAMPLERS.items()]
+        widths = [max(len(r[i]) for r in rows) + 2 for i in range(3)]
+        for row in rows:
+            click.echo("".join(cell.ljust(w) for cell, w in zip(row, widths)) + row[3])
         return
     output = Path(output)
     if output.suffix.lower() != ".png":
