@@ -241,7 +241,9 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
             return sampling.sample_heun(d.denoise, x, s, callback, clip)
         return sampling.sample_euler(d.denoise, x, s, callback)
     s = alpha_schedule(sched, steps)
+    clip = sched["clip_sample_range"] if sched.config.get("clip_sample") else None
     if sched.class_name == "DDIMScheduler":
-        clip = sched["clip_sample_range"] if sched["clip_sample"] else None
         return sampling.sample_ddim(d.eps, noise_x, s, callback, clip)
+    if sched.class_name == "DDPMScheduler":
+        return sampling.sample_ddpm(d.eps, noise_x, s, noise, callback, clip)
     return sampling.sample_plms(d.eps, noise_x, s, callback)

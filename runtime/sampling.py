@@ -239,6 +239,36 @@ def sample_ddim(
     return x
 
 
+def sample_ddpm(
+    eps: EpsFn,
+    x: np.ndarray,
+    s: AlphaSchedule,
+    noise: NoiseFn,
+    callback: StepCallback | None = None,
+    clip_sample_range: float | None = None,
+):
+    """Ancestral DDPM sampling (Ho et al. 2020, Eq. 7) over the given timesteps, "fixed_small" variance.
+
+    Each step goes to the next listed timestep (alpha_bar = 1 past the last) and adds noise unless t = 0.
+    """
+    n = len(s.timesteps)
+    for i, t in enumerate(s.timesteps):
+        t = int(t)
+        a_t = _alpha_at(s, t)
+        a_prev = _alpha_at(s, int(s.timesteps[i + 1])) if i + 1 < n else 1.0
+        e = eps(x, t)
+        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        if clip_sample_range is not None:
+            x0 = np.clip(x0, -clip_sample_range, clip_sample_range)
+        alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # this step's own alpha and beta
+        x = (np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (np.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
+        if t > 0:
+            variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)  # posterior variance (Eq. 7)
+            x = x + np.sqrt(variance) * noise(x.shape).astype(np.float32)
+        _notify(callback, i, n)
+    return x
+
+
 def _plms_transfer(s: AlphaSchedule, x: np.ndarray, t: int, t_prev: int, e: np.ndarray) -> np.ndarray:
     """PNDM's transfer from t to t_prev given a noise estimate (Liu et al. 2022, arXiv:2202.09778, Eq. 9)."""
     a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t_prev)

@@ -37,6 +37,11 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0},
         {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0},
     ),
+    "DDPMScheduler": (
+        {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0},
+        {"variance_type": "fixed_small", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+         "sample_max_value": 1.0},
+    ),
     "PNDMScheduler": (
         {"timestep_spacing": "leading", "set_alpha_to_one": False, "skip_prk_steps": False},
         {},
@@ -91,6 +96,7 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # Our short names: (diffusers class, keys forced on top of the model's config, description).
 SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "ddim": ("DDIMScheduler", {}, "DDIM, deterministic (eta 0)"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM, ancestral (needs many steps)"),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PNDM / PLMS, without Runge-Kutta warm-up"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "Euler with Karras sigmas"),
@@ -111,10 +117,11 @@ A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "eul
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
-_CLASS_TO_NAME = {"DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
-                  "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
-                  "LMSDiscreteScheduler": "lms",
-                  "DPMSolverMultistepScheduler": "dpm++2m"}
+_CLASS_TO_NAME = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
+    "DPMSolverMultistepScheduler": "dpm++2m",
+}
 
 
 @dataclass(frozen=True)
@@ -306,5 +313,5 @@ def alpha_schedule(c: SchedulerConfig, n: int) -> AlphaSchedule:
         # PLMS without Runge-Kutta warm-up: the second-highest timestep is called twice.
         ascending = t[::-1]
         t = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1].copy()
-    final = 1.0 if c["set_alpha_to_one"] else float(ac[0])
+    final = 1.0 if c.config.get("set_alpha_to_one", True) else float(ac[0])  # DDPM: always 1
     return AlphaSchedule(timesteps=t, alphas_cumprod=ac, final_alpha_cumprod=final, step_ratio=T // n)

@@ -51,7 +51,7 @@ def test_batch_shapes(pipe):
     ({"num_inference_steps": 0}, "steps must be between"),
     ({"guidance_scale": float("nan")}, "guidance scale"),
     ({"num_images_per_prompt": 0}, "images per prompt"),
-    ({"scheduler": {"_class_name": "LMSDiscreteScheduler"}}, "LMSDiscreteScheduler"),
+    ({"scheduler": {"_class_name": "UniPCMultistepScheduler"}}, "UniPCMultistepScheduler"),
     ({"scheduler": {"_class_name": "DDIMScheduler", "thresholding": True}}, "thresholding=True is not supported"),
 ])
 def test_bad_arguments(pipe, kwargs, needle):

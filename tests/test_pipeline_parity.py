@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 # diffusers scheduler class and from_config overrides for each of our names
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),

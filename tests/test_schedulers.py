@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 SD = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
       "clip_sample": False, "prediction_type": "epsilon"}
-NAMES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
          "euler-karras": "EulerDiscreteScheduler", "dpm++2m-sde": "DPMSolverMultistepScheduler",
          "dpm++2m-sde-karras": "DPMSolverMultistepScheduler",
          "euler-a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
