@@ -135,6 +135,8 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step)
+    for warning in result.warnings:
+        click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]
     for image, path in zip(result.images, paths):
         save_png(image, path, result.parameters)

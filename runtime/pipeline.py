@@ -35,6 +35,7 @@ class GenerationResult:
     parameters: dict = field(default_factory=dict)
     latents: np.ndarray | None = None  # final denoised latents (N, C, H/f, W/f), before the VAE
     timings: dict = field(default_factory=dict)  # seconds per graph, U-Net calls, total
+    warnings: list[str] = field(default_factory=list)  # e.g. prompts cut to the text encoder's length
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,14 @@ class Pipeline:
             "seed": req.seed, "width": req.width, "height": req.height,
             "model": self.folder.root.name, "provider": self.provider,
         }
+        limit = self.tokenizer.max_length - 2
+        warnings = [f"prompt cut to its first {limit} tokens ({n} given): {text[:40]!r}..."
+                    for text in dict.fromkeys(req.prompts + req.negative_prompts)
+                    if (n := self.tokenizer.token_count(text)) > limit]
         timings = {f"{name}_s": round(t, 4) for name, t in self._seconds.items()}
         timings.update({"unet_calls": self._calls.get("unet", 0), "total_s": round(time.perf_counter() - started, 4)})
-        return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x, timings=timings)
+        return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x, timings=timings,
+                                warnings=warnings)
 
     def _request(self, prompt, negative_prompt, steps, guidance, width, height, seed, per_prompt) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)

@@ -122,6 +122,10 @@ class ClipTokenizer:
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
 
+    def token_count(self, text: str) -> int:
+        """Tokens in `text` without BOS/EOS; above max_length - 2 the prompt gets truncated."""
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` with BOS/EOS, truncated to max_length, not padded."""
         ids = self._tok.encode(text, add_special_tokens=False).ids

@@ -80,3 +80,9 @@ def test_optimum_folder_matches_our_export_of_the_same_checkpoint(tmp_path):
     a = optimum("a red circle", num_inference_steps=3, seed=9, scheduler="dpm++2m").latents
     b = ours("a red circle", num_inference_steps=3, seed=9, scheduler="dpm++2m").latents
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_long_prompt_is_reported(pipe):
+    assert pipe("a red circle", num_inference_steps=1, seed=0).warnings == []
+    warnings = pipe("red " * 80, num_inference_steps=1, seed=0).warnings
+    assert len(warnings) == 1 and "first 75 tokens (80 given)" in warnings[0]
