@@ -94,11 +94,13 @@ def _scheduler_choice(value: str | None):
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
 @click.option("--scheduler", default=None, help="Sampler name, 'list', or a scheduler_config.json.")
+@click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM noise level, 0 to 1.")
 @click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, provider, count, output):
+def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, eta, provider, count,
+             output):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -134,7 +136,7 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
 
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
-                      callback=on_step)
+                      callback=on_step, eta=eta)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]

@@ -124,17 +124,19 @@ class Pipeline:
         scheduler: str | dict | None = None,
         callback: ProgressCallback | None = None,
         noise: sampling.NoiseFn | None = None,
+        eta: float = 0.0,
     ) -> GenerationResult:
         """Generate images; arguments follow diffusers' StableDiffusionPipeline.
 
         `latents`: initial standard-normal noise (N, C, H/f, W/f), scaled by the
         scheduler's initial sigma exactly as diffusers does. `noise`: the source of
         fresh noise for ancestral samplers (default: a generator seeded by `seed`).
+        `eta`: DDIM's noise level (0 deterministic, 1 DDPM-like); other samplers ignore it, as in diffusers.
         """
         started = time.perf_counter()
         self._seconds, self._calls = {}, {}
         req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
-                            seed, num_images_per_prompt)
+                            seed, num_images_per_prompt, eta)
         sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
         rng = np.random.default_rng(req.seed)
         x = self._initial_latents(req, latents, rng)
@@ -146,7 +148,7 @@ class Pipeline:
             alphas_cumprod=alphas_cumprod(sched),
         )
         noise = noise or (lambda shape: rng.standard_normal(shape, dtype=np.float32))
-        x = _run_sampler(sched, denoiser, x, req.steps, noise, _checked(callback))
+        x = _run_sampler(sched, denoiser, x, req.steps, noise, _checked(callback), eta)
         images = self.decode(x)
         params = {
             "prompt": req.prompts[0] if len(req.prompts) == 1 else req.prompts,
@@ -164,7 +166,8 @@ class Pipeline:
         return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x, timings=timings,
                                 warnings=warnings)
 
-    def _request(self, prompt, negative_prompt, steps, guidance, width, height, seed, per_prompt) -> _Request:
+    def _request(self, prompt, negative_prompt, steps, guidance, width, height, seed, per_prompt,
+                 eta) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise EdgesdError("prompt must be a string or a non-empty list of strings")
@@ -179,6 +182,8 @@ class Pipeline:
                                   "give one negative prompt per prompt, or a single one")
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise EdgesdError(f"steps must be between 1 and {MAX_STEPS}, got {steps}", "use e.g. 20")
+        if not 0.0 <= eta <= 1.0:
+            raise EdgesdError(f"eta must be between 0 and 1, got {eta}", "use 0 for deterministic DDIM")
         if guidance < 0 or not np.isfinite(guidance):
             raise EdgesdError(f"guidance scale must be >= 0, got {guidance}", "use e.g. 7.5, or 1 for no guidance")
         if not isinstance(per_prompt, (int, np.integer)) or per_prompt < 1:
@@ -229,7 +234,7 @@ def _checked(callback: ProgressCallback | None) -> sampling.StepCallback | None:
 
 
 def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps: int,
-                 noise: sampling.NoiseFn, callback) -> np.ndarray:
+                 noise: sampling.NoiseFn, callback, eta: float = 0.0) -> np.ndarray:
     """Scale the initial noise as diffusers does and run the chosen sampler."""
     if sched.is_sigma_space:
         s = sigma_schedule(sched, steps)
@@ -249,7 +254,7 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
     s = alpha_schedule(sched, steps)
     clip = sched["clip_sample_range"] if sched.config.get("clip_sample") else None
     if sched.class_name == "DDIMScheduler":
-        return sampling.sample_ddim(d.eps, noise_x, s, callback, clip)
+        return sampling.sample_ddim(d.eps, noise_x, s, callback, clip, eta, noise)
     if sched.class_name == "DDPMScheduler":
         return sampling.sample_ddpm(d.eps, noise_x, s, noise, callback, clip)
     return sampling.sample_plms(d.eps, noise_x, s, callback)

@@ -223,8 +223,13 @@ def sample_ddim(
     s: AlphaSchedule,
     callback: StepCallback | None = None,
     clip_sample_range: float | None = None,
+    eta: float = 0.0,
+    noise: NoiseFn | None = None,
 ):
-    """Deterministic DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12 with eta = 0)."""
+    """DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like.
+
+    As in diffusers, clipping bounds x0 but the noise direction keeps the model's own estimate.
+    """
     n = len(s.timesteps)
     for i, t in enumerate(s.timesteps):
         t = int(t)
@@ -233,8 +238,10 @@ def sample_ddim(
         x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
         if clip_sample_range is not None:
             x0 = np.clip(x0, -clip_sample_range, clip_sample_range)
-            e = (x - np.sqrt(a_t) * x0) / np.sqrt(1 - a_t)
-        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e
+        std = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # Eq. 16
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - std**2) * e
+        if eta > 0:
+            x = x + std * noise(x.shape).astype(np.float32)
         _notify(callback, i, n)
     return x
 

@@ -51,6 +51,7 @@ def test_batch_shapes(pipe):
     ({"num_inference_steps": 0}, "steps must be between"),
     ({"guidance_scale": float("nan")}, "guidance scale"),
     ({"num_images_per_prompt": 0}, "images per prompt"),
+    ({"eta": 1.5}, "eta must be between 0 and 1"),
     ({"scheduler": {"_class_name": "UniPCMultistepScheduler"}}, "UniPCMultistepScheduler"),
     ({"scheduler": {"_class_name": "DDIMScheduler", "thresholding": True}}, "thresholding=True is not supported"),
 ])

@@ -71,12 +71,8 @@ PREDICTIONS = [(n, p) for n in NAMES for p in ("epsilon", "v_prediction", "sampl
                if not (n == "pndm" and p != "epsilon") and not (n == "euler-a" and p == "sample")]
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4, 20])
-@pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("name, prediction", PREDICTIONS)
-def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
-    """The whole loop with the stand-in model: ours (NumPy) vs diffusers' scheduler (torch), same noise."""
-    config = {**SD, "timestep_spacing": spacing, "prediction_type": prediction}
+def _both_loops(name, config, steps, prediction="epsilon", eta=0.0):
+    """Run diffusers' scheduler and ours over the stand-in model with the same start and noise."""
     shape = (1, 4, 8, 8)
     start = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
@@ -84,10 +80,11 @@ def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
     ref.set_timesteps(steps)
     gen = torch.Generator().manual_seed(1)
     x = torch.from_numpy(start) * ref.init_noise_sigma
+    accepted = inspect.signature(ref.step).parameters
+    extra = {k: v for k, v in (("generator", gen), ("eta", eta)) if k in accepted}
     for t in ref.timesteps:
         inp = ref.scale_model_input(x, t)
         eps = torch.from_numpy(stand_in_eps(inp.numpy(), float(t)))
-        extra = {"generator": gen} if "generator" in inspect.signature(ref.step).parameters else {}
         x = ref.step(eps, t, x, **extra).prev_sample
     expected = x.numpy()
 
@@ -95,12 +92,36 @@ def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
     denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
                         guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
     gen2 = torch.Generator().manual_seed(1)
-    got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None)
+    got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None, eta)
     scale = np.abs(expected).max()
     if name == "heun":
         # Heun's corrector divides a difference of values as large as the initial noise (~15x) by the next
         # sigma; from sigma_max straight to sigma_min (2 steps) float32 rounding then reaches ~5e-4 either way.
         scale = max(scale, float(np.abs(start).max() * ref.init_noise_sigma))
+    return got, expected, scale
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name, prediction", PREDICTIONS)
+def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
+    """The whole loop with the stand-in model: ours (NumPy) vs diffusers' scheduler (torch), same noise."""
+    config = {**SD, "timestep_spacing": spacing, "prediction_type": prediction}
+    got, expected, scale = _both_loops(name, config, steps, prediction)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("steps", [2, 4, 20])
+@pytest.mark.parametrize("name, extra, eta", [
+    ("ddim", {"clip_sample": True}, 0.0),  # clipping bounds x0; the noise direction stays the model's
+    ("ddpm", {"clip_sample": True}, 0.0),
+    ("heun", {"clip_sample": True}, 0.0),
+    ("ddim", {}, 0.5),
+    ("ddim", {}, 1.0),
+    ("ddim", {"clip_sample": True, "set_alpha_to_one": True}, 0.3),
+])
+def test_clipping_and_eta_equal_diffusers(name, extra, eta, steps):
+    got, expected, scale = _both_loops(name, {**SD, **extra}, steps, eta=eta)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
 
 
