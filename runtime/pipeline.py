@@ -245,6 +245,8 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
             return sampling.sample_dpmpp_2m_sde(d.denoise, x, s, noise, callback, sched["lower_order_final"])
         if sched.class_name == "DPMSolverMultistepScheduler":
             return sampling.sample_dpmpp_2m(d.denoise, x, s, callback, sched["lower_order_final"])
+        if sched.class_name == "UniPCMultistepScheduler":
+            return sampling.sample_unipc(d.denoise, x, s, callback, sched["lower_order_final"])
         if sched.class_name == "LMSDiscreteScheduler":
             return sampling.sample_lms(d.denoise, x, s, callback)
         if sched.class_name == "HeunDiscreteScheduler":

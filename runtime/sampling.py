@@ -213,6 +213,61 @@ def sample_dpmpp_2m_sde(
     return x
 
 
+def _unipc_rhos(h: float, rks: list[float]) -> np.ndarray:
+    """UniPC's weights for B(h) = e^{-h} - 1 ("bh2"), x0 prediction (Zhao et al. 2023, arXiv:2302.04867, Alg. 1)."""
+    hh = -h
+    h_phi_k, factorial, b = np.expm1(hh) / hh - 1, 1, []
+    for k in range(1, len(rks) + 1):
+        b.append(h_phi_k * factorial / np.expm1(hh))
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R = np.array([[rk ** (k - 1) for rk in rks] for k in range(1, len(rks) + 1)])
+    return np.linalg.solve(R, np.array(b))
+
+
+def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
+                 lower_order_final: bool = True):
+    """UniPC, order 2 ("bh2", x0 prediction): a UniP predictor step, then at the next model call a UniC
+    corrector that refines the same step with the new output (Zhao et al. 2023), in sigma space
+    (lambda = -log sigma). Equal to diffusers' UniPCMultistepScheduler defaults.
+    """
+    n, order = len(s.timesteps), 2
+    sig = s.sigmas.astype(np.float64)
+    outputs: list[np.ndarray] = []  # x0 estimates, oldest first
+    x_last, last_order = None, 1
+    for i in range(n):
+        m = denoise(x, float(sig[i]), s.timesteps[i])
+        if i > 0:  # UniC: redo the last step from x_last using the new estimate m
+            s0, t = sig[i - 1], sig[i]
+            h = np.log(s0) - np.log(t)
+            m0 = outputs[-1]
+            if last_order == 1:
+                rhos, residual = np.array([0.5]), 0.0
+            else:
+                r = (np.log(s0) - np.log(sig[i - 2])) / h
+                rhos = _unipc_rhos(h, [r, 1.0])
+                residual = rhos[0] * (outputs[-2] - m0) / r
+            x = (t / s0) * x_last - np.expm1(-h) * m0 - np.expm1(-h) * (residual + rhos[-1] * (m - m0))
+        outputs = (outputs + [m])[-order:]
+        this_order = min(order, n - i) if lower_order_final else order
+        this_order = min(this_order, min(i, order) + 1)  # warm-up: first order on the first step
+        x_last, last_order = x, this_order
+        # UniP: predictor to the next sigma
+        s0, t = sig[i], sig[i + 1]
+        m0 = outputs[-1]
+        if t == 0.0 and this_order == 1:
+            x = m0  # the limit of the update at sigma 0
+        else:
+            h = np.log(s0) - np.log(t)
+            x = (t / s0) * x - np.expm1(-h) * m0
+            if this_order == 2:
+                r = (np.log(s0) - np.log(sig[i - 1])) / h
+                x = x - np.expm1(-h) * 0.5 * (outputs[-2] - m0) / r
+        x = x.astype(np.float32)
+        _notify(callback, i, n)
+    return x
+
+
 def _alpha_at(s: AlphaSchedule, t: int) -> float:
     return float(s.alphas_cumprod[t]) if t >= 0 else s.final_alpha_cumprod
 

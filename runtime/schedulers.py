@@ -58,6 +58,14 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
+    "UniPCMultistepScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "final_sigmas_type": "zero",
+         "lower_order_final": True},
+        {"solver_order": 2, "predict_x0": True, "solver_type": "bh2", "disable_corrector": [], "solver_p": None,
+         "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+         "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+         "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
+    ),
     "LMSDiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False},
         {"use_exponential_sigmas": False, "use_beta_sigmas": False},
@@ -104,6 +112,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "heun": ("HeunDiscreteScheduler", {}, "Heun, second order (2 U-Net calls per step)"),
     "lms": ("LMSDiscreteScheduler", {}, "linear multistep, order 4"),
     "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "linear multistep with Karras sigmas"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC, order 2 predictor-corrector"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -113,14 +122,14 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
-               "LMS": "lms", "LMS Karras": "lms-karras",
+               "LMS": "lms", "LMS Karras": "lms-karras", "UniPC": "unipc",
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
 _CLASS_TO_NAME = {
     "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
-    "DPMSolverMultistepScheduler": "dpm++2m",
+    "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
 }
 
 
@@ -141,7 +150,8 @@ class SchedulerConfig:
     @property
     def is_sigma_space(self) -> bool:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                   "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler")
+                                   "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                   "UniPCMultistepScheduler")
 
     @property
     def name(self) -> str:
@@ -270,7 +280,7 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     train_sigmas = ((1 - ac) / ac) ** 0.5  # float32, as diffusers
     log_sigmas = np.log(train_sigmas)
     spacing = c["timestep_spacing"]
-    dpm = c.class_name == "DPMSolverMultistepScheduler"
+    dpm = c.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")  # same schedule
     if dpm:  # DPM-Solver spaces n + 1 integer points and drops t = 0
         if spacing == "linspace":
             t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]

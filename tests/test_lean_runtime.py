@@ -32,7 +32,7 @@ def test_generate_without_heavy_libraries(tiny_onnx, tmp_path):
         from edgesd.cli import main
         pipe = edgesd.Pipeline.load({str(tiny_onnx)!r})
         for scheduler in ("ddim", "pndm", "euler", "euler-a", "heun", "lms", "dpm++2m", "dpm++2m-karras",
-                          "dpm++2m-sde-karras"):
+                          "dpm++2m-sde-karras", "unipc", "ddpm"):
             result = pipe("a red circle", num_inference_steps=3, seed=1, scheduler=scheduler)
             assert result.images[0].size == (32, 32)
         optimum = edgesd.Pipeline.load({str(FIXTURES / "optimum-onnx-micro")!r})

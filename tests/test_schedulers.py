@@ -16,7 +16,8 @@ diffusers = pytest.importorskip("diffusers")
 SD = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
       "clip_sample": False, "prediction_type": "epsilon"}
-NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
+         "unipc": "UniPCMultistepScheduler", "euler": "EulerDiscreteScheduler",
          "euler-karras": "EulerDiscreteScheduler", "dpm++2m-sde": "DPMSolverMultistepScheduler",
          "dpm++2m-sde-karras": "DPMSolverMultistepScheduler",
          "euler-a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
@@ -57,7 +58,7 @@ def test_schedule_equals_diffusers(name, spacing, steps):
         s = sigma_schedule(ours, steps)
         np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-4)
         np.testing.assert_allclose(s.sigmas, ref_s, rtol=1e-6)
-        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if name[:3] != "dpm" else
+        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm", "unipc")) else
                                    float(np.sqrt(ref.sigmas[0] ** 2 + 1)), rtol=1e-5)
     else:
         a = alpha_schedule(ours, steps)
