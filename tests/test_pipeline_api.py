@@ -52,7 +52,7 @@ def test_batch_shapes(pipe):
     ({"guidance_scale": float("nan")}, "guidance scale"),
     ({"num_images_per_prompt": 0}, "images per prompt"),
     ({"eta": 1.5}, "eta must be between 0 and 1"),
-    ({"scheduler": {"_class_name": "UniPCMultistepScheduler"}}, "UniPCMultistepScheduler"),
+    ({"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler"}}, "FlowMatchEulerDiscreteScheduler"),
     ({"scheduler": {"_class_name": "DDIMScheduler", "thresholding": True}}, "thresholding=True is not supported"),
 ])
 def test_bad_arguments(pipe, kwargs, needle):
