@@ -47,10 +47,10 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "EulerDiscreteScheduler": (
-        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "final_sigmas_type": "zero"},
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "final_sigmas_type": "zero"},
         {
             "interpolation_type": "linear",
-            "use_exponential_sigmas": False,
             "use_beta_sigmas": False,
             "sigma_min": None,
             "sigma_max": None,
@@ -59,25 +59,27 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
     "UniPCMultistepScheduler": (
-        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "final_sigmas_type": "zero",
-         "lower_order_final": True},
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "final_sigmas_type": "zero", "lower_order_final": True},
         {"solver_order": 2, "predict_x0": True, "solver_type": "bh2", "disable_corrector": [], "solver_p": None,
          "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
-         "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+         "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
          "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
     ),
     "LMSDiscreteScheduler": (
-        {"timestep_spacing": "linspace", "use_karras_sigmas": False},
-        {"use_exponential_sigmas": False, "use_beta_sigmas": False},
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False},
+        {"use_beta_sigmas": False},
     ),
     "HeunDiscreteScheduler": (
-        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0},
-        {"use_exponential_sigmas": False, "use_beta_sigmas": False},
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "clip_sample": False, "clip_sample_range": 1.0},
+        {"use_beta_sigmas": False},
     ),
     "DPMSolverMultistepScheduler": (
         {
             "timestep_spacing": "linspace",
             "use_karras_sigmas": False,
+            "use_exponential_sigmas": False,
             "final_sigmas_type": "zero",
             "lower_order_final": True,
             "algorithm_type": "dpmsolver++",
@@ -89,7 +91,6 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "dynamic_thresholding_ratio": 0.995,
             "sample_max_value": 1.0,
             "euler_at_final": False,
-            "use_exponential_sigmas": False,
             "use_beta_sigmas": False,
             "use_lu_lambdas": False,
             "use_flow_sigmas": False,
@@ -291,13 +292,21 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
         t = t.astype(np.int64).astype(np.float64)
     else:
         t = _spaced_timesteps(spacing, n, T, c["steps_offset"]).astype(np.float32).astype(np.float64)
-    if c.config.get("use_karras_sigmas"):
+    karras, exponential = c.config.get("use_karras_sigmas"), c.config.get("use_exponential_sigmas")
+    if karras and exponential:
+        raise EdgesdError(f"{c.class_name}: use_karras_sigmas and use_exponential_sigmas are both set",
+                          "choose one sigma schedule")
+    if karras or exponential:
         # DPM-Solver spans the whole training range; the others the range of their spaced schedule.
         spaced = train_sigmas if dpm else np.interp(t, np.arange(T), train_sigmas)[::-1]
-        sigmas = _karras_sigmas(float(spaced[0]), float(spaced[-1]), n)
+        lo, hi = float(spaced[0]), float(spaced[-1])
+        if karras:
+            sigmas = _karras_sigmas(lo, hi, n)
+        else:  # log-linear from sigma_max to sigma_min
+            sigmas = np.exp(np.linspace(np.log(hi), np.log(lo), n))
         t = sigma_to_t(sigmas, log_sigmas)
-        if dpm:
-            t = t.round()
+        if dpm:  # integer timesteps: Karras ones rounded, the others truncated (as diffusers casts them)
+            t = t.round() if karras else np.trunc(t)
     else:
         sigmas = np.interp(t, np.arange(T), train_sigmas)
     final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.config.get("final_sigmas_type") == "sigma_min" else 0.0

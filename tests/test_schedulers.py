@@ -144,3 +144,27 @@ def test_unsupported_configs_are_named(config, needle):
                                          ("DPM++ 2M SDE Karras", "dpm++2m-sde-karras")])
 def test_a1111_names(a1111, ours):
     assert resolve_scheduler(a1111, SD) == resolve_scheduler(ours, SD)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "unipc", "dpm++2m", "dpm++2m-sde"])
+def test_exponential_sigmas_equal_diffusers(name, spacing, steps):
+    config = {**SD, "timestep_spacing": spacing, "use_exponential_sigmas": True}
+    ref = diffusers_scheduler(name, config)
+    ref.set_timesteps(steps)
+    s = sigma_schedule(resolve_scheduler(name, config), steps)
+    ref_t, ref_s = ref.timesteps.numpy().astype(np.float32), ref.sigmas.numpy()
+    if name == "heun":
+        ref_t = np.concatenate([ref_t[:1], ref_t[1::2]])
+        ref_s = np.concatenate([ref_s[:1], ref_s[1:-1:2], ref_s[-1:]])
+    np.testing.assert_allclose(s.sigmas, ref_s, rtol=1e-6)
+    np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-4)
+    got, expected, scale = _both_loops(name, config, steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_two_sigma_schedules_at_once_is_an_error():
+    with pytest.raises(EdgesdError, match="use_karras_sigmas and use_exponential_sigmas"):
+        sigma_schedule(resolve_scheduler({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True,
+                                          "use_exponential_sigmas": True}, SD), 10)
