@@ -233,30 +233,41 @@ def _checked(callback: ProgressCallback | None) -> sampling.StepCallback | None:
     return step
 
 
+def _x0_limit(sched: SchedulerConfig) -> sampling.LimitFn | None:
+    """Dynamic thresholding, else clipping, of x0 as the config asks (diffusers' order of precedence)."""
+    if sched.config.get("thresholding"):
+        return sampling.dynamic_threshold_x0(sched["dynamic_thresholding_ratio"], sched["sample_max_value"])
+    if sched.config.get("clip_sample"):
+        return sampling.clip_x0(sched["clip_sample_range"])
+    return None
+
+
 def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps: int,
                  noise: sampling.NoiseFn, callback, eta: float = 0.0) -> np.ndarray:
     """Scale the initial noise as diffusers does and run the chosen sampler."""
+    limit = _x0_limit(sched)
     if sched.is_sigma_space:
         s = sigma_schedule(sched, steps)
         x = noise_x * np.float32(s.init_noise_sigma)
+        denoise = d.denoise
+        if limit is not None and sched.class_name != "HeunDiscreteScheduler":  # DPM++, UniPC: on x0 itself
+            denoise = lambda x_, sigma, t: limit(d.denoise(x_, sigma, t))  # noqa: E731
         if sched.class_name == "EulerAncestralDiscreteScheduler":
-            return sampling.sample_euler_ancestral(d.denoise, x, s, noise, callback)
+            return sampling.sample_euler_ancestral(denoise, x, s, noise, callback)
         if sched.class_name == "DPMSolverMultistepScheduler" and sched["algorithm_type"] == "sde-dpmsolver++":
-            return sampling.sample_dpmpp_2m_sde(d.denoise, x, s, noise, callback, sched["lower_order_final"])
+            return sampling.sample_dpmpp_2m_sde(denoise, x, s, noise, callback, sched["lower_order_final"])
         if sched.class_name == "DPMSolverMultistepScheduler":
-            return sampling.sample_dpmpp_2m(d.denoise, x, s, callback, sched["lower_order_final"])
+            return sampling.sample_dpmpp_2m(denoise, x, s, callback, sched["lower_order_final"])
         if sched.class_name == "UniPCMultistepScheduler":
-            return sampling.sample_unipc(d.denoise, x, s, callback, sched["lower_order_final"])
+            return sampling.sample_unipc(denoise, x, s, callback, sched["lower_order_final"])
         if sched.class_name == "LMSDiscreteScheduler":
-            return sampling.sample_lms(d.denoise, x, s, callback)
+            return sampling.sample_lms(denoise, x, s, callback)
         if sched.class_name == "HeunDiscreteScheduler":
-            clip = sched["clip_sample_range"] if sched["clip_sample"] else None
-            return sampling.sample_heun(d.denoise, x, s, callback, clip)
-        return sampling.sample_euler(d.denoise, x, s, callback)
+            return sampling.sample_heun(denoise, x, s, callback, limit)
+        return sampling.sample_euler(denoise, x, s, callback)
     s = alpha_schedule(sched, steps)
-    clip = sched["clip_sample_range"] if sched.config.get("clip_sample") else None
     if sched.class_name == "DDIMScheduler":
-        return sampling.sample_ddim(d.eps, noise_x, s, callback, clip, eta, noise)
+        return sampling.sample_ddim(d.eps, noise_x, s, callback, limit, eta, noise)
     if sched.class_name == "DDPMScheduler":
-        return sampling.sample_ddpm(d.eps, noise_x, s, noise, callback, clip)
+        return sampling.sample_ddpm(d.eps, noise_x, s, noise, callback, limit)
     return sampling.sample_plms(d.eps, noise_x, s, callback)

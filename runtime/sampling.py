@@ -21,6 +21,8 @@ DenoiseFn = Callable[[np.ndarray, float, float], np.ndarray]
 EpsFn = Callable[[np.ndarray, float], np.ndarray]
 NoiseFn = Callable[[tuple], np.ndarray]
 StepCallback = Callable[[int, int], None]
+# limit_x0(x0) -> x0: clipping or dynamic thresholding of the clean-sample estimate
+LimitFn = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,20 @@ class AlphaSchedule:
     step_ratio: int  # num_train_timesteps // num_inference_steps
 
 
+def clip_x0(limit: float) -> LimitFn:
+    return lambda x0: np.clip(x0, -limit, limit)
+
+
+def dynamic_threshold_x0(ratio: float, max_value: float) -> LimitFn:
+    """Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3): per sample, clip x0 to the `ratio`
+    quantile s of |x0| (s kept within [1, max_value]) and divide by s."""
+    def limit(x0: np.ndarray) -> np.ndarray:
+        flat = x0.reshape(x0.shape[0], -1)
+        s = np.clip(np.quantile(np.abs(flat), ratio, axis=1), 1.0, max_value)[:, None].astype(x0.dtype)
+        return (np.clip(flat, -s, s) / s).reshape(x0.shape)
+    return limit
+
+
 def _notify(callback: StepCallback | None, i: int, n: int) -> None:
     if callback is not None:
         callback(i + 1, n)
@@ -59,15 +75,15 @@ def sample_euler(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: 
 
 
 def sample_heun(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
-                clip_sample_range: float | None = None):
+                limit_x0: LimitFn | None = None):
     """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn); Euler on the final step to 0.
 
     Each step but the last evaluates the model twice (at sigma and at the next sigma): 2n - 1 calls.
     """
     def d_at(x_, sigma, t):
         x0 = denoise(x_, sigma, t)
-        if clip_sample_range is not None:
-            x0 = np.clip(x0, -clip_sample_range, clip_sample_range)
+        if limit_x0 is not None:
+            x0 = limit_x0(x0)
         return (x_ - x0) / sigma  # dx/dsigma
 
     n = len(s.timesteps)
@@ -277,13 +293,13 @@ def sample_ddim(
     x: np.ndarray,
     s: AlphaSchedule,
     callback: StepCallback | None = None,
-    clip_sample_range: float | None = None,
+    limit_x0: LimitFn | None = None,
     eta: float = 0.0,
     noise: NoiseFn | None = None,
 ):
     """DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like.
 
-    As in diffusers, clipping bounds x0 but the noise direction keeps the model's own estimate.
+    As in diffusers, limiting x0 (clipping, thresholding) leaves the noise direction the model's own estimate.
     """
     n = len(s.timesteps)
     for i, t in enumerate(s.timesteps):
@@ -291,8 +307,8 @@ def sample_ddim(
         a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t - s.step_ratio)
         e = eps(x, t)
         x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
-        if clip_sample_range is not None:
-            x0 = np.clip(x0, -clip_sample_range, clip_sample_range)
+        if limit_x0 is not None:
+            x0 = limit_x0(x0)
         std = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # Eq. 16
         x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - std**2) * e
         if eta > 0:
@@ -307,7 +323,7 @@ def sample_ddpm(
     s: AlphaSchedule,
     noise: NoiseFn,
     callback: StepCallback | None = None,
-    clip_sample_range: float | None = None,
+    limit_x0: LimitFn | None = None,
 ):
     """Ancestral DDPM sampling (Ho et al. 2020, Eq. 7) over the given timesteps, "fixed_small" variance.
 
@@ -320,8 +336,8 @@ def sample_ddpm(
         a_prev = _alpha_at(s, int(s.timesteps[i + 1])) if i + 1 < n else 1.0
         e = eps(x, t)
         x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
-        if clip_sample_range is not None:
-            x0 = np.clip(x0, -clip_sample_range, clip_sample_range)
+        if limit_x0 is not None:
+            x0 = limit_x0(x0)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # this step's own alpha and beta
         x = (np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (np.sqrt(alpha) * (1 - a_prev) / (1 - a_t)) * x
         if t > 0:

@@ -31,16 +31,19 @@ _COMMON = {
     "rescale_betas_zero_snr": False,
 }
 
+# Dynamic thresholding of x0 (Imagen), where diffusers' class offers it.
+_THRESHOLDING = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+
 # Per class: (keys we implement with their defaults, keys we only accept at their default).
 _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "DDIMScheduler": (
-        {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0},
-        {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0},
+        {"timestep_spacing": "leading", "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0,
+         **_THRESHOLDING},
+        {},
     ),
     "DDPMScheduler": (
-        {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0},
-        {"variance_type": "fixed_small", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
-         "sample_max_value": 1.0},
+        {"timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0, **_THRESHOLDING},
+        {"variance_type": "fixed_small"},
     ),
     "PNDMScheduler": (
         {"timestep_spacing": "leading", "set_alpha_to_one": False, "skip_prk_steps": False},
@@ -60,9 +63,8 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
     "UniPCMultistepScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "final_sigmas_type": "zero", "lower_order_final": True},
+         "final_sigmas_type": "zero", "lower_order_final": True, **_THRESHOLDING},
         {"solver_order": 2, "predict_x0": True, "solver_type": "bh2", "disable_corrector": [], "solver_p": None,
-         "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
          "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
          "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
     ),
@@ -83,13 +85,11 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "final_sigmas_type": "zero",
             "lower_order_final": True,
             "algorithm_type": "dpmsolver++",
+            **_THRESHOLDING,
         },
         {
             "solver_order": 2,
             "solver_type": "midpoint",
-            "thresholding": False,
-            "dynamic_thresholding_ratio": 0.995,
-            "sample_max_value": 1.0,
             "euler_at_final": False,
             "use_beta_sigmas": False,
             "use_lu_lambdas": False,

@@ -120,8 +120,14 @@ def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
     ("ddim", {}, 0.5),
     ("ddim", {}, 1.0),
     ("ddim", {"clip_sample": True, "set_alpha_to_one": True}, 0.3),
+    ("ddim", {"thresholding": True, "sample_max_value": 2.5}, 0.0),  # dynamic thresholding wins over clipping
+    ("ddim", {"thresholding": True, "clip_sample": True, "dynamic_thresholding_ratio": 0.9}, 0.0),
+    ("ddpm", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
+    ("dpm++2m", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
+    ("dpm++2m-sde", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
+    ("unipc", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
 ])
-def test_clipping_and_eta_equal_diffusers(name, extra, eta, steps):
+def test_clipping_thresholding_and_eta_equal_diffusers(name, extra, eta, steps):
     got, expected, scale = _both_loops(name, {**SD, **extra}, steps, eta=eta)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
 
