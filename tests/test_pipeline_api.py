@@ -53,7 +53,7 @@ def test_batch_shapes(pipe):
     ({"num_images_per_prompt": 0}, "images per prompt"),
     ({"eta": 1.5}, "eta must be between 0 and 1"),
     ({"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler"}}, "FlowMatchEulerDiscreteScheduler"),
-    ({"scheduler": {"_class_name": "DDIMScheduler", "thresholding": True}}, "thresholding=True is not supported"),
+    ({"scheduler": {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}}, "solver_order=3 is not supported"),
 ])
 def test_bad_arguments(pipe, kwargs, needle):
     with pytest.raises(EdgesdError, match=needle):
