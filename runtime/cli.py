@@ -51,10 +51,7 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool):
     with click.progressbar(length=len(stages), label="export", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:
         def on_stage(name: str) -> None:
-            if name != stages[0]:
-                bar.update(1, name)
-            else:
-                bar.update(0, name)
+            bar.update(0 if name == stages[0] else 1, name)  # a stage starting ends the one before
 
         try:
             report = export_model(src, out, options, on_stage)

@@ -157,6 +157,35 @@ def sample_euler_ancestral(
     return x
 
 
+def _dpmpp_2m(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn | None,
+              callback: StepCallback | None, lower_order_final: bool):
+    """The DPM-Solver++(2M) loop; the ODE update without `noise`, the SDE update with it."""
+    n = len(s.timesteps)
+    prev_denoised, h_prev = None, None
+    for i in range(n):
+        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
+        denoised = denoise(x, sigma, s.timesteps[i])
+        z = None if noise is None else noise(x.shape).astype(np.float32)  # drawn every step, as diffusers
+        if sigma_next == 0.0:
+            x = denoised  # the limit of either update at sigma_next = 0
+        else:
+            h = np.log(sigma) - np.log(sigma_next)
+            last = i == n - 1 and lower_order_final and n < 15
+            if prev_denoised is None or last:
+                blend = denoised
+            else:
+                blend = denoised + (denoised - prev_denoised) / (2.0 * (h_prev / h))
+            if z is None:
+                x = (sigma_next / sigma) * x - np.expm1(-h) * blend
+            else:
+                x = (sigma_next / sigma * np.exp(-h)) * x - np.expm1(-2.0 * h) * blend \
+                    + sigma_next * np.sqrt(-np.expm1(-2.0 * h)) * z
+            h_prev = h
+        prev_denoised = denoised
+        _notify(callback, i, n)
+    return x
+
+
 def sample_dpmpp_2m(
     denoise: DenoiseFn,
     x: np.ndarray,
@@ -171,26 +200,7 @@ def sample_dpmpp_2m(
     or the last step when it ends at sigma 0 / is short) or the multistep blend
     x0 + (x0 - x0_prev) / (2 r), r = h_prev / h.
     """
-    n = len(s.timesteps)
-    prev_denoised, h_prev = None, None
-    for i in range(n):
-        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
-        denoised = denoise(x, sigma, s.timesteps[i])
-        if sigma_next == 0.0:
-            x = denoised  # the limit of the update at sigma_next = 0
-        else:
-            h = np.log(sigma) - np.log(sigma_next)
-            last = i == n - 1 and lower_order_final and n < 15
-            if prev_denoised is None or last:
-                blend = denoised
-            else:
-                r = h_prev / h
-                blend = denoised + (denoised - prev_denoised) / (2.0 * r)
-            x = (sigma_next / sigma) * x - np.expm1(-h) * blend
-            h_prev = h
-        prev_denoised = denoised
-        _notify(callback, i, n)
-    return x
+    return _dpmpp_2m(denoise, x, s, None, callback, lower_order_final)
 
 
 def sample_dpmpp_2m_sde(
@@ -206,27 +216,7 @@ def sample_dpmpp_2m_sde(
     x_next = (sigma_next / sigma) e^{-h} x + (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z,
     with D as in sample_dpmpp_2m. Fresh noise z is drawn every step (also the last), as diffusers does.
     """
-    n = len(s.timesteps)
-    prev_denoised, h_prev = None, None
-    for i in range(n):
-        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
-        denoised = denoise(x, sigma, s.timesteps[i])
-        z = noise(x.shape).astype(np.float32)
-        if sigma_next == 0.0:
-            x = denoised
-        else:
-            h = np.log(sigma) - np.log(sigma_next)
-            last = i == n - 1 and lower_order_final and n < 15
-            if prev_denoised is None or last:
-                blend = denoised
-            else:
-                blend = denoised + (denoised - prev_denoised) / (2.0 * (h_prev / h))
-            x = (sigma_next / sigma * np.exp(-h)) * x - np.expm1(-2.0 * h) * blend \
-                + sigma_next * np.sqrt(-np.expm1(-2.0 * h)) * z
-            h_prev = h
-        prev_denoised = denoised
-        _notify(callback, i, n)
-    return x
+    return _dpmpp_2m(denoise, x, s, noise, callback, lower_order_final)
 
 
 def _unipc_rhos(h: float, rks: list[float]) -> np.ndarray:
