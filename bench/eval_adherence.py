@@ -15,34 +15,8 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-
-from edgesd.models.adherence import read_picture
+from edgesd.models.adherence import CHANCE, held_out_prompts, score
 from edgesd.models.training import shapes
-
-CHANCE = {"background": 1 / len(shapes.COLORS), "color": 1 / (len(shapes.COLORS) - 1),
-          "shape": 1 / len(shapes.SHAPES), "position": 1 / len(shapes.POSITIONS)}
-
-
-def eval_prompts() -> list[tuple[str, shapes.Scene]]:
-    out = []
-    for color, shape, background in sorted(shapes.held_out_combos()):
-        for position in shapes.POSITIONS:
-            scene = shapes.Scene(background, color, shape, position, "large")
-            pos = shapes.POSITION_PHRASES[position][0]
-            out.append((f"a large {color} {shape} {pos} on a {background} background", scene))
-    return out
-
-
-def score(images, scenes) -> dict:
-    hits = {k: 0 for k in CHANCE}
-    for image, scene in zip(images, scenes):
-        r = read_picture(image)
-        hits["background"] += r.background == scene.background
-        hits["color"] += r.color == scene.color
-        hits["shape"] += r.shape == scene.shape
-        hits["position"] += r.position == scene.position
-    return {k: round(100 * v / len(scenes), 1) for k, v in hits.items()}
 
 
 def generate_edgesd(model: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 10):
@@ -84,7 +58,7 @@ def main() -> None:
         from edgesd.models_path import default_model_path
 
         args.model = default_model_path()
-    items = eval_prompts()
+    items = held_out_prompts()
     prompts, scenes = [p for p, _ in items], [s for _, s in items]
     results = {"prompts": len(prompts), "held_out_combos": len(shapes.held_out_combos()), "steps": args.steps,
                "guidance": args.guidance, "chance": {k: round(100 * v, 1) for k, v in CHANCE.items()}}

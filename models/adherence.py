@@ -10,7 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .training import shapes
 from .training.shapes import COLORS, POSITIONS
+
+# Score of random guessing, per attribute.
+CHANCE = {"background": 1 / len(COLORS), "color": 1 / (len(COLORS) - 1), "shape": 1 / len(shapes.SHAPES),
+          "position": 1 / len(POSITIONS)}
 
 
 @dataclass(frozen=True)
@@ -46,3 +51,31 @@ def read_picture(image) -> Reading:
     fill = mask.sum() / box_area  # square ~1.0, circle ~0.79, triangle ~0.5
     shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
     return Reading(background, color, shape, position)
+
+
+def prompts_for(combos) -> list[tuple[str, "shapes.Scene"]]:
+    """One prompt per (colour, shape, background) combination and position, with the scene it asks for."""
+    out = []
+    for color, shape, background in sorted(combos):
+        for position in POSITIONS:
+            scene = shapes.Scene(background, color, shape, position, "large")
+            pos = shapes.POSITION_PHRASES[position][0]
+            out.append((f"a large {color} {shape} {pos} on a {background} background", scene))
+    return out
+
+
+def held_out_prompts() -> list[tuple[str, "shapes.Scene"]]:
+    """The evaluation prompts: every held-out combination at every position (100 prompts)."""
+    return prompts_for(shapes.held_out_combos())
+
+
+def score(images, scenes) -> dict[str, float]:
+    """Percent of pictures whose background, shape colour, shape and position read back right."""
+    hits = {k: 0 for k in CHANCE}
+    for image, scene in zip(images, scenes):
+        r = read_picture(image)
+        hits["background"] += r.background == scene.background
+        hits["color"] += r.color == scene.color
+        hits["shape"] += r.shape == scene.shape
+        hits["position"] += r.position == scene.position
+    return {k: round(100 * v / len(scenes), 1) for k, v in hits.items()}

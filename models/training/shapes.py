@@ -71,7 +71,14 @@ def held_out_combos(fraction: float = 0.12, seed: int = 1234) -> set[tuple[str, 
     return {combos[i] for i in picked}
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
+# Words that say nothing about the scene. Some captions carry one, so the model learns to ignore
+# them; the shipped text encoder also maps every token never seen in training to FILLER_TOKEN_WORD.
+FILLERS = ("a simple drawing:", "flat illustration,", "digital art,", "an image:", "clip art,")
+FILLER_SUFFIXES = (", simple", ", high quality", ", flat colors", ", minimal", ", art")
+FILLER_TOKEN_WORD = "art"
+
+
+def caption(scene: Scene, rng: np.random.Generator, filler_rate: float = 0.0) -> str:
     size = {"small": rng.choice(["small", "little", "tiny"]), "large": rng.choice(["large", "big"])}[scene.size]
     pos = rng.choice(POSITION_PHRASES[scene.position])
     c, s, b = scene.color, scene.shape, scene.background
@@ -85,7 +92,29 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         f"one {c} {s} {pos} against a {b} background",
         f"{c} {s}, {b} background",
     ]
-    return str(templates[rng.integers(len(templates))])
+    text = str(templates[rng.integers(len(templates))])
+    if rng.random() < filler_rate:
+        text = f"{rng.choice(FILLERS)} {text}" if rng.random() < 0.5 else f"{text}{rng.choice(FILLER_SUFFIXES)}"
+    return text
+
+
+# Attribute classes of the auxiliary scene-parsing loss (train.py): what a caption states.
+ATTRIBUTES = {"background": list(COLORS), "color": list(COLORS), "shape": list(SHAPES),
+              "position": list(POSITIONS), "size": list(SIZES)}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+
+
+def stated_attributes(scene: Scene, text: str) -> list[int]:
+    """Class index per ATTRIBUTES entry, or -1 where the caption does not state it."""
+    words = text.replace(",", " ").split()
+    position_said = any(phrase in text for phrase in POSITION_PHRASES[scene.position])
+    size_said = any(w in words for w in SIZE_WORDS[scene.size])
+    return [
+        ATTRIBUTES["background"].index(scene.background), ATTRIBUTES["color"].index(scene.color),
+        ATTRIBUTES["shape"].index(scene.shape),
+        ATTRIBUTES["position"].index(scene.position) if position_said else -1,
+        ATTRIBUTES["size"].index(scene.size) if size_said else -1,
+    ]
 
 
 def render(scene: Scene, side: int, rng: np.random.Generator | None = None) -> Image.Image:
