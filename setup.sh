@@ -8,7 +8,3 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/pip install -q -c constraints.txt -e '.[export,dev]'
-# Until the trained embedded model ships, the default model is a tiny random-weights stand-in.
-if [ ! -f models/edgesd-tiny/unet/model.onnx ]; then
-  .venv/bin/python -m edgesd.models.placeholder
-fi

@@ -1,11 +1,12 @@
 """Prompt adherence of a shapes model on held-out captions, by pixel analysis.
 
-    .venv/bin/python bench/eval_adherence.py MODEL [--pytorch DIFFUSERS_DIR] [--steps 20] [--guidance 7.5]
+    .venv/bin/python bench/eval_adherence.py [MODEL ...] [--pytorch DIFFUSERS_DIR] [--guidance G[,G...]]
 
-MODEL is an edgesd model folder (the ONNX export); --pytorch also scores the diffusers
-folder it came from, with diffusers on PyTorch. Prompts: every held-out (colour,
-shape, background) combination at every position, one seed each. Prints a table
-and writes JSON next to the model (or to --json).
+MODEL: edgesd model folders (default: the embedded model), each scored and labelled by its
+recipe; --pytorch also scores the diffusers folder they came from, with diffusers on
+PyTorch. Prompts: every held-out (colour, shape, background) combination at every position,
+one seed each (100 prompts). Steps and guidance default to the first model's own defaults;
+several guidance values give a sweep. Prints a table and writes JSON (--json).
 """
 
 from __future__ import annotations
@@ -45,43 +46,57 @@ def generate_diffusers(folder: Path, prompts: list[str], steps: int, guidance: f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, nargs="?", help="edgesd model folder (default: the embedded model)")
-    parser.add_argument("--pytorch", type=Path, help="the diffusers folder the model was exported from")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("models", type=Path, nargs="*", help="edgesd model folders (default: the embedded model)")
+    parser.add_argument("--pytorch", type=Path, help="the diffusers folder the models were exported from")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", help="guidance scale, or several separated by commas (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="where to write the scores")
-    parser.add_argument("--save-grid", type=Path, help="write a PNG grid of the first 40 pictures")
+    parser.add_argument("--save-grid", type=Path, help="write a PNG grid of the first model's first 40 pictures")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.model is None:
-        from edgesd.models_path import default_model_path
+    import edgesd
+    from edgesd.model import ModelFolder
+    from edgesd.models_path import default_model_path
 
-        args.model = default_model_path()
+    models = args.models or [default_model_path()]
+    first = ModelFolder.open(models[0])
+    steps = args.steps or first.defaults.num_inference_steps
+    guidances = [float(g) for g in args.guidance.split(",")] if args.guidance else [first.defaults.guidance_scale]
     items = held_out_prompts()
     prompts, scenes = [p for p, _ in items], [s for _, s in items]
-    results = {"prompts": len(prompts), "held_out_combos": len(shapes.held_out_combos()), "steps": args.steps,
-               "guidance": args.guidance, "chance": {k: round(100 * v, 1) for k, v in CHANCE.items()}}
-    images = generate_edgesd(args.model, prompts, args.steps, args.guidance, args.seed)
-    results["edgesd_onnx_fp32"] = score(images, scenes)
-    if args.save_grid:
-        from PIL import Image
+    results = {"prompts": len(prompts), "held_out_combos": len(shapes.held_out_combos()), "steps": steps,
+               "chance": {k: round(100 * v, 1) for k, v in CHANCE.items()}, "scores": []}
+    rows = [("chance", "", results["chance"])]
+    for guidance in guidances:
+        for folder in models:
+            recipes = {g.get("precision") for g in (ModelFolder.open(folder).manifest or {}).get("graphs", {}).values()}
+            label = f"edgesd onnx {'/'.join(sorted(recipes)) or 'fp32'} ({folder.name})"
+            images = generate_edgesd(folder, prompts, steps, guidance, args.seed)
+            rows.append((label, guidance, score(images, scenes)))
+            if args.save_grid and folder == models[0] and guidance == guidances[0]:
+                _save_grid(images[:40], args.save_grid)
+        if args.pytorch:
+            images = generate_diffusers(args.pytorch, prompts, steps, guidance, args.seed)
+            rows.append(("diffusers pytorch fp32", guidance, score(images, scenes)))
+    results["scores"] = [{"model": m, "guidance": g, **r} for m, g, r in rows[1:]]
+    results["edgesd_version"] = edgesd.__version__
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{steps} steps, {len(prompts)} held-out prompts")
+    print(f"{'':<44}{'guidance':>9}{'background':>11}{'colour':>8}{'shape':>7}{'position':>9}")
+    for name, g, r in rows:
+        print(f"{name:<44}{g!s:>9}{r['background']:>11}{r['color']:>8}{r['shape']:>7}{r['position']:>9}")
 
-        side = images[0].size[0]
-        grid = Image.new("RGB", (side * 10, side * 4))
-        for i, image in enumerate(images[:40]):
-            grid.paste(image, ((i % 10) * side, (i // 10) * side))
-        grid.save(args.save_grid)
-    if args.pytorch:
-        results["pytorch_fp32"] = score(generate_diffusers(args.pytorch, prompts, args.steps, args.guidance,
-                                                           args.seed), scenes)
-    target = args.json or (args.model / "adherence.json")
-    target.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'':<20}{'background':>11}{'colour':>8}{'shape':>7}{'position':>9}")
-    for name in ("chance", "pytorch_fp32", "edgesd_onnx_fp32"):
-        if name in results:
-            r = results[name]
-            print(f"{name:<20}{r['background']:>11}{r['color']:>8}{r['shape']:>7}{r['position']:>9}")
+
+def _save_grid(images, path: Path) -> None:
+    from PIL import Image
+
+    side = images[0].size[0]
+    grid = Image.new("RGB", (side * 10, side * ((len(images) + 9) // 10)))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % 10) * side, (i // 10) * side))
+    grid.save(path)
 
 
 if __name__ == "__main__":

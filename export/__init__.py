@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Callable
 
 from edgesd.errors import EdgesdError
-from edgesd.model import GRAPH_FILE, constants_from_configs, write_manifest
+from edgesd.model import GRAPH_FILE, GenerationDefaults, constants_from_configs, write_manifest
 from edgesd.tokenizer import ClipTokenizer
 
-from .parity import FP32_MIN_PSNR_DB, ParityResult
+from .parity import ParityResult
+from .recipes import MIN_PSNR_DB, RECIPES, Recipe
 
 # Spatial size of the random inputs used for parity checks (latent pixels); small keeps it quick.
 PARITY_LATENT_SIZE = 16
@@ -31,7 +32,17 @@ STAGES = ("load", "text_encoder", "unet", "vae_decoder", "vae_encoder", "finish"
 class ExportOptions:
     overwrite: bool = False
     with_vae_encoder: bool = True
-    parity_threshold_db: float = FP32_MIN_PSNR_DB
+    recipe: Recipe = "fp32"
+    parity_threshold_db: float | None = None  # None: the recipe's MIN_PSNR_DB
+    defaults: GenerationDefaults | None = None  # the model's own default steps / guidance, if it has them
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise EdgesdError(f"unknown recipe '{self.recipe}'", f"choose one of: {', '.join(RECIPES)}")
+
+    @property
+    def threshold_db(self) -> float:
+        return MIN_PSNR_DB[self.recipe] if self.parity_threshold_db is None else self.parity_threshold_db
 
 
 @dataclass
@@ -83,20 +94,21 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         constants = constants_from_configs(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"])
         tokenizer = ClipTokenizer.from_folder(src / "tokenizer")
         latent = max(PARITY_LATENT_SIZE, constants.latent_size_multiple)
-        threshold = options.parity_threshold_db
+        threshold, recipe = options.threshold_db, options.recipe
 
         parity: list[ParityResult] = []
         stage("text_encoder")
-        parity += export_text_encoder(model.text_encoder, tmp / "text_encoder", tokenizer.max_length, threshold)
+        parity += export_text_encoder(model.text_encoder, tmp / "text_encoder", tokenizer.max_length, recipe,
+                                      threshold)
         stage("unet")
-        parity += export_unet(model.unet, tmp / "unet", latent, tokenizer.max_length, threshold)
+        parity += export_unet(model.unet, tmp / "unet", latent, tokenizer.max_length, recipe, threshold)
         del model.unet
         stage("vae_decoder")
-        parity += export_vae_decoder(model.vae, tmp / "vae_decoder", latent, threshold)
+        parity += export_vae_decoder(model.vae, tmp / "vae_decoder", latent, recipe, threshold)
         if options.with_vae_encoder:
             stage("vae_encoder")
             parity += export_vae_encoder(model.vae, tmp / "vae_encoder", latent * constants.vae_scale_factor,
-                                         threshold)
+                                         recipe, threshold)
         stage("finish")
         report = ExportReport(out, parity, time.perf_counter() - started)
         if not report.passed:
@@ -104,10 +116,10 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             raise ExportParityError(report, f"parity check failed: {failed} (need >= {threshold} dB)")
         _write_side_files(src, tmp, tokenizer, cfg)
         graphs = {
-            r.component: {"file": f"{r.component}/{GRAPH_FILE}", "precision": "fp32"} for r in parity
+            r.component: {"file": f"{r.component}/{GRAPH_FILE}", "precision": recipe} for r in parity
         }
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
-        write_manifest(tmp, constants, graphs, source)
+        write_manifest(tmp, constants, graphs, source, options.defaults)
         (tmp / "parity.json").write_text(json.dumps({r.component + "." + r.output: r.to_json() for r in parity},
                                                     indent=2) + "\n")
         if out.exists():

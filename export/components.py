@@ -16,6 +16,7 @@ from edgesd.backends.onnxruntime_backend import OrtGraph
 from edgesd.graphs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec
 
 from .parity import ParityResult, compare
+from .recipes import Recipe, apply_recipe
 
 OPSET = 17
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -63,7 +64,19 @@ class _VaeEncoder(torch.nn.Module):
         return self.vae.quant_conv(h) if self.vae.quant_conv is not None else h
 
 
-def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path) -> Path:
+def save_graph(proto, path: Path) -> None:
+    """Save an ONNX model; weights over EXTERNAL_DATA_THRESHOLD go to one file beside it."""
+    import onnx
+
+    data = path.parent / EXTERNAL_DATA_FILE
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    big = sum(len(t.raw_data) for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+
+
+def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, recipe: Recipe) -> Path:
+    """Trace `module` to out_dir/model.onnx, then apply the precision recipe."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -79,13 +92,11 @@ def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
     if trace_to != path:  # gather the exporter's per-tensor files into one data file
         import onnx
 
-        proto = onnx.load(str(trace_to), load_external_data=True)
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
-        del proto
+        save_graph(onnx.load(str(trace_to), load_external_data=True), path)
         import shutil
 
         shutil.rmtree(trace_to.parent)
+    apply_recipe(path, recipe)
     return path
 
 
@@ -103,43 +114,47 @@ def _torch_outputs(module, args, spec: GraphSpec) -> dict[str, np.ndarray]:
     return {name: t.numpy() for name, t in zip(spec.output_names, out)}
 
 
-def export_text_encoder(model, out_dir: Path, max_length: int, threshold_db: float) -> list[ParityResult]:
+def export_text_encoder(model, out_dir: Path, max_length: int, recipe: Recipe,
+                        threshold_db: float) -> list[ParityResult]:
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, max_length), generator=gen, dtype=torch.int64)
     ids[:, 0], ids[:, -1] = model.config.bos_token_id, model.config.eos_token_id
     module = _TextEncoder(model).eval()
-    path = _write_graph(module, (ids[:1],), TEXT_ENCODER, out_dir)
+    path = _write_graph(module, (ids[:1],), TEXT_ENCODER, out_dir, recipe)
     ref = _torch_outputs(module, (ids,), TEXT_ENCODER)
     return _parity(path, TEXT_ENCODER, ref, {"input_ids": ids.numpy()}, threshold_db)
 
 
-def export_unet(model, out_dir: Path, latent_size: int, context_len: int, threshold_db: float) -> list[ParityResult]:
+def export_unet(model, out_dir: Path, latent_size: int, context_len: int, recipe: Recipe,
+                threshold_db: float) -> list[ParityResult]:
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
     sample = torch.randn(2, cfg.in_channels, latent_size, latent_size, generator=gen)
     timestep = torch.tensor([981.0, 1.0])
     context = torch.randn(2, context_len, cfg.cross_attention_dim, generator=gen)
     module = _Unet(model).eval()
-    path = _write_graph(module, (sample, timestep, context), UNET, out_dir)
+    path = _write_graph(module, (sample, timestep, context), UNET, out_dir, recipe)
     ref = _torch_outputs(module, (sample, timestep, context), UNET)
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy()}
     return _parity(path, UNET, ref, feeds, threshold_db)
 
 
-def export_vae_decoder(vae, out_dir: Path, latent_size: int, threshold_db: float) -> list[ParityResult]:
+def export_vae_decoder(vae, out_dir: Path, latent_size: int, recipe: Recipe,
+                       threshold_db: float) -> list[ParityResult]:
     gen = torch.Generator().manual_seed(2)
     latents = torch.randn(1, vae.config.latent_channels, latent_size, latent_size, generator=gen)
     module = _VaeDecoder(vae).eval()
-    path = _write_graph(module, (latents,), VAE_DECODER, out_dir)
+    path = _write_graph(module, (latents,), VAE_DECODER, out_dir, recipe)
     ref = _torch_outputs(module, (latents,), VAE_DECODER)
     return _parity(path, VAE_DECODER, ref, {"latent_sample": latents.numpy()}, threshold_db)
 
 
-def export_vae_encoder(vae, out_dir: Path, image_size: int, threshold_db: float) -> list[ParityResult]:
+def export_vae_encoder(vae, out_dir: Path, image_size: int, recipe: Recipe,
+                       threshold_db: float) -> list[ParityResult]:
     gen = torch.Generator().manual_seed(3)
     image = torch.rand(1, 3, image_size, image_size, generator=gen) * 2 - 1
     module = _VaeEncoder(vae).eval()
-    path = _write_graph(module, (image,), VAE_ENCODER, out_dir)
+    path = _write_graph(module, (image,), VAE_ENCODER, out_dir, recipe)
     ref = _torch_outputs(module, (image,), VAE_ENCODER)
     return _parity(path, VAE_ENCODER, ref, {"sample": image.numpy()}, threshold_db)

@@ -39,7 +39,12 @@ def main():
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-vae-encoder", is_flag=True, help="Skip the VAE encoder (only img2img needs it).")
-def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool):
+@click.option("--recipe", default="fp32", show_default=True,
+              help="Precision: fp32, or fp16 (weights stored in half precision, computed in fp32).")
+@click.option("--default-steps", type=int, default=None, help="Record the model's own default step count.")
+@click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
+def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, default_steps: int | None,
+           default_guidance: float | None):
     """Export the diffusers-layout SD folder SRC to ONNX graphs in OUT."""
     try:
         from edgesd.export import STAGES, ExportOptions, ExportParityError, export_model
@@ -47,7 +52,19 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool):
         raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
                           "pip install 'edgesd[export]' -c constraints.txt") from None
     stages = [s for s in STAGES if not (no_vae_encoder and s == "vae_encoder")]
-    options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder)
+    from .model import GenerationDefaults
+
+    defaults = None
+    if default_steps is not None or default_guidance is not None:
+        if default_steps is not None and default_steps < 1:
+            raise EdgesdError(f"--default-steps must be >= 1, got {default_steps}")
+        if default_guidance is not None and default_guidance < 0:
+            raise EdgesdError(f"--default-guidance must be >= 0, got {default_guidance}")
+        base = GenerationDefaults()
+        defaults = GenerationDefaults(default_steps or base.num_inference_steps,
+                                      base.guidance_scale if default_guidance is None else default_guidance)
+    options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder, recipe=recipe,
+                            defaults=defaults)
     with click.progressbar(length=len(stages), label="export", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:
         def on_stage(name: str) -> None:
@@ -85,8 +102,9 @@ def _scheduler_choice(value: str | None):
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder (default: the embedded model).")
 @click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps.")
-@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--steps", default=None, type=int, help="Denoising steps (default: the model's, usually 20).")
+@click.option("--guidance", default=None, type=float,
+              help="Classifier-free guidance scale (default: the model's, usually 7.5).")
 @click.option("--seed", default=None, type=int, help="Random seed (default: random, printed).")
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
@@ -121,12 +139,8 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
 
     choice = _scheduler_choice(scheduler)
     pipe = Pipeline.load(model_dir, provider=provider)
-    from .models_path import is_placeholder
-
-    if is_placeholder(pipe.folder.root):
-        click.echo("note: this model has RANDOM weights (a stand-in until the trained default model ships); "
-                   "expect noise, not the prompt", err=True)
-    with click.progressbar(length=steps, label="denoising", file=sys.stderr) as bar:
+    bar_length = steps or pipe.defaults.num_inference_steps
+    with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
         def on_step(i: int, n: int) -> None:
             bar.length = n  # PLMS evaluates the U-Net steps + 1 times
             bar.update(1)

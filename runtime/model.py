@@ -41,6 +41,14 @@ class ModelConstants:
         return self.vae_scale_factor * self.latent_size_multiple
 
 
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """A model's own defaults, for models trained to work best away from SD's 20 steps / guidance 7.5."""
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+
+
 def constants_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dict) -> ModelConstants:
     """The model constants from diffusers/transformers component configs (exporter and runtime both use this)."""
     sample_size = unet.get("sample_size", 64)
@@ -76,6 +84,7 @@ class ModelFolder:
     constants: ModelConstants
     scheduler_config: dict
     manifest: dict | None  # None for folders edgesd did not write
+    defaults: GenerationDefaults = GenerationDefaults()
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelFolder":
@@ -107,7 +116,13 @@ class ModelFolder:
                 read_json(root / "text_encoder" / "config.json", "text encoder"),
                 scheduler,
             )
-        return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest)
+        defaults = GenerationDefaults()
+        if manifest is not None and "defaults" in manifest:
+            try:
+                defaults = GenerationDefaults(**manifest["defaults"])
+            except TypeError as e:
+                raise EdgesdError(f"{root / MANIFEST} has unreadable defaults ({e})", "re-export the model") from None
+        return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest, defaults=defaults)
 
     def graph_path(self, component: str) -> Path:
         return self.root / component / GRAPH_FILE
@@ -116,7 +131,8 @@ class ModelFolder:
         return self.graph_path(component).is_file()
 
 
-def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict], source: dict) -> None:
+def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict], source: dict,
+                   defaults: GenerationDefaults | None = None) -> None:
     """Write edgesd.json: the graphs (as described in graphs.py plus precision and file), constants, source."""
     manifest = {
         "format_version": MANIFEST_VERSION,
@@ -126,4 +142,6 @@ def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict
             name: {**GRAPHS[name].to_json(), **extra} for name, extra in graphs.items()
         },
     }
+    if defaults is not None:
+        manifest["defaults"] = asdict(defaults)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

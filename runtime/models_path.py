@@ -8,8 +8,6 @@ from pathlib import Path
 from .errors import EdgesdError
 
 DEFAULT_MODEL_NAME = "edgesd-tiny"
-# A file in the model folder saying its weights are random (the stand-in before the trained model).
-PLACEHOLDER_MARKER = "RANDOM_WEIGHTS"
 
 
 def default_model_path() -> Path:
@@ -17,11 +15,7 @@ def default_model_path() -> Path:
     if not (path / "unet" / "model.onnx").is_file():
         raise EdgesdError(
             "no embedded default model is installed",
-            "pass --model DIR (a folder from `edgesd export`), or build the stand-in with "
-            "`python -m edgesd.models.placeholder`",
+            "reinstall edgesd (the wheel carries models/edgesd-tiny), or pass --model DIR",
         )
     return path
 
-
-def is_placeholder(path: Path) -> bool:
-    return (Path(path) / PLACEHOLDER_MARKER).is_file()

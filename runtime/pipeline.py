@@ -89,6 +89,11 @@ class Pipeline:
     def constants(self):
         return self.folder.constants
 
+    @property
+    def defaults(self):
+        """The model's default steps and guidance scale (GenerationDefaults)."""
+        return self.folder.defaults
+
     # --- the stages -------------------------------------------------------------------------
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
@@ -114,8 +119,8 @@ class Pipeline:
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         seed: int | None = None,
@@ -131,11 +136,16 @@ class Pipeline:
         `latents`: initial standard-normal noise (N, C, H/f, W/f), scaled by the
         scheduler's initial sigma exactly as diffusers does. `noise`: the source of
         fresh noise for ancestral samplers (default: a generator seeded by `seed`).
+        `num_inference_steps` / `guidance_scale` default to the model's own defaults (20 / 7.5
+        unless its manifest says otherwise; `Pipeline.defaults`).
         `eta`: DDIM's noise level (0 deterministic, 1 DDPM-like); other samplers ignore it, as in diffusers.
         """
         started = time.perf_counter()
         self._seconds, self._calls = {}, {}
-        req = self._request(prompt, negative_prompt, num_inference_steps, guidance_scale, width, height,
+        defaults = self.defaults
+        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        req = self._request(prompt, negative_prompt, steps, guidance, width, height,
                             seed, num_images_per_prompt, eta)
         sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
         rng = np.random.default_rng(req.seed)

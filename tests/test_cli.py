@@ -137,16 +137,14 @@ def test_bad_export_sources(tiny_src, tmp_path):
 
 
 def test_generate_with_the_default_model(tmp_path):
-    """No --model: the embedded model (until the trained one ships, a random stand-in that says so)."""
-    from edgesd import models
-    from edgesd.models_path import DEFAULT_MODEL_NAME, PLACEHOLDER_MARKER
+    """No --model: the embedded trained model draws the prompt, with its own default steps and guidance."""
+    from PIL import Image
 
-    folder = Path(models.__file__).parent / DEFAULT_MODEL_NAME
-    proc = edgesd("generate", "a red circle on a blue background", "--steps", 2, "-o", tmp_path / "d.png")
-    if not (folder / "unet" / "model.onnx").is_file():
-        assert_clean_error(proc, "no embedded default model", "edgesd.models.placeholder")
-        return
+    from edgesd.models.adherence import read_picture
+
+    proc = edgesd("generate", "a red circle on a blue background", "--seed", 3, "-o", tmp_path / "d.png")
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "d.png").is_file()
-    if (folder / PLACEHOLDER_MARKER).is_file():
-        assert "RANDOM weights" in proc.stderr
+    image = Image.open(tmp_path / "d.png")
+    reading = read_picture(image.convert("RGB"))
+    assert (reading.background, reading.color, reading.shape) == ("blue", "red", "circle")
+    assert "Steps: 20" in image.text["parameters"] and "CFG scale: 1.5" in image.text["parameters"]
