@@ -61,6 +61,16 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
+    "KDPM2DiscreteScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "beta_start": 0.00085, "beta_end": 0.012},
+        {"use_beta_sigmas": False},
+    ),
+    "KDPM2AncestralDiscreteScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "beta_start": 0.00085, "beta_end": 0.012},
+        {"use_beta_sigmas": False},
+    ),
     "UniPCMultistepScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
          "final_sigmas_type": "zero", "lower_order_final": True, **_THRESHOLDING},
@@ -114,6 +124,11 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "lms": ("LMSDiscreteScheduler", {}, "linear multistep, order 4"),
     "lms-karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}, "linear multistep with Karras sigmas"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC, order 2 predictor-corrector"),
+    "dpm2": ("KDPM2DiscreteScheduler", {}, "DPM2, second order (2 U-Net calls per step)"),
+    "dpm2-karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "DPM2 with Karras sigmas"),
+    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 ancestral (fresh noise each step)"),
+    "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True},
+                      "DPM2 ancestral with Karras sigmas"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -124,6 +139,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
                "LMS": "lms", "LMS Karras": "lms-karras", "UniPC": "unipc",
+               "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
@@ -131,6 +147,7 @@ _CLASS_TO_NAME = {
     "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
+    "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2-a",
 }
 
 
@@ -152,7 +169,8 @@ class SchedulerConfig:
     def is_sigma_space(self) -> bool:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                   "UniPCMultistepScheduler")
+                                   "UniPCMultistepScheduler", "KDPM2DiscreteScheduler",
+                                   "KDPM2AncestralDiscreteScheduler")
 
     @property
     def name(self) -> str:
@@ -278,7 +296,7 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     """Timesteps and sigmas for the sigma-space samplers, equal to diffusers' set_timesteps."""
     ac = alphas_cumprod(c)
     T = c["num_train_timesteps"]
-    train_sigmas = ((1 - ac) / ac) ** 0.5  # float32, as diffusers
+    train_sigmas = np.sqrt((1 - ac) / ac)  # float32, as diffusers (torch computes pow 0.5 as sqrt)
     log_sigmas = np.log(train_sigmas)
     spacing = c["timestep_spacing"]
     dpm = c.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")  # same schedule
@@ -307,6 +325,8 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
         t = sigma_to_t(sigmas, log_sigmas)
         if dpm:  # integer timesteps: Karras ones rounded, the others truncated (as diffusers casts them)
             t = t.round() if karras else np.trunc(t)
+        elif karras and c.class_name.startswith("KDPM2"):
+            t = t.round()
     else:
         sigmas = np.interp(t, np.arange(T), train_sigmas)
     final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.config.get("final_sigmas_type") == "sigma_min" else 0.0
@@ -319,7 +339,22 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
         init = max_sigma
     else:
         init = float(np.sqrt(max_sigma**2 + 1))
+    if c.class_name.startswith("KDPM2"):
+        return _with_midpoints(c, SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init), log_sigmas)
     return SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init)
+
+
+def _with_midpoints(c: SchedulerConfig, s: SigmaSchedule, log_sigmas: np.ndarray) -> SigmaSchedule:
+    """DPM2's second evaluation points: halfway in log sigma to the next sigma (ancestral: to sigma_down)."""
+    from .sampling import ancestral_step
+
+    here, ahead = s.sigmas[:-1].astype(np.float32), s.sigmas[1:].astype(np.float32)
+    if c.class_name == "KDPM2AncestralDiscreteScheduler":
+        ahead = np.array([ancestral_step(a, b)[0] for a, b in zip(here, ahead)], dtype=np.float32)
+    with np.errstate(divide="ignore"):
+        mid = np.exp((np.log(here) + np.log(ahead)) / 2).astype(np.float32)  # 0 where the target is 0
+    mid_t = sigma_to_t(mid, log_sigmas).astype(np.float32)
+    return SigmaSchedule(s.timesteps, s.sigmas, s.init_noise_sigma, mid_sigmas=mid, mid_timesteps=mid_t)
 
 
 def alpha_schedule(c: SchedulerConfig, n: int) -> AlphaSchedule:

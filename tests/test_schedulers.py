@@ -23,7 +23,9 @@ NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMSchedule
          "euler-a": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
          "lms": "LMSDiscreteScheduler", "lms-karras": "LMSDiscreteScheduler",
          "dpm++2m": "DPMSolverMultistepScheduler",
-         "dpm++2m-karras": "DPMSolverMultistepScheduler"}
+         "dpm++2m-karras": "DPMSolverMultistepScheduler",
+         "dpm2": "KDPM2DiscreteScheduler", "dpm2-karras": "KDPM2DiscreteScheduler",
+         "dpm2-a": "KDPM2AncestralDiscreteScheduler", "dpm2-a-karras": "KDPM2AncestralDiscreteScheduler"}
 STEPS = [1, 2, 4, 20, 50]
 SPACINGS = ["leading", "linspace", "trailing"]
 
@@ -55,10 +57,12 @@ def test_schedule_equals_diffusers(name, spacing, steps):
         if name == "heun":  # diffusers lists the second-order evaluations as repeated entries
             ref_t = np.concatenate([ref_t[:1], ref_t[1::2]])
             ref_s = np.concatenate([ref_s[:1], ref_s[1:-1:2], ref_s[-1:]])
+        if name.startswith("dpm2"):  # timesteps interleave the midpoints; sigmas repeat
+            ref_t, ref_s = ref_t[0::2], ref_s[0::2]
         s = sigma_schedule(ours, steps)
         np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-4)
         np.testing.assert_allclose(s.sigmas, ref_s, rtol=1e-6)
-        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm", "unipc")) else
+        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++", "unipc")) else
                                    float(np.sqrt(ref.sigmas[0] ** 2 + 1)), rtol=1e-5)
     else:
         a = alpha_schedule(ours, steps)
@@ -67,9 +71,9 @@ def test_schedule_equals_diffusers(name, spacing, steps):
 
 
 # diffusers' PNDM combines raw v-predictions across steps before converting them, so it is checked
-# with epsilon only; EulerAncestral has no "sample" prediction in diffusers.
+# with epsilon only; EulerAncestral and DPM2 have no "sample" prediction in diffusers.
 PREDICTIONS = [(n, p) for n in NAMES for p in ("epsilon", "v_prediction", "sample")
-               if not (n == "pndm" and p != "epsilon") and not (n == "euler-a" and p == "sample")]
+               if not (n == "pndm" and p != "epsilon") and not (n.startswith(("euler-a", "dpm2")) and p == "sample")]
 
 
 def _both_loops(name, config, steps, prediction="epsilon", eta=0.0):
@@ -109,7 +113,12 @@ def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
     """The whole loop with the stand-in model: ours (NumPy) vs diffusers' scheduler (torch), same noise."""
     config = {**SD, "timestep_spacing": spacing, "prediction_type": prediction}
     got, expected, scale = _both_loops(name, config, steps, prediction)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+    tolerance = 1e-5
+    if name.startswith("dpm2-a") and spacing == "linspace" and steps == 2:
+        # From sigma_max (14.6) to sigma_min (0.029), sigma_down = sqrt(s1^2 - s_up^2) cancels to 2e-4 of s1
+        # in float32: torch's float32 sqrt, one ulp off numpy's in 19% of the training sigmas, moves it by 2%.
+        tolerance = 3e-3
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=tolerance * scale)
 
 
 @pytest.mark.parametrize("steps", [2, 4, 20])
@@ -137,7 +146,7 @@ def test_clipping_thresholding_and_eta_equal_diffusers(name, extra, eta, steps):
     ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "solver_order=3 is not supported"),
     ({"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"_class_name": "PNDMScheduler", "skip_prk_steps": False}, "skip_prk_steps=False"),
-    ({"_class_name": "KDPM2DiscreteScheduler"}, "KDPM2DiscreteScheduler"),
+    ({"_class_name": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler"),
 ])
 def test_unsupported_configs_are_named(config, needle):
     with pytest.raises(EdgesdError, match=needle):
