@@ -88,6 +88,19 @@ def _print_parity(results) -> None:
                    f"{r.threshold_db:>8.1f}  {'ok' if r.passed else 'FAIL'}")
 
 
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise EdgesdError(f"image '{path}' does not exist", "pass the path of a picture file")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise EdgesdError(f"image '{path}' cannot be read ({e.__class__.__name__})",
+                          "pass a PNG, JPEG or another picture Pillow reads") from None
+
+
 def _scheduler_choice(value: str | None):
     """A short name, or a path to a diffusers scheduler_config.json."""
     if value is None or not value.endswith(".json"):
@@ -110,12 +123,16 @@ def _scheduler_choice(value: str | None):
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
 @click.option("--scheduler", default=None, help="Sampler name, 'list', or a scheduler_config.json.")
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM noise level, 0 to 1.")
+@click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
+              help="img2img: start from this picture (PNG, JPEG, ...).")
+@click.option("--strength", default=0.8, show_default=True, type=float,
+              help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the picture.")
 @click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider.")
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, eta, provider, count,
-             output):
+def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, eta, image_path, strength,
+             provider, count, output):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -138,6 +155,7 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
     from .pipeline import Pipeline
 
     choice = _scheduler_choice(scheduler)
+    image = _open_image(image_path) if image_path is not None else None
     pipe = Pipeline.load(model_dir, provider=provider)
     bar_length = steps or pipe.defaults.num_inference_steps
     with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
@@ -147,7 +165,7 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
 
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
-                      callback=on_step, eta=eta)
+                      callback=on_step, eta=eta, image=image, strength=strength)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .errors import EdgesdError
 from .schedulers import A1111_NAMES
 
 
@@ -17,6 +18,20 @@ def to_pil(decoded: np.ndarray) -> list[Image.Image]:
     pixels = np.clip(decoded / 2 + 0.5, 0.0, 1.0)
     pixels = (pixels.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)  # (N, H, W, 3)
     return [Image.fromarray(p) for p in pixels]
+
+
+def from_pil(image, width: int, height: int) -> np.ndarray:
+    """A PIL image or (H, W, 3) uint8 array -> (1, 3, height, width) float32 in [-1, 1], resized if needed."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+            raise EdgesdError(f"image array has shape {image.shape} and dtype {image.dtype}",
+                              "pass an (H, W, 3) uint8 array or a PIL image")
+        image = Image.fromarray(image[..., :3])
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return pixels.transpose(2, 0, 1)[None].copy()
 
 
 def parameters_text(params: dict) -> str:
@@ -28,6 +43,7 @@ def parameters_text(params: dict) -> str:
     lines.append(
         f"Steps: {params['steps']}, Sampler: {sampler}, CFG scale: {params['guidance_scale']}, "
         f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params['model']}"
+        + (f", Denoising strength: {params['strength']}" if "strength" in params else "")
     )
     return "\n".join(lines)
 

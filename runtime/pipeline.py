@@ -17,7 +17,7 @@ from .backends.onnxruntime_backend import resolve_provider
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .graphs import GRAPHS
-from .images import to_pil
+from .images import from_pil, to_pil
 from .model import ModelFolder
 from .models_path import default_model_path
 from .schedulers import SchedulerConfig, alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
@@ -105,6 +105,19 @@ class Pipeline:
         feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": context}
         return self._run("unet", feeds)["out_sample"]
 
+    def encode_image(self, image: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+        """A picture -> scaled latents (1, C, H/f, W/f): the VAE posterior's mean (diffusers samples it)."""
+        if "vae_encoder" not in self.graphs:
+            if not self.folder.has("vae_encoder"):
+                raise EdgesdError(f"model '{self.folder.root}' has no vae_encoder, which img2img needs",
+                                  "re-export the model without --no-vae-encoder")
+            self.graphs["vae_encoder"] = load_graph(self.folder.graph_path("vae_encoder"), GRAPHS["vae_encoder"],
+                                                    self.provider, None)
+        pixels = from_pil(image, width, height)  # (1, 3, H, W) in [-1, 1]
+        moments = self._run("vae_encoder", {"sample": pixels})["latent_parameters"]  # (1, 2C, h, w)
+        mean = moments[:, : moments.shape[1] // 2]
+        return (mean * self.constants.vae_scaling_factor).astype(np.float32)
+
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """Latents (N, C, h, w) -> images, one VAE call per image to bound peak memory."""
         images = []
@@ -130,6 +143,8 @@ class Pipeline:
         callback: ProgressCallback | None = None,
         noise: sampling.NoiseFn | None = None,
         eta: float = 0.0,
+        image: Image.Image | np.ndarray | None = None,
+        strength: float = 0.8,
     ) -> GenerationResult:
         """Generate images; arguments follow diffusers' StableDiffusionPipeline.
 
@@ -139,14 +154,31 @@ class Pipeline:
         `num_inference_steps` / `guidance_scale` default to the model's own defaults (20 / 7.5
         unless its manifest says otherwise; `Pipeline.defaults`).
         `eta`: DDIM's noise level (0 deterministic, 1 DDPM-like); other samplers ignore it, as in diffusers.
+        `image` (img2img): a starting picture, resized to width x height (default: its own size); it is
+        noised to the point `strength` of the schedule (1: pure noise) and only the remaining
+        int(steps * strength) steps run, as in diffusers' StableDiffusionImg2ImgPipeline.
         """
         started = time.perf_counter()
         self._seconds, self._calls = {}, {}
         defaults = self.defaults
         steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        if image is not None:
+            if not isinstance(image, (Image.Image, np.ndarray)):
+                raise EdgesdError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+            native = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+            width, height = width or native[0], height or native[1]
+            if not 0.0 < strength <= 1.0:
+                raise EdgesdError(f"strength must be in (0, 1], got {strength}", "use e.g. 0.75")
         req = self._request(prompt, negative_prompt, steps, guidance, width, height,
                             seed, num_images_per_prompt, eta)
+        start, x0 = 0, None
+        if image is not None:
+            start = strength_start(req.steps, strength)
+            if start >= req.steps:
+                raise EdgesdError(f"strength {strength} with {req.steps} steps leaves no step to run",
+                                  f"raise strength to at least {1 / req.steps:.2f} or take more steps")
+            x0 = np.repeat(self.encode_image(image, req.width, req.height), req.batch, 0)
         sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
         rng = np.random.default_rng(req.seed)
         x = self._initial_latents(req, latents, rng)
@@ -158,7 +190,7 @@ class Pipeline:
             alphas_cumprod=alphas_cumprod(sched),
         )
         noise = noise or (lambda shape: rng.standard_normal(shape, dtype=np.float32))
-        x = _run_sampler(sched, denoiser, x, req.steps, noise, _checked(callback), eta)
+        x = _run_sampler(sched, denoiser, x, req.steps, noise, _checked(callback), eta, start, x0)
         images = self.decode(x)
         params = {
             "prompt": req.prompts[0] if len(req.prompts) == 1 else req.prompts,
@@ -167,6 +199,8 @@ class Pipeline:
             "seed": req.seed, "width": req.width, "height": req.height,
             "model": self.folder.root.name, "provider": self.provider,
         }
+        if image is not None:
+            params["strength"] = strength
         limit = self.tokenizer.max_length - 2
         warnings = [f"prompt cut to its first {limit} tokens ({n} given): {text[:40]!r}..."
                     for text in dict.fromkeys(req.prompts + req.negative_prompts)
@@ -252,13 +286,25 @@ def _x0_limit(sched: SchedulerConfig) -> sampling.LimitFn | None:
     return None
 
 
+def strength_start(steps: int, strength: float) -> int:
+    """The step img2img starts at for `strength` (1: from pure noise, all steps), as diffusers counts it."""
+    return steps - min(int(steps * strength), steps)
+
+
 def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps: int,
-                 noise: sampling.NoiseFn, callback, eta: float = 0.0) -> np.ndarray:
-    """Scale the initial noise as diffusers does and run the chosen sampler."""
+                 noise: sampling.NoiseFn, callback, eta: float = 0.0, start: int = 0,
+                 x0: np.ndarray | None = None) -> np.ndarray:
+    """Scale the initial noise as diffusers does and run the chosen sampler.
+
+    With `x0` (img2img: the clean latents), noise it to the schedule's step `start` and begin there.
+    """
     limit = _x0_limit(sched)
     if sched.is_sigma_space:
-        s = sigma_schedule(sched, steps)
-        x = noise_x * np.float32(s.init_noise_sigma)
+        s = sampling.starting_at(sigma_schedule(sched, steps), start)
+        if x0 is None:
+            x = noise_x * np.float32(s.init_noise_sigma)
+        else:  # x = x0 + sigma n, in the sigma-space coordinates every sigma sampler here uses
+            x = (x0 + noise_x * s.sigmas[start]).astype(np.float32)
         denoise = d.denoise
         if limit is not None and sched.class_name != "HeunDiscreteScheduler":  # DPM++, UniPC: on x0 itself
             denoise = lambda x_, sigma, t: limit(d.denoise(x_, sigma, t))  # noqa: E731
@@ -279,9 +325,13 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
         if sched.class_name == "HeunDiscreteScheduler":
             return sampling.sample_heun(denoise, x, s, callback, limit)
         return sampling.sample_euler(denoise, x, s, callback)
-    s = alpha_schedule(sched, steps)
+    s = sampling.starting_at(alpha_schedule(sched, steps), start)
+    x = noise_x
+    if x0 is not None:  # q(x_t | x_0) (Ho et al. 2020, Eq. 4)
+        a = float(s.alphas_cumprod[int(s.timesteps[start])])
+        x = (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise_x).astype(np.float32)
     if sched.class_name == "DDIMScheduler":
-        return sampling.sample_ddim(d.eps, noise_x, s, callback, limit, eta, noise)
+        return sampling.sample_ddim(d.eps, x, s, callback, limit, eta, noise)
     if sched.class_name == "DDPMScheduler":
-        return sampling.sample_ddpm(d.eps, noise_x, s, noise, callback, limit)
-    return sampling.sample_plms(d.eps, noise_x, s, callback)
+        return sampling.sample_ddpm(d.eps, x, s, noise, callback, limit)
+    return sampling.sample_plms(d.eps, x, s, callback)

@@ -11,7 +11,7 @@ The network, guidance and prediction-type conversion live in `denoiser.py`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -35,6 +35,7 @@ class SigmaSchedule:
     # DPM2 only: the midpoint of each step in log sigma and its model timestep, (n,)
     mid_sigmas: np.ndarray | None = None
     mid_timesteps: np.ndarray | None = None
+    start: int = 0  # first step to take: > 0 starts part-way (img2img); see starting_at()
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ class AlphaSchedule:
     alphas_cumprod: np.ndarray  # (num_train_timesteps,)
     final_alpha_cumprod: float  # alpha_bar used past t = 0
     step_ratio: int  # num_train_timesteps // num_inference_steps
+    start: int = 0  # first model call: > 0 starts part-way (img2img); see starting_at()
+
+
+def starting_at(s, step: int):
+    """The schedule `s` entered at `step` (img2img's strength): the steps before it are skipped.
+
+    Samplers keep the full arrays, as diffusers' schedulers do with a begin index: multistep samplers
+    start with an empty history, and decisions that depend on the schedule's length stay the same.
+    """
+    return replace(s, start=step)
 
 
 def clip_x0(limit: float) -> LimitFn:
@@ -62,6 +73,7 @@ def dynamic_threshold_x0(ratio: float, max_value: float) -> LimitFn:
 
 
 def _notify(callback: StepCallback | None, i: int, n: int) -> None:
+    """Report model call i (0-based) of n."""
     if callback is not None:
         callback(i + 1, n)
 
@@ -69,11 +81,11 @@ def _notify(callback: StepCallback | None, i: int, n: int) -> None:
 def sample_euler(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
     n = len(s.timesteps)
-    for i in range(n):
+    for i in range(s.start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         d = (x - denoise(x, sigma, s.timesteps[i])) / sigma  # dx/dsigma
         x = x + d * (sigma_next - sigma)
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -90,8 +102,8 @@ def sample_heun(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: S
         return (x_ - x0) / sigma  # dx/dsigma
 
     n = len(s.timesteps)
-    calls, total = 0, 2 * n - 1
-    for i in range(n):
+    calls, total = 0, 2 * (n - s.start) - 1
+    for i in range(s.start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         dt = sigma_next - sigma
         d = d_at(x, sigma, s.timesteps[i])
@@ -128,13 +140,15 @@ def sample_lms(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: St
     """Linear multistep over the derivatives of the last `order` steps (fewer at the start)."""
     n = len(s.timesteps)
     history: list[np.ndarray] = []  # derivatives, oldest first
-    for i in range(n):
+    for i in range(s.start, n):
         sigma = s.sigmas[i]
         d = (x - denoise(x, sigma, s.timesteps[i])) / sigma
         history = (history + [d])[-order:]
-        weights = lms_coefficients(s.sigmas, i, len(history))
+        # As diffusers: the weights' order follows the step index; started part-way, the history is shorter
+        # and only its first len(history) weights apply.
+        weights = lms_coefficients(s.sigmas, i, min(i + 1, order))
         x = x + sum(np.float32(w) * d_ for w, d_ in zip(weights, reversed(history)))
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -150,13 +164,13 @@ def sample_euler_ancestral(
 ):
     """Euler steps to sigma_down, then noise up to the next sigma (k-diffusion's euler_ancestral, eta=1)."""
     n = len(s.timesteps)
-    for i in range(n):
+    for i in range(s.start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         denoised = denoise(x, sigma, s.timesteps[i])
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
         x = x + noise(x.shape).astype(x.dtype) * sigma_up
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -164,19 +178,19 @@ def _dpm_2(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn |
            callback: StepCallback | None):
     """DPM-Solver-2 steps; with `noise`, each step goes to sigma_down and adds fresh noise up to the next sigma."""
     n = len(s.timesteps)
-    total = 2 * n - 1
-    for i in range(n):
+    total = 2 * (n - s.start) - 1
+    for i in range(s.start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next) if noise is not None else (sigma_next, 0.0)
         d = (x - denoise(x, sigma, s.timesteps[i])) / sigma
-        _notify(callback, 2 * i, total)
+        _notify(callback, 2 * (i - s.start), total)
         if i == n - 1:  # the last step is Euler's, to zero
             x = x + d * (0.0 - sigma)
             continue
         sigma_mid = s.mid_sigmas[i]
         x_mid = x + d * (sigma_mid - sigma)
         d_mid = (x_mid - denoise(x_mid, sigma_mid, s.mid_timesteps[i])) / sigma_mid
-        _notify(callback, 2 * i + 1, total)
+        _notify(callback, 2 * (i - s.start) + 1, total)
         x = x + d_mid * (sigma_down - sigma)
         if noise is not None:
             x = x + noise(x.shape).astype(x.dtype) * np.float32(sigma_up)
@@ -205,7 +219,7 @@ def _dpmpp_2m(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseF
     """The DPM-Solver++(2M) loop; the ODE update without `noise`, the SDE update with it."""
     n = len(s.timesteps)
     prev_denoised, h_prev = None, None
-    for i in range(n):
+    for i in range(s.start, n):
         sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
         denoised = denoise(x, sigma, s.timesteps[i])
         z = None if noise is None else noise(x.shape).astype(np.float32)  # drawn every step, as diffusers
@@ -225,7 +239,7 @@ def _dpmpp_2m(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseF
                     + sigma_next * np.sqrt(-np.expm1(-2.0 * h)) * z
             h_prev = h
         prev_denoised = denoised
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -284,9 +298,9 @@ def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: 
     sig = s.sigmas.astype(np.float64)
     outputs: list[np.ndarray] = []  # x0 estimates, oldest first
     x_last, last_order = None, 1
-    for i in range(n):
+    for i in range(s.start, n):
         m = denoise(x, float(sig[i]), s.timesteps[i])
-        if i > 0:  # UniC: redo the last step from x_last using the new estimate m
+        if i > s.start:  # UniC: redo the last step from x_last using the new estimate m
             s0, t = sig[i - 1], sig[i]
             h = np.log(s0) - np.log(t)
             m0 = outputs[-1]
@@ -299,7 +313,7 @@ def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: 
             x = (t / s0) * x_last - np.expm1(-h) * m0 - np.expm1(-h) * (residual + rhos[-1] * (m - m0))
         outputs = (outputs + [m])[-order:]
         this_order = min(order, n - i) if lower_order_final else order
-        this_order = min(this_order, min(i, order) + 1)  # warm-up: first order on the first step
+        this_order = min(this_order, min(i - s.start, order) + 1)  # warm-up: first order on the first step
         x_last, last_order = x, this_order
         # UniP: predictor to the next sigma
         s0, t = sig[i], sig[i + 1]
@@ -313,7 +327,7 @@ def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: 
                 r = (np.log(s0) - np.log(sig[i - 1])) / h
                 x = x - np.expm1(-h) * 0.5 * (outputs[-2] - m0) / r
         x = x.astype(np.float32)
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -335,8 +349,8 @@ def sample_ddim(
     As in diffusers, limiting x0 (clipping, thresholding) leaves the noise direction the model's own estimate.
     """
     n = len(s.timesteps)
-    for i, t in enumerate(s.timesteps):
-        t = int(t)
+    for i in range(s.start, n):
+        t = int(s.timesteps[i])
         a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t - s.step_ratio)
         e = eps(x, t)
         x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
@@ -346,7 +360,7 @@ def sample_ddim(
         x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - std**2) * e
         if eta > 0:
             x = x + std * noise(x.shape).astype(np.float32)
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -363,8 +377,8 @@ def sample_ddpm(
     Each step goes to the next listed timestep (alpha_bar = 1 past the last) and adds noise unless t = 0.
     """
     n = len(s.timesteps)
-    for i, t in enumerate(s.timesteps):
-        t = int(t)
+    for i in range(s.start, n):
+        t = int(s.timesteps[i])
         a_t = _alpha_at(s, t)
         a_prev = _alpha_at(s, int(s.timesteps[i + 1])) if i + 1 < n else 1.0
         e = eps(x, t)
@@ -376,7 +390,7 @@ def sample_ddpm(
         if t > 0:
             variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)  # posterior variance (Eq. 7)
             x = x + np.sqrt(variance) * noise(x.shape).astype(np.float32)
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x
 
 
@@ -398,10 +412,10 @@ def sample_plms(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, callback: StepCallb
     n = len(s.timesteps)
     history: list[np.ndarray] = []
     x_start = x
-    for i, t in enumerate(s.timesteps):
-        t = int(t)
+    for i in range(s.start, n):
+        t = int(s.timesteps[i])
         e = eps(x, t)
-        if i == 1:  # redo the first step with the averaged estimate
+        if i == s.start + 1:  # redo the first step with the averaged estimate
             t_from = t + s.step_ratio
             x = _plms_transfer(s, x_start, t_from, t, (e + history[-1]) / 2)
         else:
@@ -415,5 +429,5 @@ def sample_plms(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, callback: StepCallb
             else:
                 e_hat = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
             x = _plms_transfer(s, x, t, t - s.step_ratio, e_hat)
-        _notify(callback, i, n)
+        _notify(callback, i - s.start, n - s.start)
     return x

@@ -148,3 +148,27 @@ def test_generate_with_the_default_model(tmp_path):
     reading = read_picture(image.convert("RGB"))
     assert (reading.background, reading.color, reading.shape) == ("blue", "red", "circle")
     assert "Steps: 20" in image.text["parameters"] and "CFG scale: 1.5" in image.text["parameters"]
+
+def test_img2img_from_the_command_line(tmp_path):
+    from PIL import Image
+
+    from edgesd.models.adherence import read_picture
+    from edgesd.models.training.shapes import Scene, render
+
+    render(Scene("blue", "red", "circle", "center", "large"), 64).save(tmp_path / "start.png")
+    proc = edgesd("generate", "a large green square in the top left corner on a white background", "--image",
+                  tmp_path / "start.png", "--strength", 0.1, "--seed", 1, "-o", tmp_path / "out.png")
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(tmp_path / "out.png")
+    assert read_picture(image.convert("RGB")).color == "red"  # strength 0.1 keeps the picture
+    assert "Denoising strength: 0.1" in image.text["parameters"]
+
+
+def test_bad_img2img_input_from_the_command_line(tmp_path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    assert_clean_error(edgesd("generate", "x", "--image", tmp_path / "missing.png"), "does not exist")
+    assert_clean_error(edgesd("generate", "x", "--image", tmp_path / "notes.png"), "cannot be read")
+    from edgesd.models.training.shapes import Scene, render
+
+    render(Scene("blue", "red", "circle", "center", "large"), 64).save(tmp_path / "ok.png")
+    assert_clean_error(edgesd("generate", "x", "--image", tmp_path / "ok.png", "--strength", 2), "strength must be")

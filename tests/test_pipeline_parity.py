@@ -34,6 +34,7 @@ PROMPT = "a small red circle on a blue background"
 def reference(tiny_src):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_src, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
+    pipe.model_scheduler_config = dict(pipe.scheduler.config)  # each test starts from the model's own
     return pipe
 
 
@@ -44,7 +45,7 @@ def ours(tiny_onnx):
 
 def _diffusers_run(pipe, scheduler, latents, steps, guidance, seed, output_type):
     cls_name, overrides = SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.model_scheduler_config, **overrides)
     out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
                generator=torch.Generator().manual_seed(seed), output_type=output_type)
     return out.images
