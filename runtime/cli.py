@@ -122,7 +122,8 @@ def _scheduler_choice(value: str | None):
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
 @click.option("--scheduler", default=None, help="Sampler name, 'list', or a scheduler_config.json.")
-@click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM noise level, 0 to 1.")
+@click.option("--eta", default=None, type=float,
+              help="DDIM's noise level, 0 (default) to 1; TCD's gamma (default 0.3).")
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
               help="img2img: start from this picture (PNG, JPEG, ...).")
 @click.option("--strength", default=0.8, show_default=True, type=float,

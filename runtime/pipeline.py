@@ -142,7 +142,7 @@ class Pipeline:
         scheduler: str | dict | None = None,
         callback: ProgressCallback | None = None,
         noise: sampling.NoiseFn | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         image: Image.Image | np.ndarray | None = None,
         strength: float = 0.8,
     ) -> GenerationResult:
@@ -153,7 +153,8 @@ class Pipeline:
         fresh noise for ancestral samplers (default: a generator seeded by `seed`).
         `num_inference_steps` / `guidance_scale` default to the model's own defaults (20 / 7.5
         unless its manifest says otherwise; `Pipeline.defaults`).
-        `eta`: DDIM's noise level (0 deterministic, 1 DDPM-like); other samplers ignore it, as in diffusers.
+        `eta`: DDIM's noise level (default 0: deterministic; 1 DDPM-like) or TCD's gamma (default 0.3);
+        other samplers ignore it, as in diffusers.
         `image` (img2img): a starting picture, resized to width x height (default: its own size); it is
         noised to the point `strength` of the schedule (1: pure noise) and only the remaining
         int(steps * strength) steps run, as in diffusers' StableDiffusionImg2ImgPipeline.
@@ -226,7 +227,7 @@ class Pipeline:
                                   "give one negative prompt per prompt, or a single one")
         if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise EdgesdError(f"steps must be between 1 and {MAX_STEPS}, got {steps}", "use e.g. 20")
-        if not 0.0 <= eta <= 1.0:
+        if eta is not None and not 0.0 <= eta <= 1.0:
             raise EdgesdError(f"eta must be between 0 and 1, got {eta}", "use 0 for deterministic DDIM")
         if guidance < 0 or not np.isfinite(guidance):
             raise EdgesdError(f"guidance scale must be >= 0, got {guidance}", "use e.g. 7.5, or 1 for no guidance")
@@ -292,7 +293,7 @@ def strength_start(steps: int, strength: float) -> int:
 
 
 def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps: int,
-                 noise: sampling.NoiseFn, callback, eta: float = 0.0, start: int = 0,
+                 noise: sampling.NoiseFn, callback, eta: float | None = None, start: int = 0,
                  x0: np.ndarray | None = None) -> np.ndarray:
     """Scale the initial noise as diffusers does and run the chosen sampler.
 
@@ -331,7 +332,11 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
         a = float(s.alphas_cumprod[int(s.timesteps[start])])
         x = (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise_x).astype(np.float32)
     if sched.class_name == "DDIMScheduler":
-        return sampling.sample_ddim(d.eps, x, s, callback, limit, eta, noise)
+        return sampling.sample_ddim(d.eps, x, s, callback, limit, eta or 0.0, noise)
+    if sched.class_name == "LCMScheduler":
+        return sampling.sample_lcm(d.eps, x, s, noise, callback, limit, sched["timestep_scaling"])
+    if sched.class_name == "TCDScheduler":
+        return sampling.sample_tcd(d.eps, x, s, noise, callback, 0.3 if eta is None else eta)
     if sched.class_name == "DDPMScheduler":
         return sampling.sample_ddpm(d.eps, x, s, noise, callback, limit)
     return sampling.sample_plms(d.eps, x, s, callback)

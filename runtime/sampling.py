@@ -394,6 +394,55 @@ def sample_ddpm(
     return x
 
 
+def consistency_scalings(t: int, timestep_scaling: float, sigma_data: float = 0.5) -> tuple[float, float]:
+    """c_skip, c_out of the consistency-model boundary condition (Song et al. 2023, arXiv:2303.01469, Eq. 7)."""
+    scaled = t * timestep_scaling
+    return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / np.sqrt(scaled**2 + sigma_data**2)
+
+
+def sample_lcm(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
+               limit_x0: LimitFn | None = None, timestep_scaling: float = 10.0):
+    """Latent consistency sampling (Luo et al. 2023, arXiv:2310.04378, Alg. 1): each step predicts the clean
+    sample through the consistency boundary condition, then noises it afresh to the next timestep."""
+    n = len(s.timesteps)
+    for i in range(s.start, n):
+        t = int(s.timesteps[i])
+        a_t = float(s.alphas_cumprod[t])
+        e = eps(x, t)
+        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        if limit_x0 is not None:
+            x0 = limit_x0(x0)
+        c_skip, c_out = consistency_scalings(t, timestep_scaling)
+        denoised = c_out * x0 + c_skip * x
+        if i < n - 1:
+            a_next = float(s.alphas_cumprod[int(s.timesteps[i + 1])])
+            x = np.sqrt(a_next) * denoised + np.sqrt(1 - a_next) * noise(x.shape).astype(np.float32)
+        else:
+            x = denoised
+        _notify(callback, i - s.start, n - s.start)
+    return x
+
+
+def sample_tcd(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
+               gamma: float = 0.3):
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024,
+    arXiv:2402.19159, Alg. 4): denoise to the intermediate timestep s = floor((1 - gamma) t_next), then
+    noise forward to t_next. gamma = 0 is deterministic."""
+    n = len(s.timesteps)
+    for i in range(s.start, n):
+        t = int(s.timesteps[i])
+        t_next = int(s.timesteps[i + 1]) if i + 1 < n else 0
+        t_s = int(np.floor((1 - gamma) * t_next))
+        a_t, a_next, a_s = (float(s.alphas_cumprod[k]) for k in (t, t_next, t_s))
+        e = eps(x, t)
+        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        x = np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * e  # at timestep s
+        if gamma > 0 and i < n - 1:
+            x = np.sqrt(a_next / a_s) * x + np.sqrt(1 - a_next / a_s) * noise(x.shape).astype(np.float32)
+        _notify(callback, i - s.start, n - s.start)
+    return x
+
+
 def _plms_transfer(s: AlphaSchedule, x: np.ndarray, t: int, t_prev: int, e: np.ndarray) -> np.ndarray:
     """PNDM's transfer from t to t_prev given a noise estimate (Liu et al. 2022, arXiv:2202.09778, Eq. 9)."""
     a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t_prev)

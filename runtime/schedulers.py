@@ -61,6 +61,18 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
     ),
     "EulerAncestralDiscreteScheduler": ({"timestep_spacing": "linspace"}, {}),
+    "LCMScheduler": (
+        {"original_inference_steps": 50, "timestep_scaling": 10.0, "clip_sample": False, "clip_sample_range": 1.0,
+         "set_alpha_to_one": True, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "timestep_spacing": "leading", **_THRESHOLDING},  # diffusers ignores timestep_spacing here too
+        {},
+    ),
+    "TCDScheduler": (
+        {"original_inference_steps": 50, "timestep_scaling": 10.0, "clip_sample": False, "clip_sample_range": 1.0,
+         "set_alpha_to_one": True, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "timestep_spacing": "leading", **_THRESHOLDING},  # its step neither clips nor thresholds, as diffusers
+        {},
+    ),
     "KDPM2DiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
          "beta_start": 0.00085, "beta_end": 0.012},
@@ -129,6 +141,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}, "DPM2 ancestral (fresh noise each step)"),
     "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True},
                       "DPM2 ancestral with Karras sigmas"),
+    "lcm": ("LCMScheduler", {}, "latent consistency (LCM / LCM-LoRA models, 2-8 steps, guidance 1-2)"),
+    "tcd": ("TCDScheduler", {}, "trajectory consistency (TCD models; --eta is its gamma, default 0.3)"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -139,7 +153,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
                "LMS": "lms", "LMS Karras": "lms-karras", "UniPC": "unipc",
-               "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
+               "LCM": "lcm", "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
@@ -148,6 +162,7 @@ _CLASS_TO_NAME = {
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2-a",
+    "LCMScheduler": "lcm", "TCDScheduler": "tcd",
 }
 
 
@@ -357,12 +372,25 @@ def _with_midpoints(c: SchedulerConfig, s: SigmaSchedule, log_sigmas: np.ndarray
     return SigmaSchedule(s.timesteps, s.sigmas, s.init_noise_sigma, mid_sigmas=mid, mid_timesteps=mid_t)
 
 
+def _consistency_timesteps(c: SchedulerConfig, n: int) -> np.ndarray:
+    """LCM / TCD: n of the distillation schedule's original_inference_steps timesteps, evenly by index."""
+    original, T = c["original_inference_steps"], c["num_train_timesteps"]
+    if n > original:
+        raise EdgesdError(f"{c.class_name}: {n} steps is more than original_inference_steps={original}",
+                          f"use at most {original} steps (consistency models use 2-8)")
+    origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]  # e.g. 999, 979, ..., 19
+    return origin[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
+
+
 def alpha_schedule(c: SchedulerConfig, n: int) -> AlphaSchedule:
     """Timesteps for DDIM / PNDM, equal to diffusers' set_timesteps."""
     ac = alphas_cumprod(c)
     T = c["num_train_timesteps"]
     # DDIM and PNDM use integer timesteps: linspace spacing is rounded.
-    t = _spaced_timesteps(c["timestep_spacing"], n, T, c["steps_offset"]).round().astype(np.int64)
+    if c.class_name in ("LCMScheduler", "TCDScheduler"):
+        t = _consistency_timesteps(c, n)
+    else:
+        t = _spaced_timesteps(c["timestep_spacing"], n, T, c["steps_offset"]).round().astype(np.int64)
     if c.class_name == "PNDMScheduler":
         # PLMS without Runge-Kutta warm-up: the second-highest timestep is called twice.
         ascending = t[::-1]

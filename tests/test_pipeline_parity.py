@@ -19,6 +19,7 @@ SCHEDULERS = {
     "heun": ("HeunDiscreteScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
     "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
     "dpm2-a-karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),

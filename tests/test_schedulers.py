@@ -25,7 +25,8 @@ NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMSchedule
          "dpm++2m": "DPMSolverMultistepScheduler",
          "dpm++2m-karras": "DPMSolverMultistepScheduler",
          "dpm2": "KDPM2DiscreteScheduler", "dpm2-karras": "KDPM2DiscreteScheduler",
-         "dpm2-a": "KDPM2AncestralDiscreteScheduler", "dpm2-a-karras": "KDPM2AncestralDiscreteScheduler"}
+         "dpm2-a": "KDPM2AncestralDiscreteScheduler", "dpm2-a-karras": "KDPM2AncestralDiscreteScheduler",
+         "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
 STEPS = [1, 2, 4, 20, 50]
 SPACINGS = ["leading", "linspace", "trailing"]
 
@@ -135,6 +136,11 @@ def test_sampling_loop_equals_diffusers(name, prediction, spacing, steps):
     ("dpm++2m", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
     ("dpm++2m-sde", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
     ("unipc", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
+    ("lcm", {"clip_sample": True, "clip_sample_range": 0.5}, 0.0),
+    ("lcm", {"thresholding": True, "sample_max_value": 2.5}, 0.0),
+    ("lcm", {"original_inference_steps": 20, "timestep_scaling": 5.0}, 0.0),
+    ("tcd", {}, 0.3),  # TCD's gamma, passed as eta as diffusers' pipelines pass it
+    ("tcd", {}, 1.0),
 ])
 def test_clipping_thresholding_and_eta_equal_diffusers(name, extra, eta, steps):
     got, expected, scale = _both_loops(name, {**SD, **extra}, steps, eta=eta)
@@ -224,3 +230,47 @@ def test_img2img_start_equals_diffusers(name, spacing, steps, strength):
     """Starting part-way (img2img strength): same kept timesteps, same noising, same loop as diffusers."""
     got, expected = _both_img2img_loops(name, {**SD, "timestep_spacing": spacing}, steps, strength)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+STOCHASTIC = [("euler-a", None), ("dpm2-a", None), ("dpm2-a-karras", None), ("dpm++2m-sde", None),
+              ("dpm++2m-sde-karras", None), ("ddpm", None), ("ddim", 1.0), ("lcm", None), ("tcd", 0.3),
+              ("tcd", 1.0)]
+
+
+@pytest.mark.parametrize("name, eta", STOCHASTIC)
+def test_stochastic_samplers_with_our_noise_match_diffusers_statistics(name, eta):
+    """Our NumPy noise instead of torch's: different samples, the same distribution as diffusers' output.
+
+    The stand-in model is the exact noise predictor for Gaussian data N(0, 0.5^2), so every sample is
+    meaningful; 131,072 values estimate the mean and std to about 0.3% (seed to seed).
+    """
+    data_std, steps = 0.5, (4 if name in ("lcm", "tcd") else 20)
+    config = {**SD, "timestep_spacing": "trailing"}
+    sched = resolve_scheduler(name, config)
+    ac = alphas_cumprod(sched)
+
+    def exact_eps(sample: np.ndarray, t: float) -> np.ndarray:  # E[noise | x_t] for x_0 ~ N(0, data_std^2)
+        a = np.interp(t, np.arange(len(ac)), ac)
+        return (np.sqrt(1 - a) * sample / (a * data_std**2 + 1 - a)).astype(np.float32)
+
+    start = np.random.default_rng(0).standard_normal((8, 4, 64, 64)).astype(np.float32)
+    ref = diffusers_scheduler(name, config)
+    ref.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(1)
+    extra = {k: v for k, v in (("generator", gen), ("eta", eta)) if k in inspect.signature(ref.step).parameters}
+    x = torch.from_numpy(start) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        inp = ref.scale_model_input(x, t)
+        x = ref.step(torch.from_numpy(exact_eps(inp.numpy(), float(t))), t, x, **extra).prev_sample
+    expected = x.numpy()
+
+    denoiser = Denoiser(unet=lambda s, t, c: exact_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=ac)
+    rng = np.random.default_rng(2)
+    got = _run_sampler(sched, denoiser, start, steps, lambda shape: rng.standard_normal(shape, dtype=np.float32),
+                       None, eta)
+    assert np.abs(got - expected).mean() > 0.01  # really other noise
+    assert abs(got.mean() - expected.mean()) < 0.01
+    assert got.std() == pytest.approx(expected.std(), rel=0.015)
+    if name not in ("lcm", "tcd"):  # a consistency sampler needs a distilled model to reach the data's spread
+        assert got.std() == pytest.approx(data_std, rel=0.25)
