@@ -317,6 +317,8 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
             return sampling.sample_dpmpp_2m(denoise, x, s, callback, sched["lower_order_final"])
         if sched.class_name == "UniPCMultistepScheduler":
             return sampling.sample_unipc(denoise, x, s, callback, sched["lower_order_final"])
+        if sched.class_name == "DPMSolverSDEScheduler":
+            return sampling.sample_dpmpp_sde(denoise, x, s, noise, callback)
         if sched.class_name == "KDPM2DiscreteScheduler":
             return sampling.sample_dpm_2(denoise, x, s, callback)
         if sched.class_name == "KDPM2AncestralDiscreteScheduler":

@@ -214,6 +214,50 @@ def sample_dpm_2_ancestral(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, 
     return _dpm_2(denoise, x, s, noise, callback)
 
 
+def brownian_pair(noise: NoiseFn, shape: tuple, sigma: float, sigma_mid: float, sigma_next: float):
+    """Normalised Brownian increments over [sigma_mid, sigma] and [sigma_next, sigma] (nested intervals).
+
+    As a Brownian tree in sigma gives them (k-diffusion's BrownianTreeNoiseSampler): each is standard
+    normal, and they correlate by sqrt((sigma - sigma_mid) / (sigma - sigma_next)).
+    """
+    first, fresh = noise(shape).astype(np.float32), noise(shape).astype(np.float32)
+    c = np.sqrt((sigma - sigma_mid) / (sigma - sigma_next))
+    return first, (c * first + np.sqrt(1 - c * c) * fresh).astype(np.float32)
+
+
+def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float):
+    """DPM-Solver++(1) from sigma down to sigma_to's sigma_down, in log sigma; returns (x, sigma_up)."""
+    sigma_up = min(sigma_to, np.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2))
+    sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
+    return x0 + (sigma_down / sigma) * (x - x0), sigma_up
+
+
+def sample_dpmpp_sde(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn,
+                     callback: StepCallback | None = None):
+    """DPM++ SDE (Lu et al. 2022, DPM-Solver++(2S) with ancestral noise; diffusers' DPMSolverSDEScheduler):
+    an SDE half step to the midpoint in log sigma, then the full step from the same start with the
+    midpoint's x0. The two noises are nested Brownian increments (`brownian_pair`); the last step is Euler's.
+    """
+    n = len(s.timesteps)
+    total = 2 * (n - s.start) - 1
+    for i in range(s.start, n):
+        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
+        x0 = denoise(x, sigma, s.timesteps[i])
+        _notify(callback, 2 * (i - s.start), total)
+        if sigma_next == 0.0:
+            x = x0  # Euler to zero
+            continue
+        sigma_mid = float(s.mid_sigmas[i])
+        z_mid, z_next = brownian_pair(noise, x.shape, sigma, sigma_mid, sigma_next)
+        x_mid, up = _ancestral_exp_step(x, x0, sigma, sigma_mid)
+        x_mid = x_mid + z_mid * up
+        x0_mid = denoise(x_mid, sigma_mid, s.mid_timesteps[i])
+        _notify(callback, 2 * (i - s.start) + 1, total)
+        x, up = _ancestral_exp_step(x, x0_mid, sigma, sigma_next)
+        x = x + z_next * up
+    return x
+
+
 def _dpmpp_2m(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn | None,
               callback: StepCallback | None, lower_order_final: bool):
     """The DPM-Solver++(2M) loop; the ODE update without `noise`, the SDE update with it."""

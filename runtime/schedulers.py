@@ -73,6 +73,12 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
          "timestep_spacing": "leading", **_THRESHOLDING},  # its step neither clips nor thresholds, as diffusers
         {},
     ),
+    "DPMSolverSDEScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "beta_start": 0.00085, "beta_end": 0.012,
+         "noise_sampler_seed": None},  # our noise comes from the generation's seed
+        {"use_beta_sigmas": False},
+    ),
     "KDPM2DiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
          "beta_start": 0.00085, "beta_end": 0.012},
@@ -143,6 +149,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
                       "DPM2 ancestral with Karras sigmas"),
     "lcm": ("LCMScheduler", {}, "latent consistency (LCM / LCM-LoRA models, 2-8 steps, guidance 1-2)"),
     "tcd": ("TCDScheduler", {}, "trajectory consistency (TCD models; --eta is its gamma, default 0.3)"),
+    "dpm++sde": ("DPMSolverSDEScheduler", {}, "DPM++ SDE (2 U-Net calls per step)"),
+    "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "DPM++ SDE with Karras sigmas"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -153,7 +161,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
                "LMS": "lms", "LMS Karras": "lms-karras", "UniPC": "unipc",
-               "LCM": "lcm", "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
+               "LCM": "lcm", "DPM++ SDE": "dpm++sde", "DPM++ SDE Karras": "dpm++sde-karras", "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
@@ -162,7 +170,7 @@ _CLASS_TO_NAME = {
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
     "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2-a",
-    "LCMScheduler": "lcm", "TCDScheduler": "tcd",
+    "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverSDEScheduler": "dpm++sde",
 }
 
 
@@ -184,7 +192,7 @@ class SchedulerConfig:
     def is_sigma_space(self) -> bool:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                   "UniPCMultistepScheduler", "KDPM2DiscreteScheduler",
+                                   "UniPCMultistepScheduler", "KDPM2DiscreteScheduler", "DPMSolverSDEScheduler",
                                    "KDPM2AncestralDiscreteScheduler")
 
     @property
@@ -354,13 +362,14 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
         init = max_sigma
     else:
         init = float(np.sqrt(max_sigma**2 + 1))
-    if c.class_name.startswith("KDPM2"):
+    if c.class_name.startswith("KDPM2") or c.class_name == "DPMSolverSDEScheduler":
         return _with_midpoints(c, SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init), log_sigmas)
     return SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init)
 
 
 def _with_midpoints(c: SchedulerConfig, s: SigmaSchedule, log_sigmas: np.ndarray) -> SigmaSchedule:
-    """DPM2's second evaluation points: halfway in log sigma to the next sigma (ancestral: to sigma_down)."""
+    """Second evaluation points of DPM2 and DPM++ SDE: halfway in log sigma to the next sigma (DPM2 a: to
+    sigma_down), and their model timesteps."""
     from .sampling import ancestral_step
 
     here, ahead = s.sigmas[:-1].astype(np.float32), s.sigmas[1:].astype(np.float32)

@@ -26,7 +26,8 @@ NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMSchedule
          "dpm++2m-karras": "DPMSolverMultistepScheduler",
          "dpm2": "KDPM2DiscreteScheduler", "dpm2-karras": "KDPM2DiscreteScheduler",
          "dpm2-a": "KDPM2AncestralDiscreteScheduler", "dpm2-a-karras": "KDPM2AncestralDiscreteScheduler",
-         "lcm": "LCMScheduler", "tcd": "TCDScheduler"}
+         "lcm": "LCMScheduler", "tcd": "TCDScheduler",
+         "dpm++sde": "DPMSolverSDEScheduler", "dpm++sde-karras": "DPMSolverSDEScheduler"}
 STEPS = [1, 2, 4, 20, 50]
 SPACINGS = ["leading", "linspace", "trailing"]
 
@@ -38,6 +39,30 @@ def diffusers_scheduler(name, config):
     if name == "pndm":
         overrides["skip_prk_steps"] = True
     return getattr(diffusers, NAMES[name]).from_config(config, **overrides)
+
+
+class _SameBrownianNoise:
+    """Stands in for diffusers' Brownian-tree noise sampler in DPM++ SDE: the draws our `brownian_pair`
+    makes from the same generator, so both loops see the same noise."""
+
+    def __init__(self, generator, shape):
+        self.generator, self.shape, self.pending = generator, shape, None
+
+    def __call__(self, sigma, sigma_to):
+        sigma, sigma_to = float(sigma), float(sigma_to)
+        if self.pending is None:  # first half of a step: [sigma_mid, sigma]
+            first, fresh = (torch.randn(self.shape, generator=self.generator) for _ in range(2))
+            self.pending = (first, fresh, sigma_to)
+            return first
+        first, fresh, sigma_mid = self.pending
+        self.pending = None
+        c = np.sqrt((sigma - sigma_mid) / (sigma - sigma_to))
+        return c * first + np.sqrt(1 - c * c) * fresh
+
+
+def _same_noise(ref, generator, shape):
+    if type(ref).__name__ == "DPMSolverSDEScheduler":
+        ref.noise_sampler = _SameBrownianNoise(generator, shape)
 
 
 def stand_in_eps(x: np.ndarray, t: float) -> np.ndarray:
@@ -60,10 +85,13 @@ def test_schedule_equals_diffusers(name, spacing, steps):
             ref_s = np.concatenate([ref_s[:1], ref_s[1:-1:2], ref_s[-1:]])
         if name.startswith("dpm2"):  # timesteps interleave the midpoints; sigmas repeat
             ref_t, ref_s = ref_t[0::2], ref_s[0::2]
+        if name.startswith("dpm++sde"):  # timesteps interleave the midpoints; sigmas repeat as Heun's
+            ref_t = ref_t[0::2]
+            ref_s = np.concatenate([ref_s[:1], ref_s[1:-1:2], ref_s[-1:]])
         s = sigma_schedule(ours, steps)
         np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-4)
         np.testing.assert_allclose(s.sigmas, ref_s, rtol=1e-6)
-        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++", "unipc")) else
+        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++2m", "unipc")) else
                                    float(np.sqrt(ref.sigmas[0] ** 2 + 1)), rtol=1e-5)
     else:
         a = alpha_schedule(ours, steps)
@@ -72,9 +100,10 @@ def test_schedule_equals_diffusers(name, spacing, steps):
 
 
 # diffusers' PNDM combines raw v-predictions across steps before converting them, so it is checked
-# with epsilon only; EulerAncestral and DPM2 have no "sample" prediction in diffusers.
+# with epsilon only; EulerAncestral, DPM2 and DPM++ SDE have no "sample" prediction in diffusers.
 PREDICTIONS = [(n, p) for n in NAMES for p in ("epsilon", "v_prediction", "sample")
-               if not (n == "pndm" and p != "epsilon") and not (n.startswith(("euler-a", "dpm2")) and p == "sample")]
+               if not (n == "pndm" and p != "epsilon")
+               and not (n.startswith(("euler-a", "dpm2", "dpm++sde")) and p == "sample")]
 
 
 def _both_loops(name, config, steps, prediction="epsilon", eta=0.0):
@@ -85,6 +114,7 @@ def _both_loops(name, config, steps, prediction="epsilon", eta=0.0):
     ref = diffusers_scheduler(name, config)
     ref.set_timesteps(steps)
     gen = torch.Generator().manual_seed(1)
+    _same_noise(ref, gen, shape)
     x = torch.from_numpy(start) * ref.init_noise_sigma
     accepted = inspect.signature(ref.step).parameters
     extra = {k: v for k, v in (("generator", gen), ("eta", eta)) if k in accepted}
@@ -207,6 +237,7 @@ def _both_img2img_loops(name, config, steps, strength):
         ref.set_begin_index(t_start * ref.order)
     x = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(start_noise), timesteps[:1])
     gen = torch.Generator().manual_seed(1)
+    _same_noise(ref, gen, shape)
     extra = {"generator": gen} if "generator" in inspect.signature(ref.step).parameters else {}
     for t in timesteps:
         inp = ref.scale_model_input(x, t)
@@ -233,7 +264,7 @@ def test_img2img_start_equals_diffusers(name, spacing, steps, strength):
 
 
 STOCHASTIC = [("euler-a", None), ("dpm2-a", None), ("dpm2-a-karras", None), ("dpm++2m-sde", None),
-              ("dpm++2m-sde-karras", None), ("ddpm", None), ("ddim", 1.0), ("lcm", None), ("tcd", 0.3),
+              ("dpm++2m-sde-karras", None), ("dpm++sde", None), ("dpm++sde-karras", None), ("ddpm", None), ("ddim", 1.0), ("lcm", None), ("tcd", 0.3),
               ("tcd", 1.0)]
 
 
@@ -256,6 +287,8 @@ def test_stochastic_samplers_with_our_noise_match_diffusers_statistics(name, eta
     start = np.random.default_rng(0).standard_normal((8, 4, 64, 64)).astype(np.float32)
     ref = diffusers_scheduler(name, config)
     ref.set_timesteps(steps)
+    if hasattr(ref, "noise_sampler_seed"):  # DPM++ SDE: diffusers' real Brownian tree (torchsde)
+        ref.noise_sampler_seed = 3
     gen = torch.Generator().manual_seed(1)
     extra = {k: v for k, v in (("generator", gen), ("eta", eta)) if k in inspect.signature(ref.step).parameters}
     x = torch.from_numpy(start) * ref.init_noise_sigma
