@@ -9,6 +9,7 @@ is an error naming it; nothing is silently ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,10 +52,9 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "EulerDiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "final_sigmas_type": "zero"},
+         "use_beta_sigmas": False, "final_sigmas_type": "zero"},
         {
             "interpolation_type": "linear",
-            "use_beta_sigmas": False,
             "sigma_min": None,
             "sigma_max": None,
             "timestep_type": "discrete",
@@ -75,41 +75,43 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "DPMSolverSDEScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "beta_start": 0.00085, "beta_end": 0.012,
+         "use_beta_sigmas": False, "beta_start": 0.00085, "beta_end": 0.012,
          "noise_sampler_seed": None},  # our noise comes from the generation's seed
-        {"use_beta_sigmas": False},
+        {},
     ),
     "KDPM2DiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "beta_start": 0.00085, "beta_end": 0.012},
-        {"use_beta_sigmas": False},
+         "use_beta_sigmas": False, "beta_start": 0.00085, "beta_end": 0.012},
+        {},
     ),
     "KDPM2AncestralDiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "beta_start": 0.00085, "beta_end": 0.012},
-        {"use_beta_sigmas": False},
+         "use_beta_sigmas": False, "beta_start": 0.00085, "beta_end": 0.012},
+        {},
     ),
     "UniPCMultistepScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "final_sigmas_type": "zero", "lower_order_final": True, **_THRESHOLDING},
+         "use_beta_sigmas": False, "final_sigmas_type": "zero", "lower_order_final": True, **_THRESHOLDING},
         {"solver_order": 2, "predict_x0": True, "solver_type": "bh2", "disable_corrector": [], "solver_p": None,
-         "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+         "use_flow_sigmas": False, "flow_shift": 1.0,
          "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
     ),
     "LMSDiscreteScheduler": (
-        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False},
-        {"use_beta_sigmas": False},
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "use_beta_sigmas": False},
+        {},
     ),
     "HeunDiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "clip_sample": False, "clip_sample_range": 1.0},
-        {"use_beta_sigmas": False},
+         "use_beta_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0},
+        {},
     ),
     "DPMSolverMultistepScheduler": (
         {
             "timestep_spacing": "linspace",
             "use_karras_sigmas": False,
             "use_exponential_sigmas": False,
+            "use_beta_sigmas": False,
             "final_sigmas_type": "zero",
             "lower_order_final": True,
             "algorithm_type": "dpmsolver++",
@@ -119,7 +121,6 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "solver_order": 2,
             "solver_type": "midpoint",
             "euler_at_final": False,
-            "use_beta_sigmas": False,
             "use_lu_lambdas": False,
             "use_flow_sigmas": False,
             "flow_shift": 1.0,
@@ -306,6 +307,49 @@ def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0)
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def _beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Beta-distribution spacing (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173):
+    sigmas at the Beta(0.6, 0.6) quantiles of 1 - linspace(0, 1, n), dense at both ends."""
+    q = 1 - np.linspace(0, 1, n)
+    return np.array([sigma_min + _beta_ppf(float(p), alpha, beta) * (sigma_max - sigma_min) for p in q])
+
+
+def _beta_ppf(q: float, a: float, b: float) -> float:
+    """Inverse of the regularized incomplete beta function I_x(a, b), by bisection (I increases with x)."""
+    if q <= 0.0 or q >= 1.0:
+        return 0.0 if q <= 0.0 else 1.0
+    lo, hi = 0.0, 1.0
+    while hi - lo > 1e-15:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _betainc(mid, a, b) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _betainc(x: float, a: float, b: float) -> float:
+    """Regularized incomplete beta I_x(a, b): its continued fraction (Abramowitz & Stegun 26.5.8) by the
+    modified Lentz method; the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) keeps the fraction convergent."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(1.0 - x, b, a)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b))
+
+    def guard(v: float) -> float:
+        return v if abs(v) > 1e-300 else 1e-300
+
+    c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1))
+    fraction = d
+    for m in range(1, 300):
+        for coefficient in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even term d_2m
+                            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd term d_2m+1
+            d = 1.0 / guard(1.0 + coefficient * d)
+            c = guard(1.0 + coefficient / c)
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * fraction / a
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional train timestep of each sigma, interpolating in log sigma."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -334,15 +378,18 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     else:
         t = _spaced_timesteps(spacing, n, T, c["steps_offset"]).astype(np.float32).astype(np.float64)
     karras, exponential = c.config.get("use_karras_sigmas"), c.config.get("use_exponential_sigmas")
-    if karras and exponential:
-        raise EdgesdError(f"{c.class_name}: use_karras_sigmas and use_exponential_sigmas are both set",
-                          "choose one sigma schedule")
-    if karras or exponential:
+    beta = c.config.get("use_beta_sigmas")
+    chosen = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if c.config.get(k)]
+    if len(chosen) > 1:
+        raise EdgesdError(f"{c.class_name}: {' and '.join(chosen)} are set together", "choose one sigma schedule")
+    if karras or exponential or beta:
         # DPM-Solver spans the whole training range; the others the range of their spaced schedule.
         spaced = train_sigmas if dpm else np.interp(t, np.arange(T), train_sigmas)[::-1]
         lo, hi = float(spaced[0]), float(spaced[-1])
         if karras:
             sigmas = _karras_sigmas(lo, hi, n)
+        elif beta:
+            sigmas = _beta_sigmas(lo, hi, n)
         else:  # log-linear from sigma_max to sigma_min
             sigmas = np.exp(np.linspace(np.log(hi), np.log(lo), n))
         t = sigma_to_t(sigmas, log_sigmas)
