@@ -46,6 +46,17 @@ class Denoiser:
             return a * out + s * x_vp
         return (x_vp - a * out) / s  # "sample": the network predicts x0
 
+    def predict(self, x_t: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """(noise, x0) estimates for alpha-space samplers, each from the network output directly."""
+        out = self._predict(x_t, t)
+        alpha_bar = float(self.alphas_cumprod[int(t)])
+        a, s = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
+        if self.prediction_type == "epsilon":
+            return out, (x_t - s * out) / a
+        if self.prediction_type == "v_prediction":  # v = a * eps - s * x0 (Salimans & Ho 2022)
+            return a * out + s * x_t, a * x_t - s * out
+        return (x_t - a * out) / s, out  # "sample"
+
     def eps(self, x_t: np.ndarray, t: float) -> np.ndarray:
         """Noise estimate for alpha-space samplers (x_t is the VP sample)."""
         out = self._predict(x_t, t)

@@ -334,11 +334,11 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
         a = float(s.alphas_cumprod[int(s.timesteps[start])])
         x = (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise_x).astype(np.float32)
     if sched.class_name == "DDIMScheduler":
-        return sampling.sample_ddim(d.eps, x, s, callback, limit, eta or 0.0, noise)
+        return sampling.sample_ddim(d.predict, x, s, callback, limit, eta or 0.0, noise)
     if sched.class_name == "LCMScheduler":
-        return sampling.sample_lcm(d.eps, x, s, noise, callback, limit, sched["timestep_scaling"])
+        return sampling.sample_lcm(d.predict, x, s, noise, callback, limit, sched["timestep_scaling"])
     if sched.class_name == "TCDScheduler":
-        return sampling.sample_tcd(d.eps, x, s, noise, callback, 0.3 if eta is None else eta)
+        return sampling.sample_tcd(d.predict, x, s, noise, callback, 0.3 if eta is None else eta)
     if sched.class_name == "DDPMScheduler":
-        return sampling.sample_ddpm(d.eps, x, s, noise, callback, limit)
+        return sampling.sample_ddpm(d.predict, x, s, noise, callback, limit)
     return sampling.sample_plms(d.eps, x, s, callback)

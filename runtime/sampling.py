@@ -4,7 +4,8 @@ Two families, as in the literature:
 - sigma space (Karras et al. 2022, "Elucidating the design space", k-diffusion):
   x = x_vp * sqrt(1 + sigma^2); `denoise(x, sigma, t)` returns the model's x0.
 - alpha space (DDPM/DDIM/PNDM): x is the variance-preserving sample x_t;
-  `eps(x, t)` returns the model's noise prediction.
+  `eps(x, t)` returns the model's noise prediction; `predict(x, t)` returns (noise, x0), both
+  taken from the network output directly, so alpha_bar = 0 (zero terminal SNR) stays finite.
 Each step uses the schedule arrays it is given; no sampler keeps hidden state.
 The network, guidance and prediction-type conversion live in `denoiser.py`.
 """
@@ -19,6 +20,7 @@ import numpy as np
 # denoise(x, sigma, t) -> x0 ; eps(x_t, t) -> eps ; noise(shape) -> standard normal array
 DenoiseFn = Callable[[np.ndarray, float, float], np.ndarray]
 EpsFn = Callable[[np.ndarray, float], np.ndarray]
+PredictFn = Callable[[np.ndarray, float], "tuple[np.ndarray, np.ndarray]"]
 NoiseFn = Callable[[tuple], np.ndarray]
 StepCallback = Callable[[int, int], None]
 # limit_x0(x0) -> x0: clipping or dynamic thresholding of the clean-sample estimate
@@ -380,7 +382,7 @@ def _alpha_at(s: AlphaSchedule, t: int) -> float:
 
 
 def sample_ddim(
-    eps: EpsFn,
+    predict: PredictFn,
     x: np.ndarray,
     s: AlphaSchedule,
     callback: StepCallback | None = None,
@@ -396,8 +398,7 @@ def sample_ddim(
     for i in range(s.start, n):
         t = int(s.timesteps[i])
         a_t, a_prev = _alpha_at(s, t), _alpha_at(s, t - s.step_ratio)
-        e = eps(x, t)
-        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        e, x0 = predict(x, t)
         if limit_x0 is not None:
             x0 = limit_x0(x0)
         std = eta * np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # Eq. 16
@@ -409,7 +410,7 @@ def sample_ddim(
 
 
 def sample_ddpm(
-    eps: EpsFn,
+    predict: PredictFn,
     x: np.ndarray,
     s: AlphaSchedule,
     noise: NoiseFn,
@@ -425,8 +426,7 @@ def sample_ddpm(
         t = int(s.timesteps[i])
         a_t = _alpha_at(s, t)
         a_prev = _alpha_at(s, int(s.timesteps[i + 1])) if i + 1 < n else 1.0
-        e = eps(x, t)
-        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        _, x0 = predict(x, t)
         if limit_x0 is not None:
             x0 = limit_x0(x0)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # this step's own alpha and beta
@@ -444,16 +444,14 @@ def consistency_scalings(t: int, timestep_scaling: float, sigma_data: float = 0.
     return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / np.sqrt(scaled**2 + sigma_data**2)
 
 
-def sample_lcm(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
+def sample_lcm(predict: PredictFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
                limit_x0: LimitFn | None = None, timestep_scaling: float = 10.0):
     """Latent consistency sampling (Luo et al. 2023, arXiv:2310.04378, Alg. 1): each step predicts the clean
     sample through the consistency boundary condition, then noises it afresh to the next timestep."""
     n = len(s.timesteps)
     for i in range(s.start, n):
         t = int(s.timesteps[i])
-        a_t = float(s.alphas_cumprod[t])
-        e = eps(x, t)
-        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        _, x0 = predict(x, t)
         if limit_x0 is not None:
             x0 = limit_x0(x0)
         c_skip, c_out = consistency_scalings(t, timestep_scaling)
@@ -467,7 +465,7 @@ def sample_lcm(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, call
     return x
 
 
-def sample_tcd(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
+def sample_tcd(predict: PredictFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
                gamma: float = 0.3):
     """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024,
     arXiv:2402.19159, Alg. 4): denoise to the intermediate timestep s = floor((1 - gamma) t_next), then
@@ -477,9 +475,8 @@ def sample_tcd(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, call
         t = int(s.timesteps[i])
         t_next = int(s.timesteps[i + 1]) if i + 1 < n else 0
         t_s = int(np.floor((1 - gamma) * t_next))
-        a_t, a_next, a_s = (float(s.alphas_cumprod[k]) for k in (t, t_next, t_s))
-        e = eps(x, t)
-        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        a_next, a_s = float(s.alphas_cumprod[t_next]), float(s.alphas_cumprod[t_s])
+        e, x0 = predict(x, t)
         x = np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * e  # at timestep s
         if gamma > 0 and i < n - 1:
             x = np.sqrt(a_next / a_s) * x + np.sqrt(1 - a_next / a_s) * noise(x.shape).astype(np.float32)

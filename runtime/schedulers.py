@@ -258,14 +258,32 @@ def _check_values(class_name: str, c: dict) -> None:
     for key, values in allowed.items():
         if key in c and c[key] not in values and not (key == "beta_schedule" and c["trained_betas"] is not None):
             raise EdgesdError(f"{class_name}: {key}={c[key]!r} is not supported", f"use one of {values}")
-    if c["rescale_betas_zero_snr"]:
-        raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported yet", "set it to false")
+    if c["rescale_betas_zero_snr"] and class_name not in _ZERO_SNR_CLASSES:
+        names = sorted(n for n, (cls, _, _) in SAMPLERS.items() if cls in _ZERO_SNR_CLASSES)
+        raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported (diffusers' class has no "
+                          "such option)", f"pick a sampler that has it: {', '.join(names)}")
     if class_name == "PNDMScheduler" and not c["skip_prk_steps"]:
         raise EdgesdError("PNDMScheduler: skip_prk_steps=False (Runge-Kutta warm-up) is not supported",
                           "set skip_prk_steps to true or use --scheduler pndm")
 
 
 # --- noise schedule ------------------------------------------------------------------------------
+
+# The classes diffusers gives rescale_betas_zero_snr; those in sigma space cap alpha_bar_T at 2**-24.
+_ZERO_SNR_CLASSES = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler", "EulerDiscreteScheduler",
+                     "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Shift and scale sqrt(alpha_bar) so the last timestep has zero SNR and the first is unchanged
+    (Lin et al. 2023, arXiv:2305.08891, Algorithm 1), in float32 as diffusers computes it."""
+    alphas = (np.float32(1.0) - betas).astype(np.float32)
+    root = np.sqrt(np.cumprod(alphas, dtype=np.float64).astype(np.float32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root * root
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (np.float32(1.0) - alphas).astype(np.float32)
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -287,8 +305,13 @@ def alphas_cumprod(c: SchedulerConfig) -> np.ndarray:
         betas = _linspace_f32(c["beta_start"], c["beta_end"], T)
     else:  # scaled_linear: linear in sqrt(beta), SD's schedule
         betas = _linspace_f32(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T) ** 2
+    if c.config.get("rescale_betas_zero_snr"):
+        betas = _rescale_zero_terminal_snr(betas)
     alphas = (np.float32(1.0) - betas).astype(np.float32)
-    return np.cumprod(alphas, dtype=np.float64).astype(np.float32)  # torch accumulates in double
+    alpha_bar = np.cumprod(alphas, dtype=np.float64).astype(np.float32)  # torch accumulates in double
+    if c.config.get("rescale_betas_zero_snr") and c.is_sigma_space:
+        alpha_bar[-1] = 2.0**-24  # as diffusers: near zero, so the first sigma stays finite
+    return alpha_bar
 
 
 def _spaced_timesteps(spacing: str, n: int, T: int, offset: int) -> np.ndarray:
