@@ -292,6 +292,31 @@ def strength_start(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+def _sigma_sampler(sched: SchedulerConfig, denoise, x: np.ndarray, s: sampling.SigmaSchedule,
+                   noise: sampling.NoiseFn, callback, limit) -> np.ndarray:
+    """Run the sigma-space sampler of `sched`'s class."""
+    if sched.class_name == "EulerAncestralDiscreteScheduler":
+        return sampling.sample_euler_ancestral(denoise, x, s, noise, callback)
+    if sched.class_name == "DPMSolverMultistepScheduler" and sched["algorithm_type"] == "sde-dpmsolver++":
+        return sampling.sample_dpmpp_2m_sde(denoise, x, s, noise, callback, sched["lower_order_final"])
+    if sched.class_name == "DPMSolverMultistepScheduler":
+        return sampling.sample_dpmpp_2m(denoise, x, s, callback, sched["lower_order_final"])
+    if sched.class_name == "UniPCMultistepScheduler":
+        return sampling.sample_unipc(denoise, x, s, callback, sched["lower_order_final"], sched["solver_order"],
+                                     sched["solver_type"], tuple(sched["disable_corrector"]))
+    if sched.class_name == "DPMSolverSDEScheduler":
+        return sampling.sample_dpmpp_sde(denoise, x, s, noise, callback)
+    if sched.class_name == "KDPM2DiscreteScheduler":
+        return sampling.sample_dpm_2(denoise, x, s, callback)
+    if sched.class_name == "KDPM2AncestralDiscreteScheduler":
+        return sampling.sample_dpm_2_ancestral(denoise, x, s, noise, callback)
+    if sched.class_name == "LMSDiscreteScheduler":
+        return sampling.sample_lms(denoise, x, s, callback)
+    if sched.class_name == "HeunDiscreteScheduler":
+        return sampling.sample_heun(denoise, x, s, callback, limit)
+    return sampling.sample_euler(denoise, x, s, callback)
+
+
 def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps: int,
                  noise: sampling.NoiseFn, callback, eta: float | None = None, start: int = 0,
                  x0: np.ndarray | None = None) -> np.ndarray:
@@ -309,25 +334,12 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
         denoise = d.denoise
         if limit is not None and sched.class_name != "HeunDiscreteScheduler":  # DPM++, UniPC: on x0 itself
             denoise = lambda x_, sigma, t: limit(d.denoise(x_, sigma, t))  # noqa: E731
-        if sched.class_name == "EulerAncestralDiscreteScheduler":
-            return sampling.sample_euler_ancestral(denoise, x, s, noise, callback)
-        if sched.class_name == "DPMSolverMultistepScheduler" and sched["algorithm_type"] == "sde-dpmsolver++":
-            return sampling.sample_dpmpp_2m_sde(denoise, x, s, noise, callback, sched["lower_order_final"])
-        if sched.class_name == "DPMSolverMultistepScheduler":
-            return sampling.sample_dpmpp_2m(denoise, x, s, callback, sched["lower_order_final"])
-        if sched.class_name == "UniPCMultistepScheduler":
-            return sampling.sample_unipc(denoise, x, s, callback, sched["lower_order_final"])
-        if sched.class_name == "DPMSolverSDEScheduler":
-            return sampling.sample_dpmpp_sde(denoise, x, s, noise, callback)
-        if sched.class_name == "KDPM2DiscreteScheduler":
-            return sampling.sample_dpm_2(denoise, x, s, callback)
-        if sched.class_name == "KDPM2AncestralDiscreteScheduler":
-            return sampling.sample_dpm_2_ancestral(denoise, x, s, noise, callback)
-        if sched.class_name == "LMSDiscreteScheduler":
-            return sampling.sample_lms(denoise, x, s, callback)
-        if sched.class_name == "HeunDiscreteScheduler":
-            return sampling.sample_heun(denoise, x, s, callback, limit)
-        return sampling.sample_euler(denoise, x, s, callback)
+        x = _sigma_sampler(sched, denoise, x, s, noise, callback, limit)
+        if sched.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
+            # diffusers' DPM-Solver and UniPC keep the variance-preserving sample: at a final sigma_min > 0
+            # that is ours divided by sqrt(1 + sigma^2) (at sigma 0 they are the same)
+            x = (x / np.sqrt(1.0 + float(s.sigmas[-1]) ** 2)).astype(np.float32)
+        return x
     s = sampling.starting_at(alpha_schedule(sched, steps), start)
     x = noise_x
     if x0 is not None:  # q(x_t | x_0) (Ho et al. 2020, Eq. 4)

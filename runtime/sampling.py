@@ -322,56 +322,68 @@ def sample_dpmpp_2m_sde(
     return _dpmpp_2m(denoise, x, s, noise, callback, lower_order_final)
 
 
-def _unipc_rhos(h: float, rks: list[float]) -> np.ndarray:
-    """UniPC's weights for B(h) = e^{-h} - 1 ("bh2"), x0 prediction (Zhao et al. 2023, arXiv:2302.04867, Alg. 1)."""
+def _unipc_system(h: float, rks: list[float], variant: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """UniPC's order conditions R rho = b and B(h) for x0 prediction (Zhao et al. 2023, arXiv:2302.04867,
+    Alg. 1 and Sec. 3.3): R[k, j] = r_j^k; b_k = k! phi_{k+1}(-h) / B(h); B(h) = -h ("bh1") or e^-h - 1 ("bh2")."""
     hh = -h
+    B_h = hh if variant == "bh1" else np.expm1(hh)
     h_phi_k, factorial, b = np.expm1(hh) / hh - 1, 1, []
     for k in range(1, len(rks) + 1):
-        b.append(h_phi_k * factorial / np.expm1(hh))
+        b.append(h_phi_k * factorial / B_h)
         factorial *= k + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
     R = np.array([[rk ** (k - 1) for rk in rks] for k in range(1, len(rks) + 1)])
-    return np.linalg.solve(R, np.array(b))
+    return R, np.array(b), B_h
+
+
+def _unipc_update(x: np.ndarray, sig: np.ndarray, i_from: int, i_to: int, outputs: list[np.ndarray],
+                  variant: str, new_output: np.ndarray | None = None) -> np.ndarray:
+    """One UniPC update from sigma[i_from] to sigma[i_to] with the x0 estimates `outputs` (newest last, the
+    newest at i_from): the predictor UniP, or with `new_output` (the estimate at i_to) the corrector UniC."""
+    s0, t = sig[i_from], sig[i_to]
+    if t == 0.0:
+        # The step to sigma 0 has one finite limit, x = the newest x0 estimate, whatever the order or B(h)
+        # (diffusers returns NaN there for "bh1", and fails to solve for order > 1 without lower_order_final).
+        return outputs[-1] if new_output is None else new_output
+    with np.errstate(divide="ignore"):
+        h = np.log(s0) - np.log(t)  # lambda = -log sigma; h = inf for the step to sigma 0
+    m0 = outputs[-1]
+    older = outputs[:-1][::-1]  # m_{-1}, m_{-2}, ...
+    rks = [(np.log(s0) - np.log(sig[i_from - k])) / h for k in range(1, len(older) + 1)] + [1.0]
+    D1s = [(m - m0) / rk for m, rk in zip(older, rks)]
+    R, b, B_h = _unipc_system(h, rks, variant)
+    x_base = (t / s0) * x - np.expm1(-h) * m0
+    if new_output is None:  # UniP with order len(outputs)
+        if not D1s:
+            return x_base
+        rhos = np.array([0.5]) if len(D1s) == 1 else np.linalg.solve(R[:-1, :-1], b[:-1])
+        return x_base - B_h * sum(r * d for r, d in zip(rhos, D1s))
+    # UniC with order len(outputs) + 1
+    rhos = np.array([0.5]) if not D1s else np.linalg.solve(R, b)
+    correction = sum(r * d for r, d in zip(rhos[:-1], D1s)) + rhos[-1] * (new_output - m0)
+    return x_base - B_h * correction
 
 
 def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
-                 lower_order_final: bool = True):
-    """UniPC, order 2 ("bh2", x0 prediction): a UniP predictor step, then at the next model call a UniC
-    corrector that refines the same step with the new output (Zhao et al. 2023), in sigma space
-    (lambda = -log sigma). Equal to diffusers' UniPCMultistepScheduler defaults.
+                 lower_order_final: bool = True, order: int = 2, variant: str = "bh2",
+                 disable_corrector: tuple[int, ...] = ()):
+    """UniPC with x0 prediction (Zhao et al. 2023): at each model call, the UniC corrector first refines
+    the previous step with the new estimate, then the UniP predictor takes the next step, with up to
+    `order` past estimates. Equal to diffusers' UniPCMultistepScheduler (predict_x0=True), in sigma space.
     """
-    n, order = len(s.timesteps), 2
+    n = len(s.timesteps)
     sig = s.sigmas.astype(np.float64)
     outputs: list[np.ndarray] = []  # x0 estimates, oldest first
     x_last, last_order = None, 1
     for i in range(s.start, n):
         m = denoise(x, float(sig[i]), s.timesteps[i])
-        if i > s.start:  # UniC: redo the last step from x_last using the new estimate m
-            s0, t = sig[i - 1], sig[i]
-            h = np.log(s0) - np.log(t)
-            m0 = outputs[-1]
-            if last_order == 1:
-                rhos, residual = np.array([0.5]), 0.0
-            else:
-                r = (np.log(s0) - np.log(sig[i - 2])) / h
-                rhos = _unipc_rhos(h, [r, 1.0])
-                residual = rhos[0] * (outputs[-2] - m0) / r
-            x = (t / s0) * x_last - np.expm1(-h) * m0 - np.expm1(-h) * (residual + rhos[-1] * (m - m0))
+        if i > s.start and (i - 1) not in disable_corrector:  # UniC: redo the last step with m
+            x = _unipc_update(x_last, sig, i - 1, i, outputs[-last_order:], variant, new_output=m)
         outputs = (outputs + [m])[-order:]
         this_order = min(order, n - i) if lower_order_final else order
-        this_order = min(this_order, min(i - s.start, order) + 1)  # warm-up: first order on the first step
+        this_order = min(this_order, min(i - s.start, order) + 1)  # warm-up: fewer estimates at the start
         x_last, last_order = x, this_order
-        # UniP: predictor to the next sigma
-        s0, t = sig[i], sig[i + 1]
-        m0 = outputs[-1]
-        if t == 0.0 and this_order == 1:
-            x = m0  # the limit of the update at sigma 0
-        else:
-            h = np.log(s0) - np.log(t)
-            x = (t / s0) * x - np.expm1(-h) * m0
-            if this_order == 2:
-                r = (np.log(s0) - np.log(sig[i - 1])) / h
-                x = x - np.expm1(-h) * 0.5 * (outputs[-2] - m0) / r
+        x = _unipc_update(x, sig, i, i + 1, outputs[-this_order:], variant)
         x = x.astype(np.float32)
         _notify(callback, i - s.start, n - s.start)
     return x

@@ -91,8 +91,9 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "UniPCMultistepScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
-         "use_beta_sigmas": False, "final_sigmas_type": "zero", "lower_order_final": True, **_THRESHOLDING},
-        {"solver_order": 2, "predict_x0": True, "solver_type": "bh2", "disable_corrector": [], "solver_p": None,
+         "use_beta_sigmas": False, "final_sigmas_type": "zero", "lower_order_final": True, **_THRESHOLDING,
+         "solver_order": 2, "solver_type": "bh2", "disable_corrector": []},
+        {"predict_x0": True, "solver_p": None,
          "use_flow_sigmas": False, "flow_shift": 1.0,
          "use_dynamic_shifting": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None},
     ),
@@ -262,6 +263,16 @@ def _check_values(class_name: str, c: dict) -> None:
         names = sorted(n for n, (cls, _, _) in SAMPLERS.items() if cls in _ZERO_SNR_CLASSES)
         raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported (diffusers' class has no "
                           "such option)", f"pick a sampler that has it: {', '.join(names)}")
+    if class_name == "UniPCMultistepScheduler":
+        if c["solver_order"] not in (1, 2, 3):
+            raise EdgesdError(f"UniPCMultistepScheduler: solver_order={c['solver_order']!r} is not supported",
+                              "use 1, 2 or 3 (2 for guided sampling)")
+        if c["solver_type"] not in ("bh1", "bh2"):
+            raise EdgesdError(f"UniPCMultistepScheduler: solver_type={c['solver_type']!r} is not supported",
+                              "use 'bh1' or 'bh2'")
+        if not isinstance(c["disable_corrector"], (list, tuple)):
+            raise EdgesdError(f"UniPCMultistepScheduler: disable_corrector={c['disable_corrector']!r} is not a list",
+                              "give the step indices without a corrector, e.g. [0]")
     if class_name == "PNDMScheduler" and not c["skip_prk_steps"]:
         raise EdgesdError("PNDMScheduler: skip_prk_steps=False (Runge-Kutta warm-up) is not supported",
                           "set skip_prk_steps to true or use --scheduler pndm")

@@ -342,3 +342,36 @@ def test_zero_terminal_snr_equals_diffusers(name, steps):
         scale = max(scale, 4 * float(np.finfo(np.float32).eps) * sigma_schedule(sched, steps).init_noise_sigma
                     * start_max / 1e-5)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20])
+@pytest.mark.parametrize("extra", [{"solver_order": 1}, {"solver_order": 3}, {"disable_corrector": [0, 2]},
+                                   {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                                   {"solver_order": 3, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+                                   {"solver_order": 3, "lower_order_final": False, "final_sigmas_type": "sigma_min"},
+                                   {"solver_order": 3, "prediction_type": "v_prediction"}])
+def test_unipc_orders_and_variants_equal_diffusers(extra, steps):
+    config = {**SD, "timestep_spacing": "trailing", **extra}
+    got, expected, scale = _both_loops("unipc", config, steps, config["prediction_type"])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("extra", [{"solver_type": "bh1"}, {"solver_order": 3, "lower_order_final": False}])
+def test_unipc_step_to_zero_stays_finite(extra):
+    """Where diffusers gives NaN (bh1) or cannot solve (order 3 at sigma 0), the last step returns its x0."""
+    config = {**SD, "timestep_spacing": "trailing", **extra}
+    sched = resolve_scheduler("unipc", config)
+    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+    start = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert np.isfinite(_run_sampler(sched, denoiser, start, 10, None, None)).all()
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", ["euler", "unipc", "dpm++2m", "dpm++2m-karras", "dpm++2m-sde"])
+def test_final_sigma_min_equals_diffusers(name, spacing, steps):
+    """final_sigmas_type="sigma_min": the last step stops at the smallest training sigma, not at 0."""
+    config = {**SD, "timestep_spacing": spacing, "final_sigmas_type": "sigma_min"}
+    got, expected, scale = _both_loops(name, config, steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
