@@ -79,6 +79,12 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
          "noise_sampler_seed": None},  # our noise comes from the generation's seed
         {},
     ),
+    "DEISMultistepScheduler": (
+        {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+         "use_beta_sigmas": False, "lower_order_final": True, "solver_order": 2, **_THRESHOLDING},
+        {"algorithm_type": "deis", "solver_type": "logrho", "use_flow_sigmas": False, "flow_shift": 1.0,
+         "use_dynamic_shifting": False, "time_shift_type": "exponential"},
+    ),
     "KDPM2DiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
          "use_beta_sigmas": False, "beta_start": 0.00085, "beta_end": 0.012},
@@ -153,6 +159,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "tcd": ("TCDScheduler", {}, "trajectory consistency (TCD models; --eta is its gamma, default 0.3)"),
     "dpm++sde": ("DPMSolverSDEScheduler", {}, "DPM++ SDE (2 U-Net calls per step)"),
     "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "DPM++ SDE with Karras sigmas"),
+    "deis": ("DEISMultistepScheduler", {}, "DEIS multistep, order 2"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -173,6 +180,7 @@ _CLASS_TO_NAME = {
     "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2-a",
     "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverSDEScheduler": "dpm++sde",
+    "DEISMultistepScheduler": "deis",
 }
 
 
@@ -195,6 +203,7 @@ class SchedulerConfig:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
                                    "UniPCMultistepScheduler", "KDPM2DiscreteScheduler", "DPMSolverSDEScheduler",
+                                   "DEISMultistepScheduler",
                                    "KDPM2AncestralDiscreteScheduler")
 
     @property
@@ -256,6 +265,8 @@ def _check_values(class_name: str, c: dict) -> None:
         "final_sigmas_type": ("zero", "sigma_min"),
         "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
     }
+    if class_name != "DPMSolverMultistepScheduler":
+        allowed.pop("algorithm_type")  # DEIS has its own, checked as a default-only key
     for key, values in allowed.items():
         if key in c and c[key] not in values and not (key == "beta_schedule" and c["trained_betas"] is not None):
             raise EdgesdError(f"{class_name}: {key}={c[key]!r} is not supported", f"use one of {values}")
@@ -263,6 +274,9 @@ def _check_values(class_name: str, c: dict) -> None:
         names = sorted(n for n, (cls, _, _) in SAMPLERS.items() if cls in _ZERO_SNR_CLASSES)
         raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported (diffusers' class has no "
                           "such option)", f"pick a sampler that has it: {', '.join(names)}")
+    if class_name == "DEISMultistepScheduler" and c["solver_order"] not in (1, 2, 3):
+        raise EdgesdError(f"DEISMultistepScheduler: solver_order={c['solver_order']!r} is not supported",
+                          "use 1, 2 or 3")
     if class_name == "UniPCMultistepScheduler":
         if c["solver_order"] not in (1, 2, 3):
             raise EdgesdError(f"UniPCMultistepScheduler: solver_order={c['solver_order']!r} is not supported",
@@ -400,7 +414,8 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     train_sigmas = np.sqrt((1 - ac) / ac)  # float32, as diffusers (torch computes pow 0.5 as sqrt)
     log_sigmas = np.log(train_sigmas)
     spacing = c["timestep_spacing"]
-    dpm = c.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")  # same schedule
+    dpm = c.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                           "DEISMultistepScheduler")  # same schedule
     if dpm:  # DPM-Solver spaces n + 1 integer points and drops t = 0
         if spacing == "linspace":
             t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
@@ -434,6 +449,8 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     else:
         sigmas = np.interp(t, np.arange(T), train_sigmas)
     final = float(((1 - ac[0]) / ac[0]) ** 0.5) if c.config.get("final_sigmas_type") == "sigma_min" else 0.0
+    if c.class_name == "DEISMultistepScheduler":  # DEIS ends at sigma_min, or repeats its last converted sigma
+        final = float(sigmas[-1]) if (karras or exponential or beta) else float(((1 - ac[0]) / ac[0]) ** 0.5)
     sigmas = np.concatenate([sigmas, [final]]).astype(np.float32)
     t = t.astype(np.float32)
     max_sigma = float(sigmas.max())

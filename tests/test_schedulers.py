@@ -27,7 +27,8 @@ NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMSchedule
          "dpm2": "KDPM2DiscreteScheduler", "dpm2-karras": "KDPM2DiscreteScheduler",
          "dpm2-a": "KDPM2AncestralDiscreteScheduler", "dpm2-a-karras": "KDPM2AncestralDiscreteScheduler",
          "lcm": "LCMScheduler", "tcd": "TCDScheduler",
-         "dpm++sde": "DPMSolverSDEScheduler", "dpm++sde-karras": "DPMSolverSDEScheduler"}
+         "dpm++sde": "DPMSolverSDEScheduler", "dpm++sde-karras": "DPMSolverSDEScheduler",
+         "deis": "DEISMultistepScheduler"}
 STEPS = [1, 2, 4, 20, 50]
 SPACINGS = ["leading", "linspace", "trailing"]
 
@@ -91,7 +92,7 @@ def test_schedule_equals_diffusers(name, spacing, steps):
         s = sigma_schedule(ours, steps)
         np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-4)
         np.testing.assert_allclose(s.sigmas, ref_s, rtol=1e-6)
-        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++2m", "unipc")) else
+        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++2m", "unipc", "deis")) else
                                    float(np.sqrt(ref.sigmas[0] ** 2 + 1)), rtol=1e-5)
     else:
         a = alpha_schedule(ours, steps)
@@ -204,7 +205,7 @@ def test_a1111_names(a1111, ours):
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("kind", ["exponential", "beta"])
 @pytest.mark.parametrize("name", ["euler", "heun", "lms", "unipc", "dpm++2m", "dpm++2m-sde", "dpm2", "dpm2-a",
-                                  "dpm++sde"])
+                                  "dpm++sde", "deis"])
 def test_exponential_and_beta_sigmas_equal_diffusers(name, kind, spacing, steps):
     """use_exponential_sigmas / use_beta_sigmas (diffusers computes the Beta quantiles with scipy; we do not)."""
     config = {**SD, "timestep_spacing": spacing, f"use_{kind}_sigmas": True}
@@ -374,4 +375,15 @@ def test_final_sigma_min_equals_diffusers(name, spacing, steps):
     """final_sigmas_type="sigma_min": the last step stops at the smallest training sigma, not at 0."""
     config = {**SD, "timestep_spacing": spacing, "final_sigmas_type": "sigma_min"}
     got, expected, scale = _both_loops(name, config, steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20])
+@pytest.mark.parametrize("extra", [{"solver_order": 1}, {"solver_order": 3},
+                                   {"solver_order": 3, "use_karras_sigmas": True},
+                                   {"solver_order": 3, "lower_order_final": False},
+                                   {"thresholding": True, "sample_max_value": 2.5}])
+def test_deis_orders_and_options_equal_diffusers(extra, steps):
+    config = {**SD, "timestep_spacing": "trailing", **extra}
+    got, expected, scale = _both_loops("deis", config, steps)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
