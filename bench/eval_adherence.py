@@ -20,14 +20,15 @@ from edgesd.models.adherence import CHANCE, held_out_prompts, score
 from edgesd.models.training import shapes
 
 
-def generate_edgesd(model: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 10):
+def generate_edgesd(model: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 10,
+                    rescale: float = 0.0):
     import edgesd
 
     pipe = edgesd.Pipeline.load(model)
     images = []
     for i in range(0, len(prompts), batch):
         images += pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       seed=seed + i).images
+                       guidance_rescale=rescale, seed=seed + i).images
     return images
 
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--pytorch", type=Path, help="the diffusers folder the models were exported from")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", help="guidance scale, or several separated by commas (default: the model's)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="edgesd models only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="where to write the scores")
     parser.add_argument("--save-grid", type=Path, help="write a PNG grid of the first model's first 40 pictures")
@@ -72,7 +74,9 @@ def main() -> None:
         for folder in models:
             recipes = {g.get("precision") for g in (ModelFolder.open(folder).manifest or {}).get("graphs", {}).values()}
             label = f"edgesd onnx {'/'.join(sorted(recipes)) or 'fp32'} ({folder.name})"
-            images = generate_edgesd(folder, prompts, steps, guidance, args.seed)
+            images = generate_edgesd(folder, prompts, steps, guidance, args.seed, rescale=args.guidance_rescale)
+            if args.guidance_rescale:
+                label += f", rescale {args.guidance_rescale}"
             rows.append((label, guidance, score(images, scenes)))
             if args.save_grid and folder == models[0] and guidance == guidances[0]:
                 _save_grid(images[:40], args.save_grid)

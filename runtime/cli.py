@@ -118,6 +118,8 @@ def _scheduler_choice(value: str | None):
 @click.option("--steps", default=None, type=int, help="Denoising steps (default: the model's, usually 20).")
 @click.option("--guidance", default=None, type=float,
               help="Classifier-free guidance scale (default: the model's, usually 7.5).")
+@click.option("--guidance-rescale", default=0.0, show_default=True, type=float,
+              help="0-1: rescale guided predictions towards the conditional one's spread (Lin et al. 2023).")
 @click.option("--seed", default=None, type=int, help="Random seed (default: random, printed).")
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
@@ -132,8 +134,8 @@ def _scheduler_choice(value: str | None):
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, scheduler, eta, image_path, strength,
-             provider, count, output):
+def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, seed, width, height, scheduler, eta,
+             image_path, strength, provider, count, output):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -165,6 +167,7 @@ def generate(prompt, model_dir, negative, steps, guidance, seed, width, height, 
             bar.update(1)
 
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                      guidance_rescale=guidance_rescale,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, eta=eta, image=image, strength=strength)
     for warning in result.warnings:

@@ -23,6 +23,7 @@ class Denoiser:
     guidance_scale: float
     prediction_type: str  # "epsilon" | "v_prediction" | "sample"
     alphas_cumprod: np.ndarray  # (T,) float32
+    guidance_rescale: float = 0.0  # phi of Lin et al. 2023, Sec. 3.4; 0 leaves guidance as it is
 
     @property
     def guided(self) -> bool:
@@ -36,7 +37,13 @@ class Denoiser:
         if not self.guided:
             return out
         uncond, cond = np.split(out, 2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        guided = uncond + self.guidance_scale * (cond - uncond)
+        if self.guidance_rescale > 0:
+            # Rescale the guided prediction to the conditional one's std, per sample (Lin et al. 2023, Eq. 15-16)
+            axes = tuple(range(1, out.ndim))
+            rescaled = guided * (cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True))
+            guided = self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * guided
+        return guided
 
     def _to_eps(self, out: np.ndarray, x_vp: np.ndarray, alpha_bar: float) -> np.ndarray:
         if self.prediction_type == "epsilon":

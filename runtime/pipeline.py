@@ -134,6 +134,7 @@ class Pipeline:
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
         width: int | None = None,
         height: int | None = None,
         seed: int | None = None,
@@ -153,6 +154,8 @@ class Pipeline:
         fresh noise for ancestral samplers (default: a generator seeded by `seed`).
         `num_inference_steps` / `guidance_scale` default to the model's own defaults (20 / 7.5
         unless its manifest says otherwise; `Pipeline.defaults`).
+        `guidance_rescale`: 0-1, pulls the guided prediction's spread back towards the conditional one's
+        (Lin et al. 2023), against the over-saturation of high guidance scales; as diffusers' argument.
         `eta`: DDIM's noise level (default 0: deterministic; 1 DDPM-like) or TCD's gamma (default 0.3);
         other samplers ignore it, as in diffusers.
         `image` (img2img): a starting picture, resized to width x height (default: its own size); it is
@@ -171,6 +174,8 @@ class Pipeline:
             width, height = width or native[0], height or native[1]
             if not 0.0 < strength <= 1.0:
                 raise EdgesdError(f"strength must be in (0, 1], got {strength}", "use e.g. 0.75")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise EdgesdError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}", "use e.g. 0.7")
         req = self._request(prompt, negative_prompt, steps, guidance, width, height,
                             seed, num_images_per_prompt, eta)
         start, x0 = 0, None
@@ -187,6 +192,7 @@ class Pipeline:
             unet=self.unet,
             context=self._context(req),
             guidance_scale=req.guidance_scale,
+            guidance_rescale=guidance_rescale,
             prediction_type=sched.prediction_type,
             alphas_cumprod=alphas_cumprod(sched),
         )
@@ -197,6 +203,7 @@ class Pipeline:
             "prompt": req.prompts[0] if len(req.prompts) == 1 else req.prompts,
             "negative_prompt": req.negative_prompts[0] if len(set(req.negative_prompts)) == 1 else req.negative_prompts,
             "steps": req.steps, "scheduler": sched.name, "guidance_scale": req.guidance_scale,
+            **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}),
             "seed": req.seed, "width": req.width, "height": req.height,
             "model": self.folder.root.name, "provider": self.provider,
         }

@@ -110,3 +110,15 @@ def test_batch_and_negative_prompt_match_diffusers(reference, ours):
                   latents=latents, scheduler="ddim")
     for expected, image in zip(out.images, result.images):
         assert psnr(expected * 255, np.asarray(image, dtype=np.float64)) >= MIN_PSNR_DB
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(reference, ours, rescale):
+    """guidance_rescale (Lin et al. 2023), as diffusers' StableDiffusionPipeline applies it."""
+    latents = np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.model_scheduler_config)
+    expected = reference(PROMPT, num_inference_steps=8, guidance_scale=7.5, guidance_rescale=rescale,
+                         latents=torch.from_numpy(latents), output_type="latent").images.numpy()
+    got = ours(PROMPT, num_inference_steps=8, guidance_scale=7.5, guidance_rescale=rescale, latents=latents,
+               scheduler="euler").latents
+    _assert_latents_close(expected, got)
