@@ -287,10 +287,10 @@ def sample_deis(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: S
         sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
         e = (x - denoise(x, sigma, s.timesteps[i])) / sigma
         history = (history + [e])[-order:]
-        done = i - s.start  # steps taken so far from this start
+        done = i - s.start  # steps taken since the start (img2img may start part-way)
         this_order = min(order, done + 1, len(history))
         if lower_order_final and n < 15:
-            this_order = min(this_order, n - i)  # first order on the last step, at most second on the one before
+            this_order = min(this_order, n - i)  # first order on the last step, at most second before it
         if this_order == 1 or sigma_next == sigma:
             x = x + (sigma_next - sigma) * e  # DDIM / Euler in sigma; no move where the schedule repeats
         else:
