@@ -194,6 +194,8 @@ def info(model: Path, as_json: bool):
     for key, value in summary["constants"].items():
         click.echo(f"  {key:<22}{value}")
     click.echo(f"scheduler  {summary['scheduler']}")
+    d = summary["defaults"]
+    click.echo(f"defaults   {d['num_inference_steps']} steps, guidance {d['guidance_scale']}")
     for name, g in summary["graphs"].items():
         click.echo(f"{name}: {g['precision']}, {g['size_mb']:.1f} MB")
         for io in ("inputs", "outputs"):

@@ -50,5 +50,6 @@ def describe(path: Path) -> dict:
         "written_by": "edgesd" if folder.manifest else "another exporter (optimum layout)",
         "constants": asdict(folder.constants),
         "scheduler": folder.scheduler_config.get("_class_name"),
+        "defaults": asdict(folder.defaults),
         "graphs": graphs,
     }

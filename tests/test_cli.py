@@ -66,6 +66,13 @@ def test_info(tiny_onnx):
     assert summary["written_by"] == "edgesd"
     assert summary["graphs"]["unet"]["precision"] == "fp32"
     assert summary["graphs"]["unet"]["inputs"][1]["name"] == "timestep"
+    assert summary["defaults"] == {"num_inference_steps": 20, "guidance_scale": 7.5}
+
+
+def test_info_shows_the_default_models_own_defaults():
+    proc = edgesd("info", Path(__file__).resolve().parents[1] / "models" / "edgesd-tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert "defaults   20 steps, guidance 1.5" in proc.stdout and "unet: fp16" in proc.stdout
 
 
 def test_export_prints_parity_table(tiny_src, tmp_path):
