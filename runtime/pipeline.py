@@ -311,6 +311,10 @@ def _sigma_sampler(sched: SchedulerConfig, denoise, x: np.ndarray, s: sampling.S
     if sched.class_name == "UniPCMultistepScheduler":
         return sampling.sample_unipc(denoise, x, s, callback, sched["lower_order_final"], sched["solver_order"],
                                      sched["solver_type"], tuple(sched["disable_corrector"]))
+    if sched.class_name == "DPMSolverSinglestepScheduler":
+        orders = sampling.singlestep_orders(len(s.timesteps), sched["solver_order"], sched["lower_order_final"],
+                                            float(s.sigmas[-1]) == 0.0)
+        return sampling.sample_dpmpp_2s(denoise, x, s, orders, callback, sched["solver_type"])
     if sched.class_name == "DEISMultistepScheduler":
         return sampling.sample_deis(denoise, x, s, callback, sched["solver_order"], sched["lower_order_final"])
     if sched.class_name == "DPMSolverSDEScheduler":
@@ -344,7 +348,8 @@ def _run_sampler(sched: SchedulerConfig, d: Denoiser, noise_x: np.ndarray, steps
         if limit is not None and sched.class_name != "HeunDiscreteScheduler":  # DPM++, UniPC: on x0 itself
             denoise = lambda x_, sigma, t: limit(d.denoise(x_, sigma, t))  # noqa: E731
         x = _sigma_sampler(sched, denoise, x, s, noise, callback, limit)
-        if sched.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"):
+        if sched.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                                "DPMSolverSinglestepScheduler"):
             # diffusers' DPM-Solver and UniPC keep the variance-preserving sample: at a final sigma_min > 0
             # that is ours divided by sqrt(1 + sigma^2) (at sigma 0 they are the same)
             x = (x / np.sqrt(1.0 + float(s.sigmas[-1]) ** 2)).astype(np.float32)

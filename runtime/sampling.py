@@ -301,6 +301,49 @@ def sample_deis(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: S
     return x
 
 
+def singlestep_orders(n: int, order: int, lower_order_final: bool, final_is_zero: bool) -> list[int]:
+    """Per step, the order of DPM-Solver++ singlestep: groups of 1, 2(, 3) ending each group's interval
+    (diffusers' get_order_list; an odd number of steps forces lower_order_final, as diffusers does)."""
+    if order == 1:
+        orders = [1] * n
+    elif lower_order_final or n % order:
+        orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+    else:
+        orders = [1, 2] * (n // 2)
+    if final_is_zero:
+        orders[-1] = 1
+    return orders
+
+
+def sample_dpmpp_2s(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, orders: list[int],
+                    callback: StepCallback | None = None, variant: str = "midpoint"):
+    """DPM-Solver++(2S), singlestep (Lu et al. 2022, arXiv:2211.01095, Alg. 1): a first-order step to the
+    intermediate sigma, then the second-order step over the whole interval from the saved start, using
+    both x0 estimates ("midpoint" or "heun" weighting, as diffusers' DPMSolverSinglestepScheduler)."""
+    n = len(s.timesteps)
+    outputs: list[np.ndarray] = []
+    x_start = x
+    for i in range(s.start, n):
+        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
+        outputs = (outputs + [denoise(x, sigma, s.timesteps[i])])[-2:]
+        if min(orders[i], len(outputs)) == 1:
+            x_start = x
+            x = outputs[-1] if sigma_next == 0.0 else (sigma_next / sigma) * x - np.expm1(
+                np.log(sigma_next) - np.log(sigma)) * outputs[-1]
+        else:  # over [sigma_{i-1}, sigma_{i+1}] with the estimates at sigma_{i-1} and sigma_i
+            s1 = float(s.sigmas[i - 1])
+            h = np.log(s1) - np.log(sigma_next)  # lambda = -log sigma
+            r0 = (np.log(s1) - np.log(sigma)) / h
+            d0, d1 = outputs[-2], (outputs[-1] - outputs[-2]) / r0
+            x = (sigma_next / s1) * x_start - np.expm1(-h) * d0
+            if variant == "midpoint":
+                x = x - 0.5 * np.expm1(-h) * d1
+            else:  # heun
+                x = x + (np.expm1(-h) / h + 1.0) * d1
+        _notify(callback, i - s.start, n - s.start)
+    return x
+
+
 def _dpmpp_2m(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn | None,
               callback: StepCallback | None, lower_order_final: bool):
     """The DPM-Solver++(2M) loop; the ODE update without `noise`, the SDE update with it."""

@@ -85,6 +85,13 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"algorithm_type": "deis", "solver_type": "logrho", "use_flow_sigmas": False, "flow_shift": 1.0,
          "use_dynamic_shifting": False, "time_shift_type": "exponential"},
     ),
+    "DPMSolverSinglestepScheduler": (
+        {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+         "final_sigmas_type": "zero", "lower_order_final": False, "solver_order": 2, "solver_type": "midpoint",
+         **_THRESHOLDING},
+        {"algorithm_type": "dpmsolver++", "lambda_min_clipped": -float("inf"), "variance_type": None,
+         "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"},
+    ),
     "KDPM2DiscreteScheduler": (
         {"timestep_spacing": "linspace", "use_karras_sigmas": False, "use_exponential_sigmas": False,
          "use_beta_sigmas": False, "beta_start": 0.00085, "beta_end": 0.012},
@@ -160,6 +167,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "dpm++sde": ("DPMSolverSDEScheduler", {}, "DPM++ SDE (2 U-Net calls per step)"),
     "dpm++sde-karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, "DPM++ SDE with Karras sigmas"),
     "deis": ("DEISMultistepScheduler", {}, "DEIS multistep, order 2"),
+    "dpm++2s": ("DPMSolverSinglestepScheduler", {}, "DPM++ 2S, singlestep (not ancestral)"),
+    "dpm++2s-karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "DPM++ 2S with Karras sigmas"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -180,7 +189,7 @@ _CLASS_TO_NAME = {
     "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
     "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2-a",
     "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverSDEScheduler": "dpm++sde",
-    "DEISMultistepScheduler": "deis",
+    "DEISMultistepScheduler": "deis", "DPMSolverSinglestepScheduler": "dpm++2s",
 }
 
 
@@ -203,7 +212,7 @@ class SchedulerConfig:
         return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                    "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
                                    "UniPCMultistepScheduler", "KDPM2DiscreteScheduler", "DPMSolverSDEScheduler",
-                                   "DEISMultistepScheduler",
+                                   "DEISMultistepScheduler", "DPMSolverSinglestepScheduler",
                                    "KDPM2AncestralDiscreteScheduler")
 
     @property
@@ -274,6 +283,13 @@ def _check_values(class_name: str, c: dict) -> None:
         names = sorted(n for n, (cls, _, _) in SAMPLERS.items() if cls in _ZERO_SNR_CLASSES)
         raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported (diffusers' class has no "
                           "such option)", f"pick a sampler that has it: {', '.join(names)}")
+    if class_name == "DPMSolverSinglestepScheduler":
+        if c["solver_order"] not in (1, 2):
+            raise EdgesdError(f"DPMSolverSinglestepScheduler: solver_order={c['solver_order']!r} is not supported yet",
+                              "use 1 or 2")
+        if c["solver_type"] not in ("midpoint", "heun"):
+            raise EdgesdError(f"DPMSolverSinglestepScheduler: solver_type={c['solver_type']!r} is not supported",
+                              "use 'midpoint' or 'heun'")
     if class_name == "DEISMultistepScheduler" and c["solver_order"] not in (1, 2, 3):
         raise EdgesdError(f"DEISMultistepScheduler: solver_order={c['solver_order']!r} is not supported",
                           "use 1, 2 or 3")
@@ -413,9 +429,9 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
     T = c["num_train_timesteps"]
     train_sigmas = np.sqrt((1 - ac) / ac)  # float32, as diffusers (torch computes pow 0.5 as sqrt)
     log_sigmas = np.log(train_sigmas)
-    spacing = c["timestep_spacing"]
-    dpm = c.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                           "DEISMultistepScheduler")  # same schedule
+    spacing = c.config.get("timestep_spacing", "linspace")  # DPMSolverSinglestep has none: always linspace
+    dpm = c.class_name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                           "DPMSolverSinglestepScheduler")  # same schedule
     if dpm:  # DPM-Solver spaces n + 1 integer points and drops t = 0
         if spacing == "linspace":
             t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]

@@ -28,7 +28,8 @@ NAMES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMSchedule
          "dpm2-a": "KDPM2AncestralDiscreteScheduler", "dpm2-a-karras": "KDPM2AncestralDiscreteScheduler",
          "lcm": "LCMScheduler", "tcd": "TCDScheduler",
          "dpm++sde": "DPMSolverSDEScheduler", "dpm++sde-karras": "DPMSolverSDEScheduler",
-         "deis": "DEISMultistepScheduler"}
+         "deis": "DEISMultistepScheduler",
+         "dpm++2s": "DPMSolverSinglestepScheduler", "dpm++2s-karras": "DPMSolverSinglestepScheduler"}
 STEPS = [1, 2, 4, 20, 50]
 SPACINGS = ["leading", "linspace", "trailing"]
 
@@ -92,7 +93,7 @@ def test_schedule_equals_diffusers(name, spacing, steps):
         s = sigma_schedule(ours, steps)
         np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-4)
         np.testing.assert_allclose(s.sigmas, ref_s, rtol=1e-6)
-        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++2m", "unipc", "deis")) else
+        np.testing.assert_allclose(s.init_noise_sigma, float(ref.init_noise_sigma) if not name.startswith(("dpm++2m", "dpm++2s", "unipc", "deis")) else
                                    float(np.sqrt(ref.sigmas[0] ** 2 + 1)), rtol=1e-5)
     else:
         a = alpha_schedule(ours, steps)
@@ -386,4 +387,14 @@ def test_final_sigma_min_equals_diffusers(name, spacing, steps):
 def test_deis_orders_and_options_equal_diffusers(extra, steps):
     config = {**SD, "timestep_spacing": "trailing", **extra}
     got, expected, scale = _both_loops("deis", config, steps)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 20])
+@pytest.mark.parametrize("extra", [{"solver_order": 1}, {"solver_type": "heun"}, {"lower_order_final": True},
+                                   {"final_sigmas_type": "sigma_min"}, {"use_karras_sigmas": True},
+                                   {"thresholding": True, "sample_max_value": 2.5}])
+def test_dpmpp_singlestep_options_equal_diffusers(extra, steps):
+    config = {**SD, **extra}
+    got, expected, scale = _both_loops("dpm++2s", config, steps)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
