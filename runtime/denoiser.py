@@ -45,14 +45,6 @@ class Denoiser:
             guided = self.guidance_rescale * rescaled + (1 - self.guidance_rescale) * guided
         return guided
 
-    def _to_eps(self, out: np.ndarray, x_vp: np.ndarray, alpha_bar: float) -> np.ndarray:
-        if self.prediction_type == "epsilon":
-            return out
-        a, s = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
-        if self.prediction_type == "v_prediction":  # v = a * eps - s * x0 (Salimans & Ho 2022)
-            return a * out + s * x_vp
-        return (x_vp - a * out) / s  # "sample": the network predicts x0
-
     def predict(self, x_t: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
         """(noise, x0) estimates for alpha-space samplers, each from the network output directly."""
         out = self._predict(x_t, t)
@@ -66,8 +58,7 @@ class Denoiser:
 
     def eps(self, x_t: np.ndarray, t: float) -> np.ndarray:
         """Noise estimate for alpha-space samplers (x_t is the VP sample)."""
-        out = self._predict(x_t, t)
-        return self._to_eps(out, x_t, float(self.alphas_cumprod[int(t)]))
+        return self.predict(x_t, t)[0]
 
     def denoise(self, x: np.ndarray, sigma: float, t: float) -> np.ndarray:
         """x0 estimate for sigma-space samplers (x = x_vp * sqrt(1 + sigma^2))."""

@@ -266,16 +266,23 @@ def _from_dict(class_name: str, source: dict, forced: dict) -> SchedulerConfig:
     return SchedulerConfig(class_name, config)
 
 
+# Values we implement for keys whose allowed values depend on the class.
+_CLASS_VALUES: dict[str, dict[str, tuple]] = {
+    "DPMSolverMultistepScheduler": {"algorithm_type": ("dpmsolver++", "sde-dpmsolver++")},
+    "DPMSolverSinglestepScheduler": {"solver_order": (1, 2), "solver_type": ("midpoint", "heun")},
+    "DEISMultistepScheduler": {"solver_order": (1, 2, 3)},
+    "UniPCMultistepScheduler": {"solver_order": (1, 2, 3), "solver_type": ("bh1", "bh2")},
+}
+
+
 def _check_values(class_name: str, c: dict) -> None:
     allowed = {
         "beta_schedule": ("linear", "scaled_linear"),
         "prediction_type": ("epsilon", "v_prediction", "sample"),
         "timestep_spacing": ("linspace", "leading", "trailing"),
         "final_sigmas_type": ("zero", "sigma_min"),
-        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++"),
+        **_CLASS_VALUES.get(class_name, {}),
     }
-    if class_name != "DPMSolverMultistepScheduler":
-        allowed.pop("algorithm_type")  # DEIS has its own, checked as a default-only key
     for key, values in allowed.items():
         if key in c and c[key] not in values and not (key == "beta_schedule" and c["trained_betas"] is not None):
             raise EdgesdError(f"{class_name}: {key}={c[key]!r} is not supported", f"use one of {values}")
@@ -283,26 +290,9 @@ def _check_values(class_name: str, c: dict) -> None:
         names = sorted(n for n, (cls, _, _) in SAMPLERS.items() if cls in _ZERO_SNR_CLASSES)
         raise EdgesdError(f"{class_name}: rescale_betas_zero_snr=True is not supported (diffusers' class has no "
                           "such option)", f"pick a sampler that has it: {', '.join(names)}")
-    if class_name == "DPMSolverSinglestepScheduler":
-        if c["solver_order"] not in (1, 2):
-            raise EdgesdError(f"DPMSolverSinglestepScheduler: solver_order={c['solver_order']!r} is not supported yet",
-                              "use 1 or 2")
-        if c["solver_type"] not in ("midpoint", "heun"):
-            raise EdgesdError(f"DPMSolverSinglestepScheduler: solver_type={c['solver_type']!r} is not supported",
-                              "use 'midpoint' or 'heun'")
-    if class_name == "DEISMultistepScheduler" and c["solver_order"] not in (1, 2, 3):
-        raise EdgesdError(f"DEISMultistepScheduler: solver_order={c['solver_order']!r} is not supported",
-                          "use 1, 2 or 3")
-    if class_name == "UniPCMultistepScheduler":
-        if c["solver_order"] not in (1, 2, 3):
-            raise EdgesdError(f"UniPCMultistepScheduler: solver_order={c['solver_order']!r} is not supported",
-                              "use 1, 2 or 3 (2 for guided sampling)")
-        if c["solver_type"] not in ("bh1", "bh2"):
-            raise EdgesdError(f"UniPCMultistepScheduler: solver_type={c['solver_type']!r} is not supported",
-                              "use 'bh1' or 'bh2'")
-        if not isinstance(c["disable_corrector"], (list, tuple)):
-            raise EdgesdError(f"UniPCMultistepScheduler: disable_corrector={c['disable_corrector']!r} is not a list",
-                              "give the step indices without a corrector, e.g. [0]")
+    if not isinstance(c.get("disable_corrector", []), (list, tuple)):
+        raise EdgesdError(f"{class_name}: disable_corrector={c['disable_corrector']!r} is not a list",
+                          "give the step indices without a corrector, e.g. [0]")
     if class_name == "PNDMScheduler" and not c["skip_prk_steps"]:
         raise EdgesdError("PNDMScheduler: skip_prk_steps=False (Runge-Kutta warm-up) is not supported",
                           "set skip_prk_steps to true or use --scheduler pndm")

@@ -188,8 +188,19 @@ def test_clipping_thresholding_and_eta_equal_diffusers(name, extra, eta, steps):
     ({"_class_name": "HeunDiscreteScheduler", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr.*euler-a"),
     ({"_class_name": "PNDMScheduler", "skip_prk_steps": False}, "skip_prk_steps=False"),
     ({"_class_name": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler"),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_order": 4}, "solver_order=4 is not supported"),
+    ({"_class_name": "UniPCMultistepScheduler", "disable_corrector": 0}, "disable_corrector=0 is not a list"),
+    ({"_class_name": "DEISMultistepScheduler", "solver_type": "bh2"}, "solver_type='bh2' is not supported"),
+    ({"_class_name": "DPMSolverSinglestepScheduler", "solver_order": 3}, "solver_order=3 is not supported"),
+    ({"_class_name": "DPMSolverSinglestepScheduler", "algorithm_type": "dpmsolver"}, "algorithm_type='dpmsolver'"),
+    ({"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True, "use_beta_sigmas": True,
+      "timestep_spacing": "trailing"}, None),
 ])
 def test_unsupported_configs_are_named(config, needle):
+    if needle is None:  # accepted, but refused once the schedule is built
+        with pytest.raises(EdgesdError, match="use_karras_sigmas and use_beta_sigmas are set together"):
+            sigma_schedule(resolve_scheduler(config, SD), 10)
+        return
     with pytest.raises(EdgesdError, match=needle):
         resolve_scheduler(config, SD)
 
