@@ -168,23 +168,12 @@ class Pipeline:
         steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
         if image is not None:
-            if not isinstance(image, (Image.Image, np.ndarray)):
-                raise EdgesdError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
-            native = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-            width, height = width or native[0], height or native[1]
-            if not 0.0 < strength <= 1.0:
-                raise EdgesdError(f"strength must be in (0, 1], got {strength}", "use e.g. 0.75")
+            width, height = _image_size(image, width, height, strength)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise EdgesdError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}", "use e.g. 0.7")
         req = self._request(prompt, negative_prompt, steps, guidance, width, height,
                             seed, num_images_per_prompt, eta)
-        start, x0 = 0, None
-        if image is not None:
-            start = strength_start(req.steps, strength)
-            if start >= req.steps:
-                raise EdgesdError(f"strength {strength} with {req.steps} steps leaves no step to run",
-                                  f"raise strength to at least {1 / req.steps:.2f} or take more steps")
-            x0 = np.repeat(self.encode_image(image, req.width, req.height), req.batch, 0)
+        start, x0 = self._img2img_start(image, strength, req) if image is not None else (0, None)
         sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
         rng = np.random.default_rng(req.seed)
         x = self._initial_latents(req, latents, rng)
@@ -252,6 +241,14 @@ class Pipeline:
         return _Request(prompts, negatives, int(steps), float(guidance), int(width), int(height), int(seed),
                         int(per_prompt))
 
+    def _img2img_start(self, image, strength: float, req: _Request) -> tuple[int, np.ndarray]:
+        """The step img2img starts at, and the picture's latents for the whole batch (B, C, h, w)."""
+        start = strength_start(req.steps, strength)
+        if start >= req.steps:
+            raise EdgesdError(f"strength {strength} with {req.steps} steps leaves no step to run",
+                              f"raise strength to at least {1 / req.steps:.2f} or take more steps")
+        return start, np.repeat(self.encode_image(image, req.width, req.height), req.batch, 0)
+
     def _context(self, req: _Request) -> np.ndarray:
         """Text conditioning, [uncond; cond] stacked for one batched U-Net call when guiding."""
         repeat = req.images_per_prompt
@@ -292,6 +289,18 @@ def _x0_limit(sched: SchedulerConfig) -> sampling.LimitFn | None:
     if sched.config.get("clip_sample"):
         return sampling.clip_x0(sched["clip_sample_range"])
     return None
+
+
+def _image_size(image, width: int | None, height: int | None, strength: float) -> tuple[int, int]:
+    """Check an img2img picture and its strength; the size defaults to the picture's own."""
+    if not isinstance(image, (Image.Image, np.ndarray)):
+        raise EdgesdError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+    if not 0.0 < strength <= 1.0:
+        raise EdgesdError(f"strength must be in (0, 1], got {strength}", "use e.g. 0.75")
+    if isinstance(image, np.ndarray) and image.ndim != 3:
+        raise EdgesdError(f"image array has shape {image.shape}", "pass an (H, W, 3) uint8 array or a PIL image")
+    native = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    return width or native[0], height or native[1]
 
 
 def strength_start(steps: int, strength: float) -> int:

@@ -72,6 +72,8 @@ def test_image_size_is_the_default_and_can_be_changed(pipe, start_image):
     ({"strength": 0.04, "num_inference_steps": 20}, "leaves no step to run"),
     ({"image": "picture.png"}, "image must be a PIL image"),
     ({"image": np.zeros((64, 64), np.uint8)}, "image array has shape"),
+    ({"image": np.zeros(64, np.uint8)}, "image array has shape"),
+    ({"image": np.zeros((64, 64, 3), np.float32)}, "image array has shape .* and dtype float32"),
 ])
 def test_bad_img2img_input(pipe, start_image, kwargs, message):
     kwargs = {"image": start_image, **kwargs}
