@@ -38,11 +38,15 @@ def apply_recipe(path: Path, recipe: Recipe) -> None:
 
     from .components import save_graph
 
-    model = onnx.load(str(path), load_external_data=True)
-    changed = dedupe_gather_tables(model.graph)
+    # The graph alone first: an fp32 export of SD 1.5 should not read its 3.4 GB of U-Net weights back.
+    model = onnx.load(str(path), load_external_data=False)
+    if recipe == "fp16":
+        onnx.load_external_data_for_model(model, str(path.parent))
+    changed = dedupe_gather_tables(model.graph)  # embedding tables are small: they stay in model.onnx
     if recipe == "fp16":
         changed |= store_weights_fp16(model.graph)
     if changed:
+        onnx.load_external_data_for_model(model, str(path.parent))  # all of it, before the file is rewritten
         save_graph(model, path)
 
 
@@ -69,6 +73,7 @@ def store_weights_fp16(graph) -> bool:
 
 def dedupe_gather_tables(graph) -> bool:
     """Replace Gather(table, ids) by Gather(unique_rows, Gather(row_of, ids)) where rows repeat."""
+    import onnx
     from onnx import helper, numpy_helper
 
     inits = _initializers(graph)
@@ -79,6 +84,8 @@ def dedupe_gather_tables(graph) -> bool:
     added, changed = [], False
     for node in graph.node:
         if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        if inits[node.input[0]].data_location == onnx.TensorProto.EXTERNAL:
             continue
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         table_name = node.input[0]

@@ -229,8 +229,7 @@ def brownian_pair(noise: NoiseFn, shape: tuple, sigma: float, sigma_mid: float, 
 
 def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float):
     """DPM-Solver++(1) from sigma down to sigma_to's sigma_down, in log sigma; returns (x, sigma_up)."""
-    sigma_up = min(sigma_to, np.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2))
-    sigma_down = np.sqrt(sigma_to**2 - sigma_up**2)
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_to)
     return x0 + (sigma_down / sigma) * (x - x0), sigma_up
 
 

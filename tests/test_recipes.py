@@ -93,3 +93,16 @@ def test_unknown_recipe_is_a_clear_error(tiny_src, tmp_path):
 
     with pytest.raises(EdgesdError, match="unknown recipe 'int3'.*fp32, fp16"):
         ExportOptions(recipe="int3")
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "fp16"])
+def test_graphs_with_external_weights(tiny_src, tmp_path, monkeypatch, recipe):
+    """As SD 1.5's U-Net (over 1 GB): weights in model.onnx_data, and each recipe keeps them readable."""
+    from edgesd.export import ExportOptions, components, export_model
+
+    monkeypatch.setattr(components, "EXTERNAL_DATA_THRESHOLD", 0)  # every graph "large"
+    out = tmp_path / "out"
+    report = export_model(tiny_src, out, ExportOptions(recipe=recipe, with_vae_encoder=False))
+    assert report.passed
+    assert (out / "unet" / components.EXTERNAL_DATA_FILE).is_file()
+    assert edgesd.Pipeline.load(out)("a red circle", num_inference_steps=2, seed=1).images[0].size == (32, 32)
