@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import Cancelled, EdgesdError
+from .noise import NOISE_GENERATORS
 
 
 class _Command(click.Group):
@@ -124,6 +125,8 @@ def _scheduler_choice(value: str | None):
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
 @click.option("--scheduler", default=None, help="Sampler name, 'list', or a scheduler_config.json.")
+@click.option("--noise", "noise_generator", default="numpy", show_default=True, type=click.Choice(NOISE_GENERATORS),
+              help="Random generator the seed drives; torch-cpu draws torch's CPU randn, so diffusers seeds match.")
 @click.option("--eta", default=None, type=float,
               help="DDIM's noise level, 0 (default) to 1; TCD's gamma (default 0.3).")
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
@@ -134,7 +137,8 @@ def _scheduler_choice(value: str | None):
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, seed, width, height, scheduler, eta,
+def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, seed, width, height, scheduler,
+             noise_generator, eta,
              image_path, strength, provider, count, output):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
@@ -169,7 +173,8 @@ def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, see
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       guidance_rescale=guidance_rescale,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
-                      callback=on_step, eta=eta, image=image, strength=strength)
+                      callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
+                      strength=strength)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]

@@ -20,6 +20,7 @@ from .graphs import GRAPHS
 from .images import from_pil, to_pil
 from .model import ModelFolder
 from .models_path import default_model_path
+from .noise import NoiseGenerator, noise_source
 from .schedulers import SchedulerConfig, alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
 from .tokenizer import ClipTokenizer
 
@@ -143,6 +144,7 @@ class Pipeline:
         scheduler: str | dict | None = None,
         callback: ProgressCallback | None = None,
         noise: sampling.NoiseFn | None = None,
+        noise_generator: NoiseGenerator = "numpy",
         eta: float | None = None,
         image: Image.Image | np.ndarray | None = None,
         strength: float = 0.8,
@@ -152,6 +154,9 @@ class Pipeline:
         `latents`: initial standard-normal noise (N, C, H/f, W/f), scaled by the
         scheduler's initial sigma exactly as diffusers does. `noise`: the source of
         fresh noise for ancestral samplers (default: a generator seeded by `seed`).
+        `noise_generator`: what `seed` seeds, for the initial and the per-step noise: "numpy" (NumPy's PCG64)
+        or "torch-cpu" (torch's CPU `randn`, bit for bit, without torch: a diffusers picture's seed gives
+        the same noise; `edgesd.torch_noise`).
         `num_inference_steps` / `guidance_scale` default to the model's own defaults (20 / 7.5
         unless its manifest says otherwise; `Pipeline.defaults`).
         `guidance_rescale`: 0-1, pulls the guided prediction's spread back towards the conditional one's
@@ -175,8 +180,8 @@ class Pipeline:
                             seed, num_images_per_prompt, eta)
         start, x0 = self._img2img_start(image, strength, req) if image is not None else (0, None)
         sched = resolve_scheduler(scheduler, self.folder.scheduler_config)
-        rng = np.random.default_rng(req.seed)
-        x = self._initial_latents(req, latents, rng)
+        draw = noise_source(noise_generator, req.seed)
+        x = self._initial_latents(req, latents, draw)
         denoiser = Denoiser(
             unet=self.unet,
             context=self._context(req),
@@ -185,7 +190,7 @@ class Pipeline:
             prediction_type=sched.prediction_type,
             alphas_cumprod=alphas_cumprod(sched),
         )
-        noise = noise or (lambda shape: rng.standard_normal(shape, dtype=np.float32))
+        noise = noise or draw
         x = _run_sampler(sched, denoiser, x, req.steps, noise, _checked(callback), eta, start, x0)
         images = self.decode(x)
         params = {
@@ -194,6 +199,7 @@ class Pipeline:
             "steps": req.steps, "scheduler": sched.name, "guidance_scale": req.guidance_scale,
             **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}),
             "seed": req.seed, "width": req.width, "height": req.height,
+            **({"noise_generator": noise_generator} if noise_generator != "numpy" else {}),
             "model": self.folder.root.name, "provider": self.provider,
         }
         if image is not None:
@@ -258,11 +264,11 @@ class Pipeline:
             return np.concatenate([np.repeat(uncond, repeat, 0), np.repeat(cond, repeat, 0)])  # (2B, S, D)
         return np.repeat(self.encode_prompts(req.prompts), repeat, 0)  # (B, S, D)
 
-    def _initial_latents(self, req: _Request, latents: np.ndarray | None, rng) -> np.ndarray:
+    def _initial_latents(self, req: _Request, latents: np.ndarray | None, draw: sampling.NoiseFn) -> np.ndarray:
         c = self.constants
         shape = (req.batch, c.latent_channels, req.height // c.vae_scale_factor, req.width // c.vae_scale_factor)
         if latents is None:
-            return rng.standard_normal(shape, dtype=np.float32)
+            return draw(shape)
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
             raise EdgesdError(f"latents have shape {latents.shape}, expected {shape}",
@@ -310,7 +316,9 @@ def strength_start(steps: int, strength: float) -> int:
 
 def _sigma_sampler(sched: SchedulerConfig, denoise, x: np.ndarray, s: sampling.SigmaSchedule,
                    noise: sampling.NoiseFn, callback, limit) -> np.ndarray:
-    """Run the sigma-space sampler of `sched`'s class."""
+    """Run the sigma-space sampler of `sched`'s class (or the k-diffusion sampler it names)."""
+    if sched.k_sampler == "dpmpp_2s_ancestral":
+        return sampling.sample_dpmpp_2s_ancestral(denoise, x, s, noise, callback)
     if sched.class_name == "EulerAncestralDiscreteScheduler":
         return sampling.sample_euler_ancestral(denoise, x, s, noise, callback)
     if sched.class_name == "DPMSolverMultistepScheduler" and sched["algorithm_type"] == "sde-dpmsolver++":

@@ -227,9 +227,10 @@ def brownian_pair(noise: NoiseFn, shape: tuple, sigma: float, sigma_mid: float, 
     return first, (c * first + np.sqrt(1 - c * c) * fresh).astype(np.float32)
 
 
-def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float):
-    """DPM-Solver++(1) from sigma down to sigma_to's sigma_down, in log sigma; returns (x, sigma_up)."""
-    sigma_down, sigma_up = ancestral_step(sigma, sigma_to)
+def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float, to_sigma_down: bool = True):
+    """DPM-Solver++(1) from sigma down to sigma_to's sigma_down (or to sigma_to itself), in log sigma:
+    x0 + (sigma_down / sigma) (x - x0). Returns (x, sigma_up), sigma_up 0 without the ancestral split."""
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_to) if to_sigma_down else (sigma_to, 0.0)
     return x0 + (sigma_down / sigma) * (x - x0), sigma_up
 
 
@@ -256,6 +257,34 @@ def sample_dpmpp_sde(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise:
         _notify(callback, 2 * (i - s.start) + 1, total)
         x, up = _ancestral_exp_step(x, x0_mid, sigma, sigma_next)
         x = x + z_next * up
+    return x
+
+
+def sample_dpmpp_2s_ancestral(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn,
+                              callback: StepCallback | None = None):
+    """DPM++ 2S a (Lu et al. 2022, DPM-Solver++(2S) with r = 1/2, to each step's sigma_down, then fresh noise up
+    to the next sigma, eta 1; k-diffusion's sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a").
+
+    `s.mid_sigmas[i]` is the geometric mean of sigma_i and that step's sigma_down (as for DPM2 a). A step whose
+    sigma_down is 0 (the last, to sigma 0) is Euler's: x becomes x0.
+    """
+    n = len(s.timesteps)
+    total = 2 * (n - s.start) - int(float(s.sigmas[-1]) == 0.0)
+    calls = 0
+    for i in range(s.start, n):
+        sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
+        x0 = denoise(x, sigma, s.timesteps[i])
+        calls += 1
+        _notify(callback, calls - 1, total)
+        if sigma_next == 0.0:
+            x = x0
+            continue
+        x_mid, _ = _ancestral_exp_step(x, x0, sigma, float(s.mid_sigmas[i]), to_sigma_down=False)
+        x0_mid = denoise(x_mid, float(s.mid_sigmas[i]), s.mid_timesteps[i])
+        calls += 1
+        _notify(callback, calls - 1, total)
+        x, up = _ancestral_exp_step(x, x0_mid, sigma, sigma_next)
+        x = x + noise(x.shape).astype(x.dtype) * np.float32(up)
     return x
 
 

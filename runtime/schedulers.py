@@ -10,7 +10,7 @@ is an error naming it; nothing is silently ignored.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -169,6 +169,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "deis": ("DEISMultistepScheduler", {}, "DEIS multistep, order 2"),
     "dpm++2s": ("DPMSolverSinglestepScheduler", {}, "DPM++ 2S, singlestep (not ancestral)"),
     "dpm++2s-karras": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "DPM++ 2S with Karras sigmas"),
+    "dpm++2s-a": ("EulerDiscreteScheduler", {}, "DPM++ 2S ancestral (2 U-Net calls per step; no diffusers class)"),
+    "dpm++2s-a-karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True},
+                         "DPM++ 2S ancestral with Karras sigmas"),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M with Karras sigmas"),
     "dpm++2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM++ 2M SDE"),
@@ -179,7 +182,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any], str]] = {
 # The names A1111's web UI shows, which many users know their samplers by.
 A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler-a", "Heun": "heun",
                "LMS": "lms", "LMS Karras": "lms-karras", "UniPC": "unipc",
-               "LCM": "lcm", "DPM++ SDE": "dpm++sde", "DPM++ SDE Karras": "dpm++sde-karras", "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
+               "LCM": "lcm", "DPM++ SDE": "dpm++sde", "DPM++ SDE Karras": "dpm++sde-karras",
+               "DPM2": "dpm2", "DPM2 Karras": "dpm2-karras", "DPM2 a": "dpm2-a", "DPM2 a Karras": "dpm2-a-karras",
+               "DPM++ 2S a": "dpm++2s-a", "DPM++ 2S a Karras": "dpm++2s-a-karras",
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
@@ -193,12 +198,19 @@ _CLASS_TO_NAME = {
 }
 
 
+# Samplers diffusers has no class for: they run k-diffusion's algorithm on the sigma schedule of the class
+# named in SAMPLERS (whose config keys they read).
+KSampler = Literal["dpmpp_2s_ancestral"]
+_K_SAMPLERS: dict[str, KSampler] = {"dpm++2s-a": "dpmpp_2s_ancestral", "dpm++2s-a-karras": "dpmpp_2s_ancestral"}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """A diffusers scheduler class and its full, validated configuration."""
 
     class_name: str
     config: dict[str, Any]
+    k_sampler: KSampler | None = None  # run this instead of the class's own step (see _K_SAMPLERS)
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
@@ -217,7 +229,7 @@ class SchedulerConfig:
 
     @property
     def name(self) -> str:
-        name = _CLASS_TO_NAME[self.class_name]
+        name = {"dpmpp_2s_ancestral": "dpm++2s-a"}[self.k_sampler] if self.k_sampler else _CLASS_TO_NAME[self.class_name]
         if self.config.get("algorithm_type") == "sde-dpmsolver++":
             name += "-sde"
         if self.config.get("use_karras_sigmas"):
@@ -240,7 +252,7 @@ def resolve_scheduler(choice: str | dict | None, model_config: dict) -> Schedule
         raise EdgesdError(f"unknown scheduler '{choice}'",
                           f"choose one of: {', '.join(SAMPLERS)} (or A1111's: {', '.join(A1111_NAMES)})")
     class_name, forced, _ = SAMPLERS[choice]
-    return _from_dict(class_name, model_config, forced)
+    return replace(_from_dict(class_name, model_config, forced), k_sampler=_K_SAMPLERS.get(choice))
 
 
 def _canonical_name(choice: str) -> str:
@@ -466,19 +478,22 @@ def sigma_schedule(c: SchedulerConfig, n: int) -> SigmaSchedule:
         init = max_sigma
     else:
         init = float(np.sqrt(max_sigma**2 + 1))
-    if c.class_name.startswith("KDPM2") or c.class_name == "DPMSolverSDEScheduler":
+    if c.class_name.startswith("KDPM2") or c.class_name == "DPMSolverSDEScheduler" or c.k_sampler:
         return _with_midpoints(c, SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init), log_sigmas)
     return SigmaSchedule(timesteps=t, sigmas=sigmas, init_noise_sigma=init)
 
 
 def _with_midpoints(c: SchedulerConfig, s: SigmaSchedule, log_sigmas: np.ndarray) -> SigmaSchedule:
-    """Second evaluation points of DPM2 and DPM++ SDE: halfway in log sigma to the next sigma (DPM2 a: to
-    sigma_down), and their model timesteps."""
+    """Second evaluation points of DPM2 and DPM++ SDE: halfway in log sigma to the next sigma (DPM2 a and
+    DPM++ 2S a: to sigma_down), and their model timesteps."""
     from .sampling import ancestral_step
 
     here, ahead = s.sigmas[:-1].astype(np.float32), s.sigmas[1:].astype(np.float32)
-    if c.class_name == "KDPM2AncestralDiscreteScheduler":
+    if c.class_name == "KDPM2AncestralDiscreteScheduler":  # in float32, as diffusers computes it
         ahead = np.array([ancestral_step(a, b)[0] for a, b in zip(here, ahead)], dtype=np.float32)
+    elif c.k_sampler == "dpmpp_2s_ancestral":  # in float64, as the sampler's own sigma_down
+        here = here.astype(np.float64)
+        ahead = np.array([ancestral_step(float(a), float(b))[0] for a, b in zip(here, ahead)])
     with np.errstate(divide="ignore"):
         mid = np.exp((np.log(here) + np.log(ahead)) / 2).astype(np.float32)  # 0 where the target is 0
     mid_t = sigma_to_t(mid, log_sigmas).astype(np.float32)

@@ -45,6 +45,18 @@ def test_same_seed_same_image(tiny_onnx, tmp_path):
     assert Image.open(paths[0]).tobytes() == Image.open(paths[1]).tobytes()
 
 
+def test_torch_cpu_noise_is_recorded_and_changes_the_noise(tiny_onnx, tmp_path):
+    images = {}
+    for noise in ("numpy", "torch-cpu"):
+        out = tmp_path / f"{noise}.png"
+        proc = edgesd("generate", "x", "--model", tiny_onnx, "--steps", 2, "--seed", 7, "--noise", noise, "-o", out)
+        assert proc.returncode == 0, proc.stderr
+        images[noise] = Image.open(out)
+    assert json.loads(images["torch-cpu"].text["edgesd"])["noise_generator"] == "torch-cpu"
+    assert "noise_generator" not in json.loads(images["numpy"].text["edgesd"])
+    assert images["numpy"].tobytes() != images["torch-cpu"].tobytes()
+
+
 def test_count_writes_numbered_files(tiny_onnx, tmp_path):
     proc = edgesd("generate", "x", "--model", tiny_onnx, "--steps", 2, "--count", 2, "--width", 48,
                   "-o", tmp_path / "img.png")
@@ -118,6 +130,7 @@ def test_bad_model_folders(broken_models, tmp_path):
     (["--scheduler", "warp-drive"], "unknown scheduler 'warp-drive'"),
     (["--provider", "quantum"], "unknown or unavailable provider 'quantum'"),
     (["--count", 0], "--count must be >= 1"),
+    (["--noise", "gpu"], "'gpu' is not one of 'numpy', 'torch-cpu'"),
 ])
 def test_bad_generation_options(tiny_onnx, tmp_path, args, needle):
     proc = edgesd("generate", "x", "--model", tiny_onnx, "-o", tmp_path / "a.png", *args)

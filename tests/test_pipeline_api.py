@@ -52,6 +52,7 @@ def test_batch_shapes(pipe):
     ({"guidance_scale": float("nan")}, "guidance scale"),
     ({"num_images_per_prompt": 0}, "images per prompt"),
     ({"eta": 1.5}, "eta must be between 0 and 1"),
+    ({"noise_generator": "cuda"}, "unknown noise generator 'cuda'"),
     ({"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler"}}, "FlowMatchEulerDiscreteScheduler"),
     ({"scheduler": {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}}, "solver_order=3 is not supported"),
 ])

@@ -122,3 +122,21 @@ def test_guidance_rescale_matches_diffusers(reference, ours, rescale):
     got = ours(PROMPT, num_inference_steps=8, guidance_scale=7.5, guidance_rescale=rescale, latents=latents,
                scheduler="euler").latents
     _assert_latents_close(expected, got)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler-a", "dpm2-a-karras", "dpm++2m-sde-karras", "ddpm", "lcm"])
+def test_torch_cpu_noise_reproduces_a_diffusers_seed(reference, ours, scheduler):
+    """With no latents given, diffusers draws the initial and every step's noise from the seeded CPU generator;
+    `noise_generator="torch-cpu"` draws the same numbers without torch, so the seed alone gives the same picture."""
+    cls_name, overrides = SCHEDULERS[scheduler]
+    reference.scheduler = getattr(diffusers, cls_name).from_config(reference.model_scheduler_config, **overrides)
+    expected = reference(PROMPT, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2,
+                         generator=torch.Generator().manual_seed(1234), output_type="latent").images.numpy()
+    got = ours(PROMPT, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2, seed=1234,
+               scheduler=scheduler, noise_generator="torch-cpu")
+    _assert_latents_close(expected, got.latents)
+    assert got.parameters["noise_generator"] == "torch-cpu"
+    numpy_noise = ours(PROMPT, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2, seed=1234,
+                       scheduler=scheduler)
+    with pytest.raises(AssertionError):
+        _assert_latents_close(expected, numpy_noise.latents)

@@ -208,7 +208,8 @@ def test_unsupported_configs_are_named(config, needle):
 @pytest.mark.parametrize("a1111, ours", [("DPM++ 2M Karras", "dpm++2m-karras"), ("Euler a", "euler-a"),
                                          ("euler A", "euler-a"), ("PLMS", "pndm"), ("DDIM", "ddim"),
                                          ("Heun", "heun"), ("LMS Karras", "lms-karras"),
-                                         ("DPM++ 2M SDE Karras", "dpm++2m-sde-karras")])
+                                         ("DPM++ 2M SDE Karras", "dpm++2m-sde-karras"),
+                                         ("DPM++ 2S a Karras", "dpm++2s-a-karras"), ("DPM++ 2S a", "dpm++2s-a")])
 def test_a1111_names(a1111, ours):
     assert resolve_scheduler(a1111, SD) == resolve_scheduler(ours, SD)
 
@@ -409,3 +410,111 @@ def test_dpmpp_singlestep_options_equal_diffusers(extra, steps):
     config = {**SD, **extra}
     got, expected, scale = _both_loops("dpm++2s", config, steps)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _dpmpp_2s_ancestral_reference(config, steps, prediction, start, noise, first=0, clean=None):
+    """DPM++ 2S a written independently, in float64 and the form of Lu et al. 2022 (time t = -log sigma, step h,
+    expm1), on diffusers' EulerDiscreteScheduler sigmas; the midpoint's timestep by diffusers' own
+    log-sigma interpolation. diffusers has no DPM++ 2S a scheduler, so this is its reference."""
+    karras = bool(config.get("use_karras_sigmas"))
+    ref = diffusers.EulerDiscreteScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    sigmas, timesteps = ref.sigmas.numpy().astype(np.float64), ref.timesteps.numpy().astype(np.float64)
+    train_log_sigmas = np.log(((1 - ref.alphas_cumprod) / ref.alphas_cumprod).numpy() ** 0.5)
+
+    def x0_of(x, sigma, t):  # as diffusers' Euler turns the network output into x0
+        out = stand_in_eps((x / np.sqrt(sigma**2 + 1)).astype(np.float32), float(t)).astype(np.float64)
+        if prediction == "epsilon":
+            return x - sigma * out
+        if prediction == "sample":
+            return out
+        return out * (-sigma / np.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)  # v_prediction
+
+    x = start.astype(np.float64) * float(ref.init_noise_sigma)
+    if clean is not None:  # img2img: the clean latents noised to the first step's sigma
+        x = clean.astype(np.float64) + start.astype(np.float64) * sigmas[first]
+    for i in range(first, steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = x0_of(x, sigma, timesteps[i])
+        sigma_up = min(sigma_next, np.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+        sigma_down = np.sqrt(sigma_next**2 - sigma_up**2)
+        if sigma_down == 0:
+            x = x + (x - x0) / sigma * (sigma_down - sigma)
+        else:
+            t, t_next = -np.log(sigma), -np.log(sigma_down)
+            h = t_next - t
+            sigma_mid = np.exp(-(t + h / 2))
+            t_mid = ref._sigma_to_t(np.array(sigma_mid), train_log_sigmas)
+            x_mid = (sigma_mid / sigma) * x - np.expm1(-h / 2) * x0
+            x = (sigma_down / sigma) * x - np.expm1(-h) * x0_of(x_mid, sigma_mid, t_mid)
+        if sigma_next > 0:
+            x = x + noise(x.shape) * sigma_up
+    assert not karras or np.allclose(sigmas[:-1], ref.sigmas.numpy()[:-1])
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 20, 50])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name, prediction", [("dpm++2s-a", "epsilon"), ("dpm++2s-a", "v_prediction"),
+                                              ("dpm++2s-a-karras", "epsilon")])
+def test_dpmpp_2s_ancestral_equals_an_independent_reference(name, prediction, spacing, steps):
+    config = {**SD, "timestep_spacing": spacing, "prediction_type": prediction,
+              "use_karras_sigmas": name.endswith("karras")}
+    start = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    gen = torch.Generator().manual_seed(1)
+    expected = _dpmpp_2s_ancestral_reference(config, steps, prediction, start,
+                                             lambda s: torch.randn(s, generator=gen).numpy().astype(np.float64))
+    sched = resolve_scheduler(name, config)
+    calls = []
+    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+                        guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
+    gen2 = torch.Generator().manual_seed(1)
+    got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(),
+                       lambda i, n: calls.append((i, n)))
+    assert sched.name == name and calls[-1] == (2 * steps - 1, 2 * steps - 1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", ["dpm++2s-a", "dpm++2s-a-karras"])
+def test_dpmpp_2s_ancestral_samples_the_data_distribution(name):
+    """With our NumPy noise and the exact noise predictor of Gaussian data N(0, 0.5^2), DPM++ 2S a's samples
+    have the data's mean and spread (to the schedule's truncation), and a second-order sampler gets closer
+    to that spread than Euler a in the same number of steps."""
+    data_std, config = 0.5, {**SD, "timestep_spacing": "trailing"}
+    start = np.random.default_rng(0).standard_normal((8, 4, 64, 64)).astype(np.float32)
+
+    def run(sampler, steps):
+        sched = resolve_scheduler(sampler, config)
+        ac = alphas_cumprod(sched)
+
+        def exact_eps(sample: np.ndarray, t: float) -> np.ndarray:
+            a = np.interp(t, np.arange(len(ac)), ac)
+            return (np.sqrt(1 - a) * sample / (a * data_std**2 + 1 - a)).astype(np.float32)
+
+        denoiser = Denoiser(unet=lambda s, t, c: exact_eps(s, float(t[0])), guidance_scale=1.0,
+                            context=np.zeros((1, 1, 1), np.float32), prediction_type="epsilon", alphas_cumprod=ac)
+        rng = np.random.default_rng(2)
+        return _run_sampler(sched, denoiser, start, steps, lambda s: rng.standard_normal(s, dtype=np.float32), None)
+
+    got = run(name, 50)
+    assert abs(got.mean()) < 0.01
+    assert got.std() == pytest.approx(data_std, rel=0.06)
+    assert abs(run(name, 20).std() - data_std) < abs(run("euler-a", 20).std() - data_std)
+
+
+@pytest.mark.parametrize("steps, first", [(4, 2), (20, 6), (20, 19)])
+def test_dpmpp_2s_ancestral_starts_part_way(steps, first):
+    """img2img: the reference loop entered at step `first` from clean latents noised to that sigma."""
+    start = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    clean = np.random.default_rng(5).uniform(-1, 1, (1, 4, 8, 8)).astype(np.float32)
+    gen = torch.Generator().manual_seed(1)
+    expected = _dpmpp_2s_ancestral_reference(SD, steps, "epsilon", start,
+                                             lambda s: torch.randn(s, generator=gen).numpy().astype(np.float64),
+                                             first, clean)
+    sched = resolve_scheduler("dpm++2s-a", SD)
+    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+    gen2 = torch.Generator().manual_seed(1)
+    got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None,
+                       start=first, x0=clean)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
