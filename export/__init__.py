@@ -11,21 +11,24 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from edgesd.errors import EdgesdError
 from edgesd.model import GRAPH_FILE, GenerationDefaults, constants_from_configs, write_manifest
 from edgesd.tokenizer import ClipTokenizer
 
-from .parity import ParityResult
-from .recipes import MIN_PSNR_DB, RECIPES, Recipe
+from .parity import FP32_MIN_PSNR_DB, ParityResult
+from .recipes import MIN_IMAGE_PSNR_DB, Recipe, component_recipes
+
+if TYPE_CHECKING:
+    from .fidelity import FidelityReport
 
 # Spatial size of the random inputs used for parity checks (latent pixels); small keeps it quick.
 PARITY_LATENT_SIZE = 16
 
-STAGES = ("load", "text_encoder", "unet", "vae_decoder", "vae_encoder", "finish")
+STAGES = ("load", "text_encoder", "unet", "vae_decoder", "vae_encoder", "recipes", "fidelity")
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,32 @@ class ExportOptions:
     overwrite: bool = False
     with_vae_encoder: bool = True
     recipe: Recipe = "fp32"
-    parity_threshold_db: float | None = None  # None: the recipe's MIN_PSNR_DB
+    # per component ("text_encoder", "unet", "vae_decoder", "vae_encoder"): a recipe other than `recipe`'s
+    component_overrides: dict[str, Recipe] = field(default_factory=dict)
+    parity_threshold_db: float = FP32_MIN_PSNR_DB  # each fp32 graph against PyTorch
+    allow_lossy: bool = False  # write the export even if its fidelity is below the recipe's threshold
+    # prompts whose U-Net inputs calibrate the int8 recipe (None: the first calibration_size built-in ones)
+    calibration_prompts: tuple[str, ...] | None = None
+    calibration_size: int = 4
     defaults: GenerationDefaults | None = None  # the model's own default steps / guidance, if it has them
 
     def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise EdgesdError(f"unknown recipe '{self.recipe}'", f"choose one of: {', '.join(RECIPES)}")
+        component_recipes(self.recipe, self.component_overrides)  # raises on unknown names
+        if self.calibration_prompts is not None and not [p for p in self.calibration_prompts if p.strip()]:
+            raise EdgesdError("the calibration prompts are empty", "give at least one prompt, one per line")
+        if self.calibration_size < 1:
+            raise EdgesdError(f"calibration size must be >= 1, got {self.calibration_size}")
 
-    @property
-    def threshold_db(self) -> float:
-        return MIN_PSNR_DB[self.recipe] if self.parity_threshold_db is None else self.parity_threshold_db
+    def recipes(self) -> dict[str, Recipe]:
+        chosen = component_recipes(self.recipe, self.component_overrides)
+        return {c: r for c, r in chosen.items() if self.with_vae_encoder or c != "vae_encoder"}
+
+    def calibration(self) -> list[str]:
+        from .fidelity import CALIBRATION_PROMPTS
+
+        if self.calibration_prompts is not None:
+            return [p for p in self.calibration_prompts if p.strip()]
+        return list(CALIBRATION_PROMPTS[: self.calibration_size])
 
 
 @dataclass
@@ -50,6 +69,7 @@ class ExportReport:
     out: Path
     parity: list[ParityResult]
     seconds: float
+    fidelity: "FidelityReport | None" = None
 
     @property
     def passed(self) -> bool:
@@ -68,6 +88,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                           "pip install -c constraints.txt 'edgesd[export]'") from None
 
     from .components import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
+    from .fidelity import measure as measure_fidelity
     from .loading import check_source_folder, load_source, source_checksum
 
     src, out = Path(src), Path(out)
@@ -83,8 +104,12 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
 
     started = time.perf_counter()
     stage = on_stage or (lambda name: None)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    recipes = options.recipes()
+    lossy = any(r != "fp32" for r in recipes.values())
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # the fp32 export (the reference of the recipes)
+    final = out.parent / f".{out.name}.recipe-{os.getpid()}" if lossy else tmp
+    for folder in (tmp, final):
+        shutil.rmtree(folder, ignore_errors=True)
     tmp.mkdir()
     try:
         stage("load")
@@ -94,45 +119,83 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         constants = constants_from_configs(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"])
         tokenizer = ClipTokenizer.from_folder(src / "tokenizer")
         latent = max(PARITY_LATENT_SIZE, constants.latent_size_multiple)
-        threshold, recipe = options.threshold_db, options.recipe
+        threshold = options.parity_threshold_db
 
         parity: list[ParityResult] = []
         stage("text_encoder")
-        parity += export_text_encoder(model.text_encoder, tmp / "text_encoder", tokenizer.max_length, recipe,
-                                      threshold)
+        parity += export_text_encoder(model.text_encoder, tmp / "text_encoder", tokenizer.max_length, threshold)
         stage("unet")
-        parity += export_unet(model.unet, tmp / "unet", latent, tokenizer.max_length, recipe, threshold)
+        parity += export_unet(model.unet, tmp / "unet", latent, tokenizer.max_length, threshold)
         del model.unet
         stage("vae_decoder")
-        parity += export_vae_decoder(model.vae, tmp / "vae_decoder", latent, recipe, threshold)
+        parity += export_vae_decoder(model.vae, tmp / "vae_decoder", latent, threshold)
         if options.with_vae_encoder:
             stage("vae_encoder")
             parity += export_vae_encoder(model.vae, tmp / "vae_encoder", latent * constants.vae_scale_factor,
-                                         recipe, threshold)
-        stage("finish")
+                                         threshold)
+        del model
         report = ExportReport(out, parity, time.perf_counter() - started)
         if not report.passed:
             failed = ", ".join(f"{r.component}.{r.output} {r.psnr_db:.1f} dB" for r in parity if not r.passed)
             raise ExportParityError(report, f"parity check failed: {failed} (need >= {threshold} dB)")
         _write_side_files(src, tmp, tokenizer, cfg)
-        graphs = {
-            r.component: {"file": f"{r.component}/{GRAPH_FILE}", "precision": recipe} for r in parity
-        }
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
-        write_manifest(tmp, constants, graphs, source, options.defaults)
-        (tmp / "parity.json").write_text(json.dumps({r.component + "." + r.output: r.to_json() for r in parity},
-                                                    indent=2) + "\n")
+        manifest = (constants, source, options.defaults)
+        write_manifest(tmp, constants, {c: {"file": f"{c}/{GRAPH_FILE}", "precision": "fp32"} for c in recipes},
+                       source, options.defaults)
+        if lossy:
+            stage("recipes")
+            _write_recipes(tmp, final, recipes, options, manifest)
+        stage("fidelity")
+        report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes))
+        report.seconds = time.perf_counter() - started
+        (final / "parity.json").write_text(json.dumps({r.component + "." + r.output: r.to_json() for r in parity},
+                                                      indent=2) + "\n")
+        (final / "fidelity.json").write_text(json.dumps(report.fidelity.to_json(), indent=2) + "\n")
+        if not report.fidelity.passed and not options.allow_lossy:
+            raise ExportFidelityError(report)
         if out.exists():
             shutil.rmtree(out)
-        tmp.rename(out)
+        final.rename(out)
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _threshold(recipes: dict[str, Recipe]) -> float:
+    """The loosest threshold among the recipes used (the image reflects all of them)."""
+    return min(MIN_IMAGE_PSNR_DB[r] for r in recipes.values())
+
+
+def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], options: ExportOptions,
+                   manifest: tuple) -> None:
+    """`final`: the side files of the fp32 export at `reference`, and each graph in its recipe."""
+    from .fidelity import calibration_feeds
+    from .recipes import write_recipe
+
+    shutil.copytree(reference, final, ignore=shutil.ignore_patterns(f"{GRAPH_FILE}*", "edgesd.json"))
+    calibration = calibration_feeds(reference, options.calibration()) if "int8" in recipes.values() else None
+    for component, recipe in recipes.items():
+        write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe,
+                     calibration if recipe == "int8" else None)
+    constants, source, defaults = manifest
+    write_manifest(final, constants, {c: {"file": f"{c}/{GRAPH_FILE}", "precision": r} for c, r in recipes.items()},
+                   source, defaults)
 
 
 class ExportParityError(EdgesdError):
     def __init__(self, report: ExportReport, message: str):
         super().__init__(message, "the export was not written; report this model to the edgesd developers")
+        self.report = report
+
+
+class ExportFidelityError(EdgesdError):
+    def __init__(self, report: ExportReport):
+        f = report.fidelity
+        super().__init__(f"a recipe image is {f.worst_image_psnr_db:.1f} dB PSNR from the fp32 export's, below "
+                         f"the threshold of {f.threshold_db:.1f} dB; the export was not written",
+                         "use a less lossy recipe (e.g. --vae fp16), or pass --allow-lossy to keep it anyway")
         self.report = report
 
 

@@ -16,7 +16,7 @@ from edgesd.backends.onnxruntime_backend import OrtGraph
 from edgesd.graphs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec
 
 from .parity import ParityResult, compare
-from .recipes import Recipe, apply_recipe
+from .recipes import dedupe_in_place
 
 OPSET = 17
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -75,8 +75,8 @@ def save_graph(proto, path: Path) -> None:
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
 
 
-def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path, recipe: Recipe) -> Path:
-    """Trace `module` to out_dir/model.onnx, then apply the precision recipe."""
+def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path) -> Path:
+    """Trace `module` to out_dir/model.onnx in fp32 (the recipes start from it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     n_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -96,7 +96,7 @@ def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
         import shutil
 
         shutil.rmtree(trace_to.parent)
-    apply_recipe(path, recipe)
+    dedupe_in_place(path)
     return path
 
 
@@ -114,19 +114,19 @@ def _torch_outputs(module, args, spec: GraphSpec) -> dict[str, np.ndarray]:
     return {name: t.numpy() for name, t in zip(spec.output_names, out)}
 
 
-def export_text_encoder(model, out_dir: Path, max_length: int, recipe: Recipe,
+def export_text_encoder(model, out_dir: Path, max_length: int,
                         threshold_db: float) -> list[ParityResult]:
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, max_length), generator=gen, dtype=torch.int64)
     ids[:, 0], ids[:, -1] = model.config.bos_token_id, model.config.eos_token_id
     module = _TextEncoder(model).eval()
-    path = _write_graph(module, (ids[:1],), TEXT_ENCODER, out_dir, recipe)
+    path = _write_graph(module, (ids[:1],), TEXT_ENCODER, out_dir)
     ref = _torch_outputs(module, (ids,), TEXT_ENCODER)
     return _parity(path, TEXT_ENCODER, ref, {"input_ids": ids.numpy()}, threshold_db)
 
 
-def export_unet(model, out_dir: Path, latent_size: int, context_len: int, recipe: Recipe,
+def export_unet(model, out_dir: Path, latent_size: int, context_len: int,
                 threshold_db: float) -> list[ParityResult]:
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
@@ -134,27 +134,27 @@ def export_unet(model, out_dir: Path, latent_size: int, context_len: int, recipe
     timestep = torch.tensor([981.0, 1.0])
     context = torch.randn(2, context_len, cfg.cross_attention_dim, generator=gen)
     module = _Unet(model).eval()
-    path = _write_graph(module, (sample, timestep, context), UNET, out_dir, recipe)
+    path = _write_graph(module, (sample, timestep, context), UNET, out_dir)
     ref = _torch_outputs(module, (sample, timestep, context), UNET)
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy()}
     return _parity(path, UNET, ref, feeds, threshold_db)
 
 
-def export_vae_decoder(vae, out_dir: Path, latent_size: int, recipe: Recipe,
+def export_vae_decoder(vae, out_dir: Path, latent_size: int,
                        threshold_db: float) -> list[ParityResult]:
     gen = torch.Generator().manual_seed(2)
     latents = torch.randn(1, vae.config.latent_channels, latent_size, latent_size, generator=gen)
     module = _VaeDecoder(vae).eval()
-    path = _write_graph(module, (latents,), VAE_DECODER, out_dir, recipe)
+    path = _write_graph(module, (latents,), VAE_DECODER, out_dir)
     ref = _torch_outputs(module, (latents,), VAE_DECODER)
     return _parity(path, VAE_DECODER, ref, {"latent_sample": latents.numpy()}, threshold_db)
 
 
-def export_vae_encoder(vae, out_dir: Path, image_size: int, recipe: Recipe,
+def export_vae_encoder(vae, out_dir: Path, image_size: int,
                        threshold_db: float) -> list[ParityResult]:
     gen = torch.Generator().manual_seed(3)
     image = torch.rand(1, 3, image_size, image_size, generator=gen) * 2 - 1
     module = _VaeEncoder(vae).eval()
-    path = _write_graph(module, (image,), VAE_ENCODER, out_dir, recipe)
+    path = _write_graph(module, (image,), VAE_ENCODER, out_dir)
     ref = _torch_outputs(module, (image,), VAE_ENCODER)
     return _parity(path, VAE_ENCODER, ref, {"sample": image.numpy()}, threshold_db)

@@ -1,14 +1,17 @@
-"""Precision recipes: what the exporter does to an fp32 ONNX graph before its parity check.
+"""Precision recipes: what the exporter writes for each graph, from the fp32 graph it traced.
 
 - fp32: the traced graph as it is.
 - fp16: weights stored in half precision, each followed by a Cast back to float32, so every
   op still computes in fp32 (no fp16 overflow, no black or NaN images) while the file is half
   the size. ONNX Runtime folds the casts when it loads the graph, so speed equals fp32. This is
   what OpenVINO's `compress_to_fp16` does for IR.
+- int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py`.
 
-Every recipe also runs the lossless `dedupe_gather_tables` pass: an embedding table whose rows
-repeat (the embedded model's text encoder ties all tokens it never saw to one row) is stored
-once per distinct row, with an index map in front.
+A recipe names what each component gets (`component_recipes`): "int8" (the U-Net's activations too)
+and "int4-weights" apply to the U-Net, the other graphs get int8 weights; any component can be overridden
+(`--recipe int8 --vae fp16`). Every graph also gets the lossless `dedupe_gather_tables` pass: an
+embedding table whose rows repeat (the embedded model's text encoder ties all tokens it never saw to
+one row) is stored once per distinct row, with an index map in front.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from .parity import FP32_MIN_PSNR_DB
+from edgesd.errors import EdgesdError
 
-Recipe = Literal["fp32", "fp16"]
+Recipe = Literal["fp32", "fp16", "int8-weights", "int8", "int4-weights"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
-# Minimum output PSNR against PyTorch fp32, per recipe (Apple's ml-stable-diffusion uses 35 dB).
-MIN_PSNR_DB: dict[str, float] = {"fp32": FP32_MIN_PSNR_DB, "fp16": 35.0}
+# Minimum image PSNR (dB) of the recipe's pipeline against the fp32 export's, for its worst fidelity prompt
+# (fidelity.py); below it the export fails unless --allow-lossy. Set below what the embedded model measures
+# (worst prompt: fp16 66, int8-weights 48, int8 33, int4-weights 42 dB) with a margin for other models.
+MIN_IMAGE_PSNR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 40.0, "int8-weights": 30.0, "int8": 25.0,
+                                       "int4-weights": 25.0}
 
 # Weights smaller than this stay fp32 (biases, norms: little to gain, and they are the sensitive ones).
 FP16_MIN_ELEMENTS = 256
@@ -32,22 +39,66 @@ FP16_MIN_ELEMENTS = 256
 DEDUPE_MAX_FRACTION = 0.5
 
 
-def apply_recipe(path: Path, recipe: Recipe) -> None:
-    """Rewrite the graph at `path` in place for `recipe` (after tracing, before the parity check)."""
+def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None) -> dict[str, Recipe]:
+    """The recipe of each component: `recipe` ("int8": static only for the U-Net), then `overrides`."""
+    for name in [recipe, *(overrides or {}).values()]:
+        if name not in RECIPES:
+            raise EdgesdError(f"unknown recipe '{name}'", f"choose one of: {', '.join(RECIPES)}")
+    # int8 and int4-weights are U-Net recipes; the other graphs (small, and the text encoder sensitive to 4 bits:
+    # one embedded-model prompt fell to 7 dB) get int8 weights.
+    integer_unet = recipe in ("int8", "int4-weights")
+    chosen = {c: ("int8-weights" if integer_unet and c != "unet" else recipe) for c in COMPONENTS}
+    for component, name in (overrides or {}).items():
+        if component not in COMPONENTS:
+            raise EdgesdError(f"unknown component '{component}'", f"choose one of: {', '.join(COMPONENTS)}")
+        if name == "int8" and component != "unet":
+            raise EdgesdError(f"the int8 recipe (static activation quantization) is for the U-Net, not the "
+                              f"{component}", "use int8-weights for it")
+        chosen[component] = name
+    return chosen
+
+
+def dedupe_in_place(path: Path) -> None:
+    """The lossless pass every traced graph gets (embedding tables are small: they stay in model.onnx)."""
     import onnx
 
     from .components import save_graph
 
     # The graph alone first: an fp32 export of SD 1.5 should not read its 3.4 GB of U-Net weights back.
     model = onnx.load(str(path), load_external_data=False)
-    if recipe == "fp16":
-        onnx.load_external_data_for_model(model, str(path.parent))
-    changed = dedupe_gather_tables(model.graph)  # embedding tables are small: they stay in model.onnx
-    if recipe == "fp16":
-        changed |= store_weights_fp16(model.graph)
-    if changed:
+    if dedupe_gather_tables(model.graph):
         onnx.load_external_data_for_model(model, str(path.parent))  # all of it, before the file is rewritten
         save_graph(model, path)
+
+
+def write_recipe(src: Path, dst: Path, recipe: Recipe, calibration: list | None = None) -> None:
+    """Write the graph at `src` (fp32) in `recipe` to `dst` (a path in another folder)."""
+    import shutil
+
+    import onnx
+
+    from . import quantize
+    from .components import save_graph
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if recipe == "fp32":
+        for f in src.parent.iterdir():
+            if f.is_file() and f.name.startswith(src.name):
+                shutil.copy(f, dst.parent / f.name)
+    elif recipe == "fp16":
+        model = onnx.load(str(src), load_external_data=True)
+        store_weights_fp16(model.graph)
+        save_graph(model, dst)
+    elif recipe == "int8-weights":
+        quantize.write_int8_weights(src, dst)
+    elif recipe == "int4-weights":
+        quantize.write_int4_weights(src, dst)
+    elif recipe == "int8":
+        if not calibration:
+            raise EdgesdError("the int8 recipe needs calibration inputs", "give at least one calibration prompt")
+        quantize.write_int8_static(src, dst, calibration)
+    else:
+        raise EdgesdError(f"unknown recipe '{recipe}'", f"choose one of: {', '.join(RECIPES)}")
 
 
 def _initializers(graph) -> dict:

@@ -41,14 +41,24 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-vae-encoder", is_flag=True, help="Skip the VAE encoder (only img2img needs it).")
 @click.option("--recipe", default="fp32", show_default=True,
-              help="Precision: fp32, or fp16 (weights stored in half precision, computed in fp32).")
+              help="Precision: fp32, fp16 (weights stored in half precision), int8-weights, int4-weights "
+                   "(MatMul weights in 4 bits), int8 (static int8 U-Net, calibrated; int8 weights elsewhere).")
+@click.option("--text-encoder", "text_encoder_recipe", default=None, help="Recipe for the text encoder only.")
+@click.option("--unet", "unet_recipe", default=None, help="Recipe for the U-Net only.")
+@click.option("--vae", "vae_recipe", default=None, help="Recipe for the VAE decoder and encoder only.")
+@click.option("--calibration-prompts", type=click.Path(path_type=Path), default=None,
+              help="int8: a text file of calibration prompts, one per line (default: built-in ones).")
+@click.option("--calibration-size", type=int, default=4, show_default=True,
+              help="int8: how many built-in calibration prompts to run (10 steps each).")
+@click.option("--allow-lossy", is_flag=True, help="Write the export even below its recipe's fidelity threshold.")
 @click.option("--default-steps", type=int, default=None, help="Record the model's own default step count.")
 @click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
-def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, default_steps: int | None,
-           default_guidance: float | None):
+def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, text_encoder_recipe: str | None,
+           unet_recipe: str | None, vae_recipe: str | None, calibration_prompts: Path | None, calibration_size: int,
+           allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
     """Export the diffusers-layout SD folder SRC to ONNX graphs in OUT."""
     try:
-        from edgesd.export import STAGES, ExportOptions, ExportParityError, export_model
+        from edgesd.export import STAGES, ExportFidelityError, ExportOptions, ExportParityError, export_model
     except ImportError as e:
         raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
                           "pip install 'edgesd[export]' -c constraints.txt") from None
@@ -64,8 +74,12 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
         base = GenerationDefaults()
         defaults = GenerationDefaults(default_steps or base.num_inference_steps,
                                       base.guidance_scale if default_guidance is None else default_guidance)
+    overrides = {c: r for c, r in (("text_encoder", text_encoder_recipe), ("unet", unet_recipe),
+                                   ("vae_decoder", vae_recipe), ("vae_encoder", vae_recipe)) if r is not None}
     options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder, recipe=recipe,
-                            defaults=defaults)
+                            component_overrides=overrides, allow_lossy=allow_lossy,
+                            calibration_prompts=_read_prompts(calibration_prompts) if calibration_prompts else None,
+                            calibration_size=calibration_size, defaults=defaults)
     with click.progressbar(length=len(stages), label="export", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:
         def on_stage(name: str) -> None:
@@ -77,9 +91,38 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
             bar.render_finish()
             _print_parity(e.report.parity)
             raise
+        except ExportFidelityError as e:
+            bar.render_finish()
+            _print_parity(e.report.parity)
+            _print_fidelity(e.report.fidelity)
+            raise
         bar.update(1, "done")
     _print_parity(report.parity)
+    _print_fidelity(report.fidelity)
     click.echo(f"wrote {out} in {report.seconds:.1f} s")
+
+
+def _read_prompts(path: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise EdgesdError(f"calibration prompts file '{path}' does not exist", "pass a text file, one prompt per line")
+    try:
+        prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except UnicodeDecodeError:
+        raise EdgesdError(f"calibration prompts file '{path}' is not UTF-8 text", "save it as UTF-8") from None
+    if not prompts:
+        raise EdgesdError(f"calibration prompts file '{path}' has no prompts", "write one prompt per line")
+    return prompts
+
+
+def _print_fidelity(report) -> None:
+    click.echo(f"{'graph':<14}{'recipe':<14}{'output':<20}{'PSNR dB':>9}{'cosine':>10}{'MB':>9}{'fp32 MB':>9}")
+    for g in report.graphs:
+        click.echo(f"{g.component:<14}{g.recipe:<14}{g.output:<20}{g.psnr_db:>9.1f}{g.cosine:>10.5f}"
+                   f"{g.size_mb:>9.1f}{g.fp32_size_mb:>9.1f}")
+    if report.image_psnr_db:
+        values = ", ".join(f"{v:.1f}" for v in report.image_psnr_db)
+        click.echo(f"images vs fp32: PSNR {values} dB; worst {report.worst_image_psnr_db:.1f}, need >= "
+                   f"{report.threshold_db:.1f}: {'ok' if report.passed else 'FAIL'}")
 
 
 def _print_parity(results) -> None:

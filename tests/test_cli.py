@@ -94,6 +94,31 @@ def test_export_prints_parity_table(tiny_src, tmp_path):
     assert not (tmp_path / "out" / "vae_encoder").exists()
 
 
+def test_export_with_a_recipe_and_a_component_override_prints_fidelity(tiny_src, tmp_path):
+    proc = edgesd("export", tiny_src, tmp_path / "out", "--no-vae-encoder", "--recipe", "int8-weights",
+                  "--vae", "fp16", "--allow-lossy")
+    assert proc.returncode == 0, proc.stderr
+    assert "images vs fp32: PSNR" in proc.stdout and "int8-weights" in proc.stdout
+    manifest = json.loads((tmp_path / "out" / "edgesd.json").read_text())
+    assert manifest["graphs"]["vae_decoder"]["precision"] == "fp16"
+    assert manifest["graphs"]["unet"]["precision"] == "int8-weights"
+    assert (tmp_path / "out" / "fidelity.json").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--recipe", "int3"], "unknown recipe 'int3'"),
+    (["--unet", "bf8"], "unknown recipe 'bf8'"),
+    (["--recipe", "int8", "--vae", "int8"], "is for the U-Net"),
+    (["--recipe", "int8", "--calibration-prompts", "missing.txt"], "calibration prompts file 'missing.txt' does not"),
+    (["--recipe", "int8", "--calibration-prompts", "empty.txt"], "has no prompts"),
+])
+def test_bad_recipe_options_from_the_command_line(tiny_src, tmp_path, args, needle):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    proc = edgesd("export", tiny_src, tmp_path / "out", *args, cwd=tmp_path)
+    assert_clean_error(proc, needle)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def broken_models(tiny_onnx, tmp_path):
     """Copies of the tiny export with one defect each."""

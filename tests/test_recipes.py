@@ -95,14 +95,104 @@ def test_unknown_recipe_is_a_clear_error(tiny_src, tmp_path):
         ExportOptions(recipe="int3")
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "fp16"])
+@pytest.mark.parametrize("recipe", ["fp32", "fp16", "int8", "int4-weights"])
 def test_graphs_with_external_weights(tiny_src, tmp_path, monkeypatch, recipe):
     """As SD 1.5's U-Net (over 1 GB): weights in model.onnx_data, and each recipe keeps them readable."""
     from edgesd.export import ExportOptions, components, export_model
 
     monkeypatch.setattr(components, "EXTERNAL_DATA_THRESHOLD", 0)  # every graph "large"
     out = tmp_path / "out"
-    report = export_model(tiny_src, out, ExportOptions(recipe=recipe, with_vae_encoder=False))
+    report = export_model(tiny_src, out, ExportOptions(recipe=recipe, with_vae_encoder=False, calibration_size=1,
+                                                       allow_lossy=True))
     assert report.passed
     assert (out / "unet" / components.EXTERNAL_DATA_FILE).is_file()
     assert edgesd.Pipeline.load(out)("a red circle", num_inference_steps=2, seed=1).images[0].size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_src, tmp_path_factory):
+    """The static int8 recipe with a VAE override; one calibration prompt keeps it quick."""
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    report = export_model(tiny_src, out, ExportOptions(recipe="int8", component_overrides={"vae_decoder": "fp16"},
+                                                       with_vae_encoder=False, calibration_size=1, allow_lossy=True))
+    return out, report
+
+
+def _op_types(folder, component):
+    return [n.op_type for n in onnx.load(str(folder / component / "model.onnx")).graph.node]
+
+
+def test_int8_quantizes_the_unet_and_stores_int8_weights_elsewhere(tiny_onnx, tiny_int8):
+    out, report = tiny_int8
+    manifest = json.loads((out / "edgesd.json").read_text())
+    precision = {name: g["precision"] for name, g in manifest["graphs"].items()}
+    assert precision == {"text_encoder": "int8-weights", "unet": "int8", "vae_decoder": "fp16"}
+    unet = onnx.load(str(out / "unet" / "model.onnx")).graph
+    quantized = {n.input[0] for n in unet.node if n.op_type == "QuantizeLinear"}
+    assert len(quantized) > 10  # activations of the convolutions and projections
+    convs = {n.name: n for n in unet.node if n.op_type == "Conv"}
+    conv_in = next(n for name, n in convs.items() if "conv_in" in name)
+    assert conv_in.input[0] not in {n.output[0] for n in unet.node if n.op_type == "DequantizeLinear"}  # kept fp32
+    assert "DequantizeLinear" in _op_types(out, "text_encoder")
+    assert _graph_bytes(out, "unet") < 0.5 * _graph_bytes(tiny_onnx, "unet")  # 0.29 on the embedded model
+    images = edgesd.Pipeline.load(out)("a red circle", num_inference_steps=3, seed=1).images
+    assert images[0].size == (32, 32)
+
+
+def test_fidelity_report_is_written_and_returned(tiny_int8):
+    out, report = tiny_int8
+    written = json.loads((out / "fidelity.json").read_text())
+    assert set(written["graphs"]) == {"text_encoder", "unet", "vae_decoder"}
+    unet = written["graphs"]["unet"]
+    assert unet["recipe"] == "int8" and 0.5 < unet["cosine"] < 1.0 and unet["psnr_db"] > 10
+    assert unet["size_mb"] < unet["fp32_size_mb"]
+    pipeline = written["pipeline"]
+    assert len(pipeline["image_psnr_db"]) == len(pipeline["prompts"]) == 3
+    assert pipeline["worst_image_psnr_db"] == min(pipeline["image_psnr_db"])
+    assert pipeline["threshold_db"] == 25.0  # the loosest recipe used: int8
+    assert report.fidelity.worst_image_psnr_db == pytest.approx(pipeline["worst_image_psnr_db"], abs=0.01)
+
+
+def test_int4_weights_uses_matmul_nbits(tiny_src, tmp_path):
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path / "int4"
+    report = export_model(tiny_src, out, ExportOptions(recipe="int4-weights", with_vae_encoder=False,
+                                                       allow_lossy=True))
+    unet = onnx.load(str(out / "unet" / "model.onnx")).graph
+    constants = {i.name for i in unet.initializer} | {n.output[0] for n in unet.node if n.op_type != "MatMul"
+                                                       and not n.input}
+    weighted = [n for n in unet.node if n.op_type == "MatMul" and n.input[1] in constants]
+    assert "MatMulNBits" in _op_types(out, "unet") and not weighted  # only activation x activation MatMuls left
+    assert "MatMulNBits" not in _op_types(out, "text_encoder")  # int8 weights there
+    assert np.isfinite(report.fidelity.worst_image_psnr_db)
+    assert edgesd.Pipeline.load(out)("a red circle", num_inference_steps=2, seed=1).images[0].size == (32, 32)
+
+
+def test_below_the_fidelity_threshold_nothing_is_written(tiny_src, tmp_path, monkeypatch):
+    from edgesd.export import ExportFidelityError, ExportOptions, export_model, recipes
+
+    monkeypatch.setitem(recipes.MIN_IMAGE_PSNR_DB, "int8-weights", 500.0)
+    out = tmp_path / "lossy"
+    with pytest.raises(ExportFidelityError, match="below the threshold of 500.0 dB.*--allow-lossy"):
+        export_model(tiny_src, out, ExportOptions(recipe="int8-weights", with_vae_encoder=False))
+    assert list(tmp_path.iterdir()) == []  # no OUT, no partial folders
+    report = export_model(tiny_src, out, ExportOptions(recipe="int8-weights", with_vae_encoder=False,
+                                                       allow_lossy=True))
+    assert not report.fidelity.passed and (out / "fidelity.json").is_file()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"recipe": "int8", "component_overrides": {"vae_decoder": "int8"}}, "int8 recipe .* is for the U-Net"),
+    ({"component_overrides": {"safety_checker": "fp16"}}, "unknown component 'safety_checker'"),
+    ({"component_overrides": {"unet": "int2"}}, "unknown recipe 'int2'"),
+    ({"recipe": "int8", "calibration_prompts": ("", "  ")}, "calibration prompts are empty"),
+    ({"calibration_size": 0}, "calibration size must be >= 1"),
+])
+def test_bad_recipe_options(kwargs, needle):
+    from edgesd.export import ExportOptions
+
+    with pytest.raises(EdgesdError, match=needle):
+        ExportOptions(**kwargs)

@@ -1,0 +1,174 @@
+"""What a precision recipe costs: each graph and the whole pipeline against the fp32 export.
+
+The fp32 pipeline runs over held-out prompts while its graphs' inputs are recorded; the recipe's graphs run
+on the same inputs (per graph: output PSNR and cosine similarity), and the recipe's pipeline makes the same
+pictures (image PSNR against the fp32 ones). Calibration for the static int8 recipe records the U-Net's
+inputs the same way, over other prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgesd.backends import load_graph
+from edgesd.graphs import GRAPHS
+from edgesd.images import from_pil
+from edgesd.model import ModelFolder
+from edgesd.pipeline import Pipeline
+
+from .parity import psnr
+
+# Prompts for calibration and for the fidelity check: disjoint sets, general enough for any SD model and
+# in the embedded model's vocabulary (colours, shapes, backgrounds).
+CALIBRATION_PROMPTS = (
+    "a green square on a white background",
+    "a photo of a dog running on a beach",
+    "a small blue triangle at the top left on a black background",
+    "a watercolor painting of a mountain lake at sunrise",
+    "a yellow circle on a red background",
+    "a portrait of an old man with a beard, studio lighting",
+    "a large purple star in the middle on a grey background",
+    "a city street at night with neon signs",
+)
+FIDELITY_PROMPTS = (
+    "a red circle on a blue background",
+    "a photo of a cat sitting on a sofa",
+    "a white square at the bottom right on a green background",
+)
+# Steps and largest image side of the calibration and fidelity runs (an SD 1.5 U-Net step at 256 x 256 takes
+# a quarter of one at 512 x 512).
+RUN_STEPS = 10
+RUN_MAX_SIZE = 256
+SEED = 1234
+# At most this many recorded U-Net inputs are used for its per-graph comparison.
+MAX_UNET_FEEDS = 6
+
+
+class _Recording:
+    """A graph that keeps a copy of every feed it runs."""
+
+    def __init__(self, graph, feeds: list):
+        self.graph, self.feeds = graph, feeds
+
+    def run(self, feeds):
+        self.feeds.append({k: np.array(v) for k, v in feeds.items()})
+        return self.graph.run(feeds)
+
+
+def _size(folder: ModelFolder) -> int:
+    return min(folder.constants.default_image_size, RUN_MAX_SIZE)
+
+
+def record_feeds(model: Path, prompts: tuple[str, ...] | list[str]) -> tuple[dict[str, list], list]:
+    """Run the pipeline at `model` over `prompts`; returns each graph's recorded feeds and the images."""
+    pipe = Pipeline.load(model)
+    recorded = {name: [] for name in pipe.graphs}
+    pipe = Pipeline(pipe.folder, {n: _Recording(g, recorded[n]) for n, g in pipe.graphs.items()}, pipe.tokenizer,
+                    pipe.provider)
+    size = _size(pipe.folder)
+    images = [pipe(p, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED).images[0] for p in prompts]
+    return recorded, images
+
+
+def calibration_feeds(model: Path, prompts: list[str]) -> list[dict[str, np.ndarray]]:
+    """The U-Net's inputs over the fp32 pipeline's runs (RUN_STEPS each) for `prompts`."""
+    return record_feeds(model, prompts)[0]["unet"]
+
+
+@dataclass(frozen=True)
+class GraphFidelity:
+    component: str
+    recipe: str
+    output: str
+    psnr_db: float
+    cosine: float
+    size_mb: float
+    fp32_size_mb: float
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "output": self.output, "psnr_db": _finite(self.psnr_db),
+                "cosine": round(self.cosine, 6), "size_mb": round(self.size_mb, 2),
+                "fp32_size_mb": round(self.fp32_size_mb, 2)}
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    graphs: list[GraphFidelity]
+    image_psnr_db: list[float]  # one per prompt
+    threshold_db: float
+    prompts: tuple[str, ...]
+
+    @property
+    def mean_image_psnr_db(self) -> float:
+        return float(np.mean(self.image_psnr_db)) if self.image_psnr_db else float("inf")
+
+    @property
+    def worst_image_psnr_db(self) -> float:
+        return float(min(self.image_psnr_db)) if self.image_psnr_db else float("inf")
+
+    @property
+    def passed(self) -> bool:
+        """The worst prompt decides: a mean can hide one broken picture."""
+        return self.worst_image_psnr_db >= self.threshold_db
+
+    def to_json(self) -> dict:
+        return {
+            "graphs": {g.component: g.to_json() for g in self.graphs},
+            "pipeline": {"image_psnr_db": [_finite(v) for v in self.image_psnr_db],
+                         "mean_image_psnr_db": _finite(self.mean_image_psnr_db),
+                         "worst_image_psnr_db": _finite(self.worst_image_psnr_db),
+                         "threshold_db": self.threshold_db, "passed": self.passed,
+                         "prompts": list(self.prompts), "steps": RUN_STEPS, "seed": SEED},
+        }
+
+
+def _finite(value: float) -> float | None:
+    return None if np.isinf(value) else round(float(value), 2)
+
+
+def _folder_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denominator = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denominator) if denominator else float(np.array_equal(a, b))
+
+
+def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold_db: float,
+            prompts: tuple[str, ...] = FIDELITY_PROMPTS) -> FidelityReport:
+    """Compare the export at `candidate` (component -> recipe in `recipes`) with the fp32 one at `reference`."""
+    identical = all(r == "fp32" for r in recipes.values())
+    recorded, reference_images = record_feeds(reference, prompts) if not identical else ({}, [])
+    if "vae_encoder" in recipes and reference_images:
+        size = _size(ModelFolder.open(reference))
+        recorded["vae_encoder"] = [{"sample": from_pil(im, size, size)} for im in reference_images]
+    if "unet" in recorded:
+        step = max(1, len(recorded["unet"]) // MAX_UNET_FEEDS)
+        recorded["unet"] = recorded["unet"][::step][:MAX_UNET_FEEDS]
+    graphs = []
+    for component, recipe in recipes.items():
+        spec = GRAPHS[component]
+        sizes = _folder_mb(candidate / component), _folder_mb(reference / component)
+        if identical or recipe == "fp32":
+            graphs += [GraphFidelity(component, recipe, out, float("inf"), 1.0, *sizes) for out in spec.output_names]
+            continue
+        ref_graph = load_graph(reference / component / "model.onnx", spec, "cpu", None)
+        new_graph = load_graph(candidate / component / "model.onnx", spec, "cpu", None)
+        for out in spec.output_names:
+            want = np.concatenate([ref_graph.run(f)[out].ravel() for f in recorded[component]])
+            got = np.concatenate([new_graph.run(f)[out].ravel() for f in recorded[component]])
+            value = psnr(want, got) if np.all(np.isfinite(got)) else float("-inf")
+            graphs.append(GraphFidelity(component, recipe, out, value, cosine(want, got), *sizes))
+    image_psnr = []
+    if not identical:
+        pipe = Pipeline.load(candidate)
+        size = _size(pipe.folder)
+        for prompt, want in zip(prompts, reference_images):
+            got = pipe(prompt, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED).images[0]
+            image_psnr.append(psnr(np.asarray(want, np.float64), np.asarray(got, np.float64)))
+    return FidelityReport(graphs, image_psnr, threshold_db, tuple(prompts))

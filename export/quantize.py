@@ -1,0 +1,133 @@
+"""Integer recipes for ONNX graphs: weight-only int8, int4 MatMul weights, static W8A8 with calibration.
+
+Each function reads an fp32 graph written by the exporter and writes the quantized graph to another path;
+the fp32 graph stays, as the reference for the fidelity report.
+
+- `write_int8_weights`: Conv / MatMul / Gemm weights as int8, symmetric per output channel, each behind a
+  DequantizeLinear; the other large tensors (embeddings) stored as fp16 behind a Cast. Every op still computes
+  in fp32: a quarter of the size, the same speed.
+- `write_int4_weights`: MatMul weights in 4 bits, symmetric, in blocks of INT4_BLOCK_SIZE along the input
+  dimension (onnxruntime's MatMulNBits); the convolutions as in `write_int8_weights`.
+- `write_int8_static`: onnxruntime's static QDQ quantization of the Conv / MatMul / Gemm ops that have a weight
+  (uint8 activations: ORT's fast u8 x s8 kernels; int8 weights per channel), activation ranges from calibration
+  inputs. The layers in SENSITIVE_LAYERS stay fp32.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .components import save_graph
+
+INT4_BLOCK_SIZE = 32
+# Layers left in fp32 by the static recipe: the U-Net's first and last convolutions and its timestep embedding.
+# On the embedded model they cost 2.5 dB of image PSNR (mean 31.9 -> 34.4 dB over 6 prompts) for 1% of the compute.
+SENSITIVE_LAYERS = ("conv_in", "conv_out", "time_embedding")
+_WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+# Weights with fewer elements stay as they are (biases, norms: little to gain, and they are the sensitive ones).
+MIN_ELEMENTS = 256
+
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _weight_axes(graph) -> dict[str, int]:
+    """Initializers used as an op's weight -> the axis of its output channels."""
+    inits = {init.name for init in graph.initializer}
+    axes = {}
+    for node in graph.node:
+        if node.op_type not in _WEIGHT_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "Conv":
+            axes[node.input[1]] = 0  # (out, in, kh, kw)
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axes[node.input[1]] = 0 if trans_b else 1
+        else:
+            axes[node.input[1]] = 1  # MatMul: (in, out)
+    return axes
+
+
+def store_weights_int8(graph) -> None:
+    """Weights of Conv / MatMul / Gemm as int8 (symmetric, one scale per output channel) + DequantizeLinear;
+    other float32 tensors of >= MIN_ELEMENTS as fp16 + Cast."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .recipes import _prepend_nodes
+
+    axes = _weight_axes(graph)
+    nodes = []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < MIN_ELEMENTS:
+            continue
+        name, values = init.name, numpy_helper.to_array(init)
+        if name in axes:
+            axis = axes[name]
+            reduce = tuple(i for i in range(values.ndim) if i != axis)
+            scale = (np.abs(values).max(axis=reduce) / 127.0).astype(np.float32)
+            scale[scale == 0] = 1.0
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            q = np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+            init.CopyFrom(numpy_helper.from_array(q, f"{name}.int8"))
+            graph.initializer.append(numpy_helper.from_array(scale, f"{name}.scale"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name],
+                                          name=f"{name}.dequantize", axis=axis))
+        else:
+            init.CopyFrom(numpy_helper.from_array(values.astype(np.float16), f"{name}.fp16"))
+            nodes.append(helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"{name}.to_fp32",
+                                          to=TensorProto.FLOAT))
+    _prepend_nodes(graph, nodes)
+
+
+def write_int8_weights(src: Path, dst: Path) -> None:
+    model = _load(src)
+    store_weights_int8(model.graph)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_graph(model, dst)
+
+
+def write_int4_weights(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(_load(src), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True)
+    quantizer.process()
+    model = quantizer.model.model
+    store_weights_int8(model.graph)  # the convolutions (MatMulNBits weights are uint8 already)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_graph(model, dst)
+
+
+def write_int8_static(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]) -> None:
+    """Static W8A8 (QDQ) with activation ranges (min / max) over `calibration`, a list of graph feeds."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, \
+        quantize_static
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self._feeds = iter(calibration)
+
+        def get_next(self):
+            return next(self._feeds, None)
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    weights = _weight_axes(graph)
+    names = [n.name for n in graph.node if n.op_type in _WEIGHT_OPS and len(n.input) > 1 and n.input[1] in weights
+             and not any(layer in n.name for layer in SENSITIVE_LAYERS)]
+    with tempfile.TemporaryDirectory(dir=dst.parent.parent) as work:
+        tmp = Path(work) / "model.onnx"
+        quantize_static(str(src), str(tmp), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=names,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        save_graph(_load(tmp), dst)
+        shutil.rmtree(work, ignore_errors=True)
