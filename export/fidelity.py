@@ -116,7 +116,7 @@ class FidelityReport:
 
     def to_json(self) -> dict:
         return {
-            "graphs": {g.component: g.to_json() for g in self.graphs},
+            "graphs": {f"{g.component}.{g.output}": g.to_json() for g in self.graphs},
             "pipeline": {"image_psnr_db": [_finite(v) for v in self.image_psnr_db],
                          "mean_image_psnr_db": _finite(self.mean_image_psnr_db),
                          "worst_image_psnr_db": _finite(self.worst_image_psnr_db),

@@ -144,8 +144,9 @@ def test_int8_quantizes_the_unet_and_stores_int8_weights_elsewhere(tiny_onnx, ti
 def test_fidelity_report_is_written_and_returned(tiny_int8):
     out, report = tiny_int8
     written = json.loads((out / "fidelity.json").read_text())
-    assert set(written["graphs"]) == {"text_encoder", "unet", "vae_decoder"}
-    unet = written["graphs"]["unet"]
+    assert set(written["graphs"]) == {"text_encoder.last_hidden_state", "text_encoder.pooler_output",
+                                      "unet.out_sample", "vae_decoder.sample"}
+    unet = written["graphs"]["unet.out_sample"]
     assert unet["recipe"] == "int8" and 0.5 < unet["cosine"] < 1.0 and unet["psnr_db"] > 10
     assert unet["size_mb"] < unet["fp32_size_mb"]
     pipeline = written["pipeline"]
