@@ -24,10 +24,9 @@ from tests.test_schedulers import NAMES, SD, SPACINGS, _both_loops, _dpmpp_2s_an
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
-from edgesd.denoiser import Denoiser  # noqa: E402
 from edgesd.pipeline import _run_sampler  # noqa: E402
-from edgesd.schedulers import SAMPLERS, alphas_cumprod, resolve_scheduler  # noqa: E402
-from tests.test_schedulers import stand_in_eps  # noqa: E402
+from edgesd.schedulers import SAMPLERS, resolve_scheduler  # noqa: E402
+from tests.test_schedulers import stand_in_denoiser  # noqa: E402
 
 STEPS = [1, 2, 4, 20, 50]
 PREDICTIONS = ["epsilon", "v_prediction", "sample"]
@@ -70,9 +69,7 @@ def measure_without_diffusers_class(name: str) -> dict:
                 expected = _dpmpp_2s_ancestral_reference(
                     config, steps, prediction, start, lambda s: torch.randn(s, generator=gen).numpy().astype(float))
                 sched = resolve_scheduler(name, config)
-                denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), guidance_scale=1.0,
-                                    context=np.zeros((1, 1, 1), np.float32), prediction_type=prediction,
-                                    alphas_cumprod=alphas_cumprod(sched))
+                denoiser = stand_in_denoiser(sched, prediction)
                 gen2 = torch.Generator().manual_seed(1)
                 got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(),
                                    None)

@@ -140,12 +140,11 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             raise ExportParityError(report, f"parity check failed: {failed} (need >= {threshold} dB)")
         _write_side_files(src, tmp, tokenizer, cfg)
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
-        manifest = (constants, source, options.defaults)
-        write_manifest(tmp, constants, {c: {"file": f"{c}/{GRAPH_FILE}", "precision": "fp32"} for c in recipes},
-                       source, options.defaults)
+        write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32")), source, options.defaults)
         if lossy:
             stage("recipes")
-            _write_recipes(tmp, final, recipes, options, manifest)
+            _write_recipes(tmp, final, recipes, options)
+            write_manifest(final, constants, _graph_entries(recipes), source, options.defaults)
         stage("fidelity")
         report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes))
         report.seconds = time.perf_counter() - started
@@ -168,9 +167,13 @@ def _threshold(recipes: dict[str, Recipe]) -> float:
     return min(MIN_IMAGE_PSNR_DB[r] for r in recipes.values())
 
 
-def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], options: ExportOptions,
-                   manifest: tuple) -> None:
-    """`final`: the side files of the fp32 export at `reference`, and each graph in its recipe."""
+def _graph_entries(recipes: dict[str, Recipe]) -> dict[str, dict]:
+    """The manifest's graph entries: each component's file and recipe."""
+    return {c: {"file": f"{c}/{GRAPH_FILE}", "precision": r} for c, r in recipes.items()}
+
+
+def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], options: ExportOptions) -> None:
+    """`final`: the side files of the fp32 export at `reference` (no manifest), and each graph in its recipe."""
     from .fidelity import calibration_feeds
     from .recipes import write_recipe
 
@@ -179,9 +182,6 @@ def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], opt
     for component, recipe in recipes.items():
         write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe,
                      calibration if recipe == "int8" else None)
-    constants, source, defaults = manifest
-    write_manifest(final, constants, {c: {"file": f"{c}/{GRAPH_FILE}", "precision": r} for c, r in recipes.items()},
-                   source, defaults)
 
 
 class ExportParityError(EdgesdError):

@@ -48,34 +48,38 @@ MAX_UNET_FEEDS = 6
 
 
 class _Recording:
-    """A graph that keeps a copy of every feed it runs."""
+    """A graph that keeps a copy of every (feeds, outputs) pair it runs."""
 
-    def __init__(self, graph, feeds: list):
-        self.graph, self.feeds = graph, feeds
+    def __init__(self, graph, runs: list):
+        self.graph, self.runs = graph, runs
 
     def run(self, feeds):
-        self.feeds.append({k: np.array(v) for k, v in feeds.items()})
-        return self.graph.run(feeds)
+        outputs = self.graph.run(feeds)
+        copy = lambda arrays: {k: np.array(v) for k, v in arrays.items()}  # noqa: E731
+        self.runs.append((copy(feeds), copy(outputs)))
+        return outputs
 
 
 def _size(folder: ModelFolder) -> int:
     return min(folder.constants.default_image_size, RUN_MAX_SIZE)
 
 
-def record_feeds(model: Path, prompts: tuple[str, ...] | list[str]) -> tuple[dict[str, list], list]:
-    """Run the pipeline at `model` over `prompts`; returns each graph's recorded feeds and the images."""
-    pipe = Pipeline.load(model)
-    recorded = {name: [] for name in pipe.graphs}
-    pipe = Pipeline(pipe.folder, {n: _Recording(g, recorded[n]) for n, g in pipe.graphs.items()}, pipe.tokenizer,
-                    pipe.provider)
+def _generate(pipe: Pipeline, prompt: str):
     size = _size(pipe.folder)
-    images = [pipe(p, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED).images[0] for p in prompts]
-    return recorded, images
+    return pipe(prompt, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED).images[0]
+
+
+def record_runs(pipe: Pipeline, prompts) -> tuple[dict[str, list], list]:
+    """Generate with `pipe` over `prompts`; returns each graph's (feeds, outputs) runs and the images."""
+    runs = {name: [] for name in pipe.graphs}
+    recording = Pipeline(pipe.folder, {n: _Recording(g, runs[n]) for n, g in pipe.graphs.items()}, pipe.tokenizer,
+                         pipe.provider)
+    return runs, [_generate(recording, p) for p in prompts]
 
 
 def calibration_feeds(model: Path, prompts: list[str]) -> list[dict[str, np.ndarray]]:
     """The U-Net's inputs over the fp32 pipeline's runs (RUN_STEPS each) for `prompts`."""
-    return record_feeds(model, prompts)[0]["unet"]
+    return [feeds for feeds, _ in record_runs(Pipeline.load(model), prompts)[0]["unet"]]
 
 
 @dataclass(frozen=True)
@@ -139,36 +143,43 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denominator) if denominator else float(np.array_equal(a, b))
 
 
+def _graph(pipe: Pipeline, component: str):
+    """The pipeline's own session, or (the VAE encoder, which text-to-image does not load) a new one."""
+    if component in pipe.graphs:
+        return pipe.graphs[component]
+    return load_graph(pipe.folder.graph_path(component), GRAPHS[component], pipe.provider, None)
+
+
 def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold_db: float,
             prompts: tuple[str, ...] = FIDELITY_PROMPTS) -> FidelityReport:
     """Compare the export at `candidate` (component -> recipe in `recipes`) with the fp32 one at `reference`."""
-    identical = all(r == "fp32" for r in recipes.values())
-    recorded, reference_images = record_feeds(reference, prompts) if not identical else ({}, [])
-    if "vae_encoder" in recipes and reference_images:
-        size = _size(ModelFolder.open(reference))
-        recorded["vae_encoder"] = [{"sample": from_pil(im, size, size)} for im in reference_images]
-    if "unet" in recorded:
-        step = max(1, len(recorded["unet"]) // MAX_UNET_FEEDS)
-        recorded["unet"] = recorded["unet"][::step][:MAX_UNET_FEEDS]
+    sizes = {c: (_folder_mb(candidate / c), _folder_mb(reference / c)) for c in recipes}
+    if all(r == "fp32" for r in recipes.values()):  # the same graphs: nothing to run
+        graphs = [GraphFidelity(c, r, out, float("inf"), 1.0, *sizes[c])
+                  for c, r in recipes.items() for out in GRAPHS[c].output_names]
+        return FidelityReport(graphs, [], threshold_db, tuple(prompts))
+    fp32 = Pipeline.load(reference)
+    runs, reference_images = record_runs(fp32, prompts)
+    if "vae_encoder" in recipes:
+        encoder, size = _graph(fp32, "vae_encoder"), _size(fp32.folder)
+        runs["vae_encoder"] = [(f, encoder.run(f)) for f in
+                               ({"sample": from_pil(im, size, size)} for im in reference_images)]
+    step = max(1, len(runs["unet"]) // MAX_UNET_FEEDS)
+    runs["unet"] = runs["unet"][::step][:MAX_UNET_FEEDS]
+    pipe = Pipeline.load(candidate)
     graphs = []
     for component, recipe in recipes.items():
-        spec = GRAPHS[component]
-        sizes = _folder_mb(candidate / component), _folder_mb(reference / component)
-        if identical or recipe == "fp32":
-            graphs += [GraphFidelity(component, recipe, out, float("inf"), 1.0, *sizes) for out in spec.output_names]
+        if recipe == "fp32":
+            graphs += [GraphFidelity(component, recipe, out, float("inf"), 1.0, *sizes[component])
+                       for out in GRAPHS[component].output_names]
             continue
-        ref_graph = load_graph(reference / component / "model.onnx", spec, "cpu", None)
-        new_graph = load_graph(candidate / component / "model.onnx", spec, "cpu", None)
-        for out in spec.output_names:
-            want = np.concatenate([ref_graph.run(f)[out].ravel() for f in recorded[component]])
-            got = np.concatenate([new_graph.run(f)[out].ravel() for f in recorded[component]])
+        graph = _graph(pipe, component)
+        got_runs = [graph.run(feeds) for feeds, _ in runs[component]]
+        for out in GRAPHS[component].output_names:
+            want = np.concatenate([outputs[out].ravel() for _, outputs in runs[component]])
+            got = np.concatenate([outputs[out].ravel() for outputs in got_runs])
             value = psnr(want, got) if np.all(np.isfinite(got)) else float("-inf")
-            graphs.append(GraphFidelity(component, recipe, out, value, cosine(want, got), *sizes))
-    image_psnr = []
-    if not identical:
-        pipe = Pipeline.load(candidate)
-        size = _size(pipe.folder)
-        for prompt, want in zip(prompts, reference_images):
-            got = pipe(prompt, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED).images[0]
-            image_psnr.append(psnr(np.asarray(want, np.float64), np.asarray(got, np.float64)))
+            graphs.append(GraphFidelity(component, recipe, out, value, cosine(want, got), *sizes[component]))
+    image_psnr = [psnr(np.asarray(want, np.float64), np.asarray(_generate(pipe, prompt), np.float64))
+                  for prompt, want in zip(prompts, reference_images)]
     return FidelityReport(graphs, image_psnr, threshold_db, tuple(prompts))

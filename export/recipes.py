@@ -105,20 +105,22 @@ def _initializers(graph) -> dict:
     return {init.name: init for init in graph.initializer}
 
 
-def store_weights_fp16(graph) -> bool:
-    """Store float32 initializers of >= FP16_MIN_ELEMENTS as float16, each behind a Cast to float32."""
+def store_weights_fp16(graph, keep: frozenset[str] = frozenset()) -> bool:
+    """Store float32 initializers of >= FP16_MIN_ELEMENTS (but those in `keep`) as float16, each behind a Cast
+    to float32."""
     from onnx import TensorProto, helper, numpy_helper
 
     casts = []
     for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS:
+        if (init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < FP16_MIN_ELEMENTS
+                or init.name in keep):
             continue
         values = numpy_helper.to_array(init)
         name = init.name
         init.CopyFrom(numpy_helper.from_array(values.astype(np.float16), f"{name}.fp16"))
         casts.append(helper.make_node("Cast", [f"{name}.fp16"], [name], name=f"{name}.to_fp32",
                                       to=TensorProto.FLOAT))
-    _prepend_nodes(graph, casts)
+    prepend_nodes(graph, casts)
     return bool(casts)
 
 
@@ -156,11 +158,11 @@ def dedupe_gather_tables(graph) -> bool:
                                       name=f"{table_name}.remap", axis=0))
         node.input[1] = remapped
         changed = True
-    _prepend_nodes(graph, added)
+    prepend_nodes(graph, added)
     return changed
 
 
-def _prepend_nodes(graph, nodes: list) -> None:
+def prepend_nodes(graph, nodes: list) -> None:
     """Put `nodes` first (their inputs are graph inputs or initializers), keeping the graph sorted."""
     if not nodes:
         return

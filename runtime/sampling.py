@@ -227,11 +227,15 @@ def brownian_pair(noise: NoiseFn, shape: tuple, sigma: float, sigma_mid: float, 
     return first, (c * first + np.sqrt(1 - c * c) * fresh).astype(np.float32)
 
 
-def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float, to_sigma_down: bool = True):
-    """DPM-Solver++(1) from sigma down to sigma_to's sigma_down (or to sigma_to itself), in log sigma:
-    x0 + (sigma_down / sigma) (x - x0). Returns (x, sigma_up), sigma_up 0 without the ancestral split."""
-    sigma_down, sigma_up = ancestral_step(sigma, sigma_to) if to_sigma_down else (sigma_to, 0.0)
-    return x0 + (sigma_down / sigma) * (x - x0), sigma_up
+def _exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float) -> np.ndarray:
+    """DPM-Solver++(1) from sigma to sigma_to, exact in log sigma for a constant x0: x0 + (sigma_to / sigma)(x - x0)."""
+    return x0 + (sigma_to / sigma) * (x - x0)
+
+
+def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: float):
+    """DPM-Solver++(1) from sigma down to sigma_to's sigma_down; returns (x, sigma_up)."""
+    sigma_down, sigma_up = ancestral_step(sigma, sigma_to)
+    return _exp_step(x, x0, sigma, sigma_down), sigma_up
 
 
 def sample_dpmpp_sde(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn,
@@ -279,8 +283,8 @@ def sample_dpmpp_2s_ancestral(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedul
         if sigma_next == 0.0:
             x = x0
             continue
-        x_mid, _ = _ancestral_exp_step(x, x0, sigma, float(s.mid_sigmas[i]), to_sigma_down=False)
-        x0_mid = denoise(x_mid, float(s.mid_sigmas[i]), s.mid_timesteps[i])
+        sigma_mid = float(s.mid_sigmas[i])
+        x0_mid = denoise(_exp_step(x, x0, sigma, sigma_mid), sigma_mid, s.mid_timesteps[i])
         calls += 1
         _notify(callback, calls - 1, total)
         x, up = _ancestral_exp_step(x, x0_mid, sigma, sigma_next)

@@ -201,6 +201,7 @@ _CLASS_TO_NAME = {
 # Samplers diffusers has no class for: they run k-diffusion's algorithm on the sigma schedule of the class
 # named in SAMPLERS (whose config keys they read).
 KSampler = Literal["dpmpp_2s_ancestral"]
+_K_SAMPLER_NAMES: dict[KSampler, str] = {"dpmpp_2s_ancestral": "dpm++2s-a"}  # before any "-karras"
 _K_SAMPLERS: dict[str, KSampler] = {"dpm++2s-a": "dpmpp_2s_ancestral", "dpm++2s-a-karras": "dpmpp_2s_ancestral"}
 
 
@@ -229,7 +230,7 @@ class SchedulerConfig:
 
     @property
     def name(self) -> str:
-        name = {"dpmpp_2s_ancestral": "dpm++2s-a"}[self.k_sampler] if self.k_sampler else _CLASS_TO_NAME[self.class_name]
+        name = _K_SAMPLER_NAMES[self.k_sampler] if self.k_sampler else _CLASS_TO_NAME[self.class_name]
         if self.config.get("algorithm_type") == "sde-dpmsolver++":
             name += "-sde"
         if self.config.get("use_karras_sigmas"):

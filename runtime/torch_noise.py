@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 from typing import Literal
@@ -200,19 +201,20 @@ def _sincos_avx2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(sin_negative, -sin, sin), np.where(cos_negative, -cos, cos)
 
 
-_LIBM: ctypes.CDLL | None = None
+@functools.cache
+def _libm_function(name: str):
+    """The C library's float function `name`, loaded once."""
+    path = ctypes.util.find_library("m") or ctypes.util.find_library("c")
+    if path is None:
+        raise EdgesdError("no C math library found for torch-compatible noise",
+                          "use the numpy noise generator on this platform")
+    fn = getattr(ctypes.CDLL(path), name)
+    fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+    return fn
 
 
 def _libm(name: str, x: np.ndarray) -> np.ndarray:
     """The C library's float function `name` (logf, sinf, cosf) applied to each value of `x`."""
-    global _LIBM
-    if _LIBM is None:
-        path = ctypes.util.find_library("m") or ctypes.util.find_library("c")
-        if path is None:
-            raise EdgesdError("no C math library found for torch-compatible noise",
-                              "use the numpy noise generator on this platform")
-        _LIBM = ctypes.CDLL(path)
-    fn = getattr(_LIBM, name)
-    fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+    fn = _libm_function(name)
     flat = np.ascontiguousarray(x, dtype=_F).ravel()
     return np.fromiter((fn(float(v)) for v in flat), dtype=_F, count=flat.size).reshape(x.shape)

@@ -72,6 +72,12 @@ def stand_in_eps(x: np.ndarray, t: float) -> np.ndarray:
     return (0.8 * np.tanh(x) + 0.1 * np.sin(x * 3.0 + t / 97.0)).astype(np.float32)
 
 
+def stand_in_denoiser(sched, prediction: str) -> Denoiser:
+    """Our denoiser layer around `stand_in_eps`, without guidance."""
+    return Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+                    guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
+
+
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("name", list(NAMES))
@@ -127,8 +133,7 @@ def _both_loops(name, config, steps, prediction="epsilon", eta=0.0):
     expected = x.numpy()
 
     sched = resolve_scheduler(name, config)
-    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
-                        guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
+    denoiser = stand_in_denoiser(sched, prediction)
     gen2 = torch.Generator().manual_seed(1)
     got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None, eta)
     scale = np.abs(expected).max()
@@ -269,8 +274,7 @@ def _both_img2img_loops(name, config, steps, strength):
     expected = x.numpy()
 
     sched = resolve_scheduler(name, config)
-    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
-                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+    denoiser = stand_in_denoiser(sched, "epsilon")
     gen2 = torch.Generator().manual_seed(1)
     assert strength_start(steps, strength) == t_start
     got = _run_sampler(sched, denoiser, start_noise, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None,
@@ -375,8 +379,7 @@ def test_unipc_step_to_zero_stays_finite(extra):
     """Where diffusers gives NaN (bh1) or cannot solve (order 3 at sigma 0), the last step returns its x0."""
     config = {**SD, "timestep_spacing": "trailing", **extra}
     sched = resolve_scheduler("unipc", config)
-    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
-                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+    denoiser = stand_in_denoiser(sched, "epsilon")
     start = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert np.isfinite(_run_sampler(sched, denoiser, start, 10, None, None)).all()
 
@@ -466,8 +469,7 @@ def test_dpmpp_2s_ancestral_equals_an_independent_reference(name, prediction, sp
                                              lambda s: torch.randn(s, generator=gen).numpy().astype(np.float64))
     sched = resolve_scheduler(name, config)
     calls = []
-    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
-                        guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
+    denoiser = stand_in_denoiser(sched, prediction)
     gen2 = torch.Generator().manual_seed(1)
     got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(),
                        lambda i, n: calls.append((i, n)))
@@ -512,8 +514,7 @@ def test_dpmpp_2s_ancestral_starts_part_way(steps, first):
                                              lambda s: torch.randn(s, generator=gen).numpy().astype(np.float64),
                                              first, clean)
     sched = resolve_scheduler("dpm++2s-a", SD)
-    denoiser = Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
-                        guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=alphas_cumprod(sched))
+    denoiser = stand_in_denoiser(sched, "epsilon")
     gen2 = torch.Generator().manual_seed(1)
     got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None,
                        start=first, x0=clean)
