@@ -30,11 +30,11 @@ WORK = HERE / "work" / "recipes"
 def measure(path: Path, runs: int) -> dict:
     import numpy as np
 
-    from edgesd.backends import load_graph
+    from edgesd.backends import RuntimeOptions, load_graph
     from edgesd.graphs import GRAPHS
 
     start = time.perf_counter()
-    graph = load_graph(path, GRAPHS["unet"], "cpu", None)
+    graph = load_graph(path, GRAPHS["unet"], RuntimeOptions(backend="onnxruntime"))
     load_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     feeds = {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),

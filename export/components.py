@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgesd.backends import RuntimeOptions
 from edgesd.backends.onnxruntime_backend import OrtGraph
 from edgesd.graphs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec
 
@@ -102,7 +103,7 @@ def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
 
 def _parity(path: Path, spec: GraphSpec, reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
             threshold_db: float) -> list[ParityResult]:
-    graph = OrtGraph(path, spec, "cpu")
+    graph = OrtGraph(path, spec, RuntimeOptions(backend="onnxruntime"))
     got = graph.run(feeds)
     return [compare(spec.component, name, ref, got[name], threshold_db) for name, ref in reference.items()]
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesd.backends import load_graph
 from edgesd.graphs import GRAPHS
 from edgesd.images import from_pil
 from edgesd.model import ModelFolder
@@ -73,7 +72,7 @@ def record_runs(pipe: Pipeline, prompts) -> tuple[dict[str, list], list]:
     """Generate with `pipe` over `prompts`; returns each graph's (feeds, outputs) runs and the images."""
     runs = {name: [] for name in pipe.graphs}
     recording = Pipeline(pipe.folder, {n: _Recording(g, runs[n]) for n, g in pipe.graphs.items()}, pipe.tokenizer,
-                         pipe.provider)
+                         pipe.options)
     return runs, [_generate(recording, p) for p in prompts]
 
 
@@ -143,13 +142,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / denominator) if denominator else float(np.array_equal(a, b))
 
 
-def _graph(pipe: Pipeline, component: str):
-    """The pipeline's own session, or (the VAE encoder, which text-to-image does not load) a new one."""
-    if component in pipe.graphs:
-        return pipe.graphs[component]
-    return load_graph(pipe.folder.graph_path(component), GRAPHS[component], pipe.provider, None)
-
-
 def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold_db: float,
             prompts: tuple[str, ...] = FIDELITY_PROMPTS) -> FidelityReport:
     """Compare the export at `candidate` (component -> recipe in `recipes`) with the fp32 one at `reference`."""
@@ -161,7 +153,7 @@ def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold
     fp32 = Pipeline.load(reference)
     runs, reference_images = record_runs(fp32, prompts)
     if "vae_encoder" in recipes:
-        encoder, size = _graph(fp32, "vae_encoder"), _size(fp32.folder)
+        encoder, size = fp32.graph("vae_encoder"), _size(fp32.folder)
         runs["vae_encoder"] = [(f, encoder.run(f)) for f in
                                ({"sample": from_pil(im, size, size)} for im in reference_images)]
     step = max(1, len(runs["unet"]) // MAX_UNET_FEEDS)
@@ -173,7 +165,7 @@ def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold
             graphs += [GraphFidelity(component, recipe, out, float("inf"), 1.0, *sizes[component])
                        for out in GRAPHS[component].output_names]
             continue
-        graph = _graph(pipe, component)
+        graph = pipe.graph(component)
         got_runs = [graph.run(feeds) for feeds, _ in runs[component]]
         for out in GRAPHS[component].output_names:
             want = np.concatenate([outputs[out].ravel() for _, outputs in runs[component]])

@@ -1,12 +1,13 @@
 """edgesd: Stable Diffusion on machines without a big GPU.
 
-`edgesd.Pipeline.load(path)` runs exported graphs with ONNX Runtime; tokenizer,
+`edgesd.Pipeline.load(path)` runs exported graphs with ONNX Runtime or OpenVINO; tokenizer,
 guidance, samplers, latents and image handling are NumPy. Importing edgesd never
 imports torch, diffusers, transformers, optimum or nncf.
 """
 
+from .backends import RuntimeOptions
 from .errors import Cancelled, EdgesdError
 from .pipeline import GenerationResult, Pipeline
 
-__all__ = ["Pipeline", "GenerationResult", "EdgesdError", "Cancelled"]
+__all__ = ["Pipeline", "GenerationResult", "RuntimeOptions", "EdgesdError", "Cancelled"]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .backends.base import BACKENDS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES, RuntimeOptions
 from .errors import Cancelled, EdgesdError
 from .noise import NOISE_GENERATORS
 
@@ -176,13 +177,30 @@ def _scheduler_choice(value: str | None):
               help="img2img: start from this picture (PNG, JPEG, ...).")
 @click.option("--strength", default=0.8, show_default=True, type=float,
               help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the picture.")
-@click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
+              help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime.")
+@click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep optimised (onnxruntime) or compiled (openvino) graphs here: the next start is faster.")
+@click.option("--provider", default="cpu", show_default=True,
+              help="onnxruntime: execution providers, comma-separated in order of preference (e.g. openvino,cpu).")
+@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
+              help="onnxruntime: an option of the first provider (repeatable).")
+@click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
+              help="onnxruntime: graph optimisation level.")
+@click.option("--device", default="CPU", show_default=True, help="openvino: device (CPU, GPU, NPU, AUTO, ...).")
+@click.option("--ov-hint", default="latency", show_default=True, type=click.Choice(OV_HINTS),
+              help="openvino: performance hint.")
+@click.option("--ov-precision", default="f32", show_default=True, type=click.Choice(OV_PRECISIONS),
+              help="openvino: inference precision; device-default lets a CPU with bf16 use it (faster, not equal).")
+@click.option("--ov-shapes", default="static", show_default=True, type=click.Choice(OV_SHAPES),
+              help="openvino: compile for the requested size and batch (static) or for any (dynamic).")
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
 def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, seed, width, height, scheduler,
              noise_generator, eta,
-             image_path, strength, provider, count, output):
+             image_path, strength, count, output, **runtime_options):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -206,7 +224,7 @@ def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, see
 
     choice = _scheduler_choice(scheduler)
     image = _open_image(image_path) if image_path is not None else None
-    pipe = Pipeline.load(model_dir, provider=provider)
+    pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options))
     bar_length = steps or pipe.defaults.num_inference_steps
     with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
         def on_step(i: int, n: int) -> None:
@@ -226,6 +244,16 @@ def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, see
         click.echo(f"wrote {path} (seed {result.seed})")
 
 
+def _runtime_options(provider_options: tuple[str, ...], **values) -> RuntimeOptions:
+    pairs = []
+    for item in provider_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise EdgesdError(f"--provider-option '{item}' is not KEY=VALUE", "e.g. --provider-option device_type=CPU")
+        pairs.append((key.strip(), value.strip()))
+    return RuntimeOptions(provider_options=tuple(pairs), **values)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -239,6 +267,7 @@ def info(model: Path, as_json: bool):
         return
     click.echo(f"model      {summary['path']}")
     click.echo(f"written by {summary['written_by']}")
+    click.echo(f"formats    {', '.join(summary['formats'])}")
     for key, value in summary["constants"].items():
         click.echo(f"  {key:<22}{value}")
     click.echo(f"scheduler  {summary['scheduler']}")

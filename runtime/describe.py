@@ -42,12 +42,52 @@ def _graph_summary(path: Path) -> dict:
             "precision": _PRECISION.get(main_type, str(main_type)), "size_mb": size / 1e6}
 
 
+def _ir_summary(path: Path) -> dict:
+    """The same for an OpenVINO IR graph, read (not compiled) with openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise EdgesdError(f"{path} is OpenVINO IR; reading it needs the openvino package",
+                          "pip install -c constraints.txt 'edgesd[openvino]'") from None
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as e:
+        raise EdgesdError(f"{path} is not a readable OpenVINO graph ({str(e).splitlines()[-1][:120]})",
+                          "re-export the model") from None
+
+    def signature(ports):
+        return [{"name": sorted(p.get_names())[0] if p.get_names() else "", "dtype": p.get_element_type().get_type_name(),
+                 "shape": [str(d) if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]} for p in ports]
+
+    by_type: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            t = op.get_output_element_type(0).get_type_name()
+            by_type[t] = by_type.get(t, 0) + shape_size(op.get_output_shape(0))
+    main_type = max(by_type, key=by_type.get) if by_type else "f32"
+    size = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.stem == path.stem)
+    return {"inputs": signature(model.inputs), "outputs": signature(model.outputs),
+            "precision": _IR_PRECISION.get(main_type, main_type), "size_mb": size / 1e6}
+
+
+_IR_PRECISION = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "uint8", "i4": "int4", "u4": "uint4"}
+
+
+def shape_size(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def describe(path: Path) -> dict:
     folder = ModelFolder.open(path)
-    graphs = {name: _graph_summary(folder.graph_path(name)) for name in GRAPHS if folder.has(name)}
+    graphs = {name: (_ir_summary if folder.graph_format(name) == "openvino" else _graph_summary)(folder.graph_path(name))
+              for name in GRAPHS if folder.has(name)}
     return {
         "path": str(folder.root),
         "written_by": "edgesd" if folder.manifest else "another exporter (optimum layout)",
+        "formats": sorted({folder.graph_format(name) for name in GRAPHS if folder.has(name)}),
         "constants": asdict(folder.constants),
         "scheduler": folder.scheduler_config.get("_class_name"),
         "defaults": asdict(folder.defaults),

@@ -1,7 +1,9 @@
 """A model folder on disk: edgesd's own export or one written by `optimum-cli export onnx`.
 
 Both use optimum's layout (`text_encoder/model.onnx`, `unet/model.onnx`,
-`vae_decoder/model.onnx`, `tokenizer/`, `scheduler/scheduler_config.json`).
+`vae_decoder/model.onnx`, `tokenizer/`, `scheduler/scheduler_config.json`); OpenVINO IR folders (ours with
+`--format openvino`, or `optimum-cli export openvino`) have `openvino_model.xml` + `.bin` in place of each
+`model.onnx`.
 Ours adds `edgesd.json`, the manifest: each graph's description and the model's
 constants. For a folder without it, the constants come from the component
 `config.json` files that optimum copies next to each graph.
@@ -19,6 +21,8 @@ from .graphs import GRAPHS, REQUIRED_FOR_TEXT_TO_IMAGE
 MANIFEST = "edgesd.json"
 MANIFEST_VERSION = 1
 GRAPH_FILE = "model.onnx"
+IR_FILE = "openvino_model.xml"  # OpenVINO IR; its weights are in openvino_model.bin beside it
+GRAPH_FILES = {"onnx": GRAPH_FILE, "openvino": IR_FILE}
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,10 @@ class ModelFolder:
         if not root.is_dir():
             raise EdgesdError(f"'{root}' is not a folder", "pass the model folder, not a file in it")
         for component in REQUIRED_FOR_TEXT_TO_IMAGE:
-            if not (root / component / GRAPH_FILE).is_file():
+            if graph_format(root, component) is None:
                 raise EdgesdError(
-                    f"'{root}' has no {component}/{GRAPH_FILE}",
-                    "pass a folder written by `edgesd export` or `optimum-cli export onnx`",
+                    f"'{root}' has no {component}/{GRAPH_FILE} or {component}/{IR_FILE}",
+                    "pass a folder written by `edgesd export` or `optimum-cli export onnx|openvino`",
                 )
         scheduler = read_json(root / "scheduler" / "scheduler_config.json", "scheduler")
         manifest = read_json(root / MANIFEST, "manifest") if (root / MANIFEST).is_file() else None
@@ -124,11 +128,27 @@ class ModelFolder:
                 raise EdgesdError(f"{root / MANIFEST} has unreadable defaults ({e})", "re-export the model") from None
         return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest, defaults=defaults)
 
+    def graph_format(self, component: str) -> str | None:
+        """"onnx", "openvino" (IR) or None when the component is absent."""
+        return graph_format(self.root, component)
+
     def graph_path(self, component: str) -> Path:
-        return self.root / component / GRAPH_FILE
+        return self.root / component / GRAPH_FILES[self.graph_format(component) or "onnx"]
 
     def has(self, component: str) -> bool:
-        return self.graph_path(component).is_file()
+        return self.graph_format(component) is not None
+
+
+def graph_format(root: Path, component: str) -> str | None:
+    """Which graph file `root/component` holds; both at once is an error (which one would run is unclear)."""
+    found = [fmt for fmt, name in GRAPH_FILES.items() if (root / component / name).is_file()]
+    if len(found) > 1:
+        raise EdgesdError(f"'{root / component}' holds both {GRAPH_FILE} and {IR_FILE}",
+                          "keep one: delete the other file (and its weights) or re-export into an empty folder")
+    if found == ["openvino"] and not (root / component / "openvino_model.bin").is_file():
+        raise EdgesdError(f"'{root / component}' has {IR_FILE} but no openvino_model.bin (its weights)",
+                          "copy the .bin file next to it or re-export the model")
+    return found[0] if found else None
 
 
 def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict], source: dict,

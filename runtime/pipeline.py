@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -12,11 +12,10 @@ import numpy as np
 from PIL import Image
 
 from . import sampling
-from .backends import Graph, load_graph
-from .backends.onnxruntime_backend import resolve_provider
+from .backends import Graph, RuntimeOptions, load_graph
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
-from .graphs import GRAPHS
+from .graphs import GRAPHS, REQUIRED_FOR_TEXT_TO_IMAGE
 from .images import from_pil, to_pil
 from .model import ModelFolder
 from .models_path import default_model_path
@@ -58,33 +57,51 @@ class _Request:
 class Pipeline:
     """A loaded model: `Pipeline.load(path)(prompt, ...)` -> GenerationResult."""
 
-    def __init__(self, folder: ModelFolder, graphs: dict[str, Graph], tokenizer: ClipTokenizer, provider: str):
+    def __init__(self, folder: ModelFolder, graphs: dict[str, Graph], tokenizer: ClipTokenizer,
+                 options: RuntimeOptions):
         self.folder = folder
         self.graphs = graphs
         self.tokenizer = tokenizer
-        self.provider = provider
+        self.options = options  # backend resolved: "onnxruntime" or "openvino"
         self._seconds: dict[str, float] = {}
         self._calls: dict[str, int] = {}
 
     def _run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one graph, adding its wall time to the current generation's timings."""
         start = time.perf_counter()
-        out = self.graphs[name].run(feeds)
+        out = self.graph(name).run(feeds)
         self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
         self._calls[name] = self._calls.get(name, 0) + 1
         return out
 
     @classmethod
-    def load(cls, path: str | Path | None = None, provider: str = "cpu", threads: int | None = None) -> "Pipeline":
-        """Load a model folder (default: the embedded model) on an ONNX Runtime provider."""
+    def load(cls, path: str | Path | None = None, options: RuntimeOptions | None = None,
+             **option_values) -> "Pipeline":
+        """Load a model folder (default: the embedded model).
+
+        `options` (or its fields as keywords: `provider="cpu"`, `threads=2`, `backend="openvino"`, ...) choose
+        the backend and tune it; see RuntimeOptions.
+        """
+        try:
+            options = replace(options or RuntimeOptions(), **option_values)
+        except TypeError as e:
+            raise EdgesdError(f"Pipeline.load: {e}", "see edgesd.RuntimeOptions for the options") from None
         folder = ModelFolder.open(default_model_path() if path is None else path)
-        resolve_provider(provider)  # fail on a bad provider before loading large graphs
+        options = options.for_backend(resolve_backend(folder, options.backend))
         tokenizer = ClipTokenizer.from_folder(folder.root / "tokenizer")
-        graphs = {
-            name: load_graph(folder.graph_path(name), GRAPHS[name], provider, threads)
-            for name in ("text_encoder", "unet", "vae_decoder")
-        }
-        return cls(folder, graphs, tokenizer, provider)
+        pipe = cls(folder, {}, tokenizer, options)
+        for name in REQUIRED_FOR_TEXT_TO_IMAGE:
+            pipe.graph(name)
+        return pipe
+
+    def graph(self, name: str) -> Graph:
+        """The loaded graph of component `name`, loading it on first use (the VAE encoder only img2img needs)."""
+        if name not in self.graphs:
+            if not self.folder.has(name):
+                raise EdgesdError(f"model '{self.folder.root}' has no {name}",
+                                  "re-export the model" + (" without --no-vae-encoder" if name == "vae_encoder" else ""))
+            self.graphs[name] = load_graph(self.folder.graph_path(name), GRAPHS[name], self.options)
+        return self.graphs[name]
 
     @property
     def constants(self):
@@ -94,6 +111,15 @@ class Pipeline:
     def defaults(self):
         """The model's default steps and guidance scale (GenerationDefaults)."""
         return self.folder.defaults
+
+    def _compile_seconds(self) -> float:
+        return sum(getattr(g, "compile_seconds", 0.0) for g in self.graphs.values())
+
+    def _backend_parameters(self) -> dict:
+        """What ran the graphs, for the image's parameters."""
+        if self.options.backend == "openvino":
+            return {"backend": "openvino", "device": self.options.device}
+        return {"provider": self.options.provider}
 
     # --- the stages -------------------------------------------------------------------------
 
@@ -108,12 +134,7 @@ class Pipeline:
 
     def encode_image(self, image: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
         """A picture -> scaled latents (1, C, H/f, W/f): the VAE posterior's mean (diffusers samples it)."""
-        if "vae_encoder" not in self.graphs:
-            if not self.folder.has("vae_encoder"):
-                raise EdgesdError(f"model '{self.folder.root}' has no vae_encoder, which img2img needs",
-                                  "re-export the model without --no-vae-encoder")
-            self.graphs["vae_encoder"] = load_graph(self.folder.graph_path("vae_encoder"), GRAPHS["vae_encoder"],
-                                                    self.provider, None)
+        self.graph("vae_encoder")
         pixels = from_pil(image, width, height)  # (1, 3, H, W) in [-1, 1]
         moments = self._run("vae_encoder", {"sample": pixels})["latent_parameters"]  # (1, 2C, h, w)
         mean = moments[:, : moments.shape[1] // 2]
@@ -169,6 +190,7 @@ class Pipeline:
         """
         started = time.perf_counter()
         self._seconds, self._calls = {}, {}
+        compiled_before = self._compile_seconds()
         defaults = self.defaults
         steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
@@ -200,7 +222,7 @@ class Pipeline:
             **({"guidance_rescale": guidance_rescale} if guidance_rescale else {}),
             "seed": req.seed, "width": req.width, "height": req.height,
             **({"noise_generator": noise_generator} if noise_generator != "numpy" else {}),
-            "model": self.folder.root.name, "provider": self.provider,
+            "model": self.folder.root.name, **self._backend_parameters(),
         }
         if image is not None:
             params["strength"] = strength
@@ -209,6 +231,8 @@ class Pipeline:
                     for text in dict.fromkeys(req.prompts + req.negative_prompts)
                     if (n := self.tokenizer.token_count(text)) > limit]
         timings = {f"{name}_s": round(t, 4) for name, t in self._seconds.items()}
+        if compiled := self._compile_seconds() - compiled_before:  # OpenVINO compiling for a new size (included above)
+            timings["compile_s"] = round(compiled, 4)
         timings.update({"unet_calls": self._calls.get("unet", 0), "total_s": round(time.perf_counter() - started, 4)})
         return GenerationResult(images=images, seed=req.seed, parameters=params, latents=x, timings=timings,
                                 warnings=warnings)
@@ -275,6 +299,24 @@ class Pipeline:
                               "match the batch (prompts x images per prompt), channels and size / "
                               f"{c.vae_scale_factor}")
         return latents
+
+
+def resolve_backend(folder: ModelFolder, backend: str) -> str:
+    """"auto" -> openvino for a folder with OpenVINO IR graphs, else onnxruntime; check the folder fits."""
+    formats = {name: folder.graph_format(name) for name in GRAPHS if folder.has(name)}
+    if backend == "auto":
+        backend = "openvino" if "openvino" in formats.values() else "onnxruntime"
+    ir = [name for name, fmt in formats.items() if fmt == "openvino"]
+    if backend == "onnxruntime" and ir:
+        raise EdgesdError(f"'{folder.root}' holds OpenVINO IR graphs ({', '.join(ir)}), which ONNX Runtime cannot run",
+                          "use --backend openvino (or leave --backend at auto)")
+    if backend == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            raise EdgesdError("the OpenVINO backend needs the openvino package",
+                              "pip install -c constraints.txt 'edgesd[openvino]'") from None
+    return backend
 
 
 def _checked(callback: ProgressCallback | None) -> sampling.StepCallback | None:

@@ -1,5 +1,5 @@
 """Inference backends behind one small interface (see `base.Graph`)."""
 
-from .base import Graph, load_graph, provider_names
+from .base import BACKENDS, Graph, RuntimeOptions, load_graph, provider_names
 
-__all__ = ["Graph", "load_graph", "provider_names"]
+__all__ = ["BACKENDS", "Graph", "RuntimeOptions", "load_graph", "provider_names"]

@@ -1,13 +1,73 @@
-"""The interface every backend implements: load a graph file, run it on NumPy arrays."""
+"""The interface every backend implements, and the options that choose and tune a backend."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
+from ..errors import EdgesdError
 from ..graphs import GraphSpec
+
+Backend = Literal["auto", "onnxruntime", "openvino"]
+OrtOptimization = Literal["disable", "basic", "extended", "all"]
+OvHint = Literal["latency", "throughput"]
+OvPrecision = Literal["f32", "bf16", "f16", "device-default"]
+OvShapes = Literal["static", "dynamic"]
+
+BACKENDS: tuple[str, ...] = get_args(Backend)
+ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
+OV_HINTS: tuple[str, ...] = get_args(OvHint)
+OV_PRECISIONS: tuple[str, ...] = get_args(OvPrecision)
+OV_SHAPES: tuple[str, ...] = get_args(OvShapes)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How graphs are run. Each field is one `edgesd generate` option of the same name."""
+
+    backend: Backend = "auto"  # auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime
+    threads: int | None = None  # intra-op threads (default: the backend's, one per core)
+    cache_dir: Path | None = None  # onnxruntime: optimised graphs; openvino: compiled models
+    # ONNX Runtime only
+    provider: str = "cpu"  # execution providers, comma-separated, in order of preference
+    provider_options: tuple[tuple[str, str], ...] = ()  # KEY=VALUE pairs for the first provider
+    ort_optimization: OrtOptimization = "all"  # graph optimisation level
+    # OpenVINO only
+    device: str = "CPU"  # an OpenVINO device name: CPU, GPU, NPU, AUTO, ...
+    ov_hint: OvHint = "latency"  # latency: one request as fast as possible; throughput: many streams
+    # OpenVINO computes in bf16 on CPUs that have it unless told f32; f32 keeps images equal to ONNX Runtime's.
+    ov_precision: OvPrecision = "f32"
+    ov_shapes: OvShapes = "static"  # static: recompile for each new size/batch (faster steps)
+
+    def __post_init__(self):
+        for name, allowed in (("backend", BACKENDS), ("ort_optimization", ORT_OPTIMIZATIONS),
+                              ("ov_hint", OV_HINTS), ("ov_precision", OV_PRECISIONS), ("ov_shapes", OV_SHAPES)):
+            if getattr(self, name) not in allowed:
+                raise EdgesdError(f"unknown {name} '{getattr(self, name)}'", f"use one of: {', '.join(allowed)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise EdgesdError(f"threads must be a positive whole number, got {self.threads!r}",
+                              "leave it unset for one thread per core")
+        if not self.provider.strip():
+            raise EdgesdError("no execution provider given", "use e.g. --provider cpu")
+
+    def for_backend(self, backend: str) -> "RuntimeOptions":
+        """These options with `backend` chosen; an option set for the other backend is an error."""
+        other = "openvino" if backend == "onnxruntime" else "onnxruntime"
+        prefix = {"onnxruntime": _ORT_FIELDS, "openvino": _OV_FIELDS}[other]
+        defaults = RuntimeOptions()
+        for f in fields(self):
+            if f.name in prefix and getattr(self, f.name) != getattr(defaults, f.name):
+                flag = "--" + f.name.replace("_", "-")
+                raise EdgesdError(f"{flag} applies to the {other} backend, not {backend}",
+                                  f"drop {flag} or choose --backend {other}")
+        return RuntimeOptions(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "backend": backend})
+
+
+_ORT_FIELDS = {"provider", "provider_options", "ort_optimization"}
+_OV_FIELDS = {"device", "ov_hint", "ov_precision", "ov_shapes"}
 
 
 class Graph(Protocol):
@@ -21,14 +81,45 @@ class Graph(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def fit_feeds(path: Path, feeds: dict[str, np.ndarray], dtypes: dict[str, np.dtype],
+              ranks: dict[str, int]) -> dict[str, np.ndarray]:
+    """Cast `feeds` to what the graph takes: other exporters' graphs may take int32 ids, int64 timesteps, fp16,
+    or (optimum's U-Net) one scalar timestep where ours takes one per batch row."""
+    fitted = {}
+    for name, value in feeds.items():
+        if ranks[name] == 0 and value.ndim == 1:
+            if not np.all(value == value[0]):
+                raise EdgesdError(f"{path}: input '{name}' is a scalar but the batch has different values")
+            value = value[0]
+        fitted[name] = np.asarray(value, dtype=dtypes[name], order="C")
+    return fitted
+
+
+def check_names(path: Path, spec: GraphSpec, inputs: set[str], outputs: set[str], exporter_hint: str) -> list[str]:
+    """The spec's outputs this graph has, in spec order; raise if the graph does not match the spec."""
+    missing = [n for n in spec.input_names if n not in inputs]
+    missing += [n for n in spec.output_names[:1] if n not in outputs]
+    extra = sorted(inputs - set(spec.input_names))
+    if missing or extra:
+        raise EdgesdError(f"{path}: graph does not match the {spec.component} description "
+                          f"(missing {missing}, unexpected inputs {extra})", exporter_hint)
+    return [n for n in spec.output_names if n in outputs]
+
+
 def provider_names() -> list[str]:
     from . import onnxruntime_backend
 
     return onnxruntime_backend.provider_names()
 
 
-def load_graph(path: Path, spec: GraphSpec, provider: str, threads: int | None = None) -> Graph:
-    """Load `path` with the backend that serves `provider`."""
-    from . import onnxruntime_backend
+def load_graph(path: Path, spec: GraphSpec, options: RuntimeOptions) -> Graph:
+    """Load `path` with the backend `options` names (already resolved from "auto")."""
+    if options.backend == "openvino":
+        from . import openvino_backend
 
-    return onnxruntime_backend.OrtGraph(path, spec, provider, threads)
+        return openvino_backend.OvGraph(path, spec, options)
+    if options.backend == "onnxruntime":
+        from . import onnxruntime_backend
+
+        return onnxruntime_backend.OrtGraph(path, spec, options)
+    raise ValueError(f"backend {options.backend!r} is not resolved")  # a caller bug: resolve "auto" first

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +13,7 @@ import onnxruntime as ort
 
 from ..errors import EdgesdError
 from ..graphs import ONNX_TO_NUMPY, GraphSpec, check_feed
+from .base import RuntimeOptions, check_names, fit_feeds
 
 # Short provider names users type; full ONNX Runtime names work too.
 SHORT_NAMES = {
@@ -18,6 +23,12 @@ SHORT_NAMES = {
     "dml": "DmlExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
 }
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 def provider_names() -> list[str]:
@@ -26,7 +37,7 @@ def provider_names() -> list[str]:
 
 
 def resolve_provider(provider: str) -> str:
-    full = SHORT_NAMES.get(provider.lower(), provider)
+    full = SHORT_NAMES.get(provider.strip().lower(), provider.strip())
     available = ort.get_available_providers()
     if full not in available:
         raise EdgesdError(
@@ -36,20 +47,35 @@ def resolve_provider(provider: str) -> str:
     return full
 
 
+def resolve_providers(options: RuntimeOptions) -> list:
+    """`options.provider` ("openvino,cpu") -> the providers argument of InferenceSession."""
+    names = [resolve_provider(p) for p in options.provider.split(",") if p.strip()]
+    if options.provider_options:
+        return [(names[0], dict(options.provider_options))] + names[1:]
+    return names
+
+
 class OrtGraph:
-    def __init__(self, path: Path, spec: GraphSpec, provider: str, threads: int | None = None):
+    def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions):
         self.path = Path(path)
         self.spec = spec
-        full = resolve_provider(provider)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        providers = resolve_providers(options)
+        session_options = ort.SessionOptions()
+        session_options.log_severity_level = 3
         # Without the arena, memory goes back after each run: on the SD 1.5 U-Net (512x512, batch 2) peak RSS
         # fell from 8.1 to 6.5 GB, step time within noise (bench/ort_session_memory.py, bench/results/).
-        options.enable_cpu_mem_arena = False
-        if threads:
-            options.intra_op_num_threads = threads
+        session_options.enable_cpu_mem_arena = False
+        session_options.graph_optimization_level = OPTIMIZATION_LEVELS[options.ort_optimization]
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
         try:
-            self._session = ort.InferenceSession(str(self.path), options, providers=[full])
+            if options.cache_dir is None:
+                self._session = ort.InferenceSession(str(self.path), session_options, providers=providers)
+            else:
+                self._session = _cached_session(self.path, Path(options.cache_dir), session_options, providers,
+                                                 options)
+        except EdgesdError:
+            raise
         except Exception as e:  # onnxruntime raises several unrelated types for a bad file
             reason = str(e).splitlines()[0][:200]
             raise EdgesdError(
@@ -57,17 +83,10 @@ class OrtGraph:
                 "re-export the model with `edgesd export`",
             ) from None
         self._inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
-        missing = [n for n in spec.input_names if n not in self._inputs]
-        missing += [n for n in spec.output_names[:1] if n not in outputs]
-        extra = [n for n in self._inputs if n not in spec.input_names]
-        if missing or extra:
-            raise EdgesdError(
-                f"{self.path}: graph does not match the {spec.component} description "
-                f"(missing {missing}, unexpected inputs {extra})",
-                "export it with `edgesd export` or `optimum-cli export onnx`",
-            )
-        self._outputs = [n for n in spec.output_names if n in outputs]
+        self._outputs = check_names(self.path, spec, set(self._inputs), {o.name for o in self._session.get_outputs()},
+                                    "export it with `edgesd export` or `optimum-cli export onnx`")
+        self._ranks = {name: len(i.shape) for name, i in self._inputs.items()}
+        self._dtypes = {name: self.input_dtype(name) for name in self._inputs}
 
     def input_dtype(self, name: str) -> np.dtype:
         onnx_type = self._inputs[name].type
@@ -75,18 +94,9 @@ class OrtGraph:
             raise EdgesdError(f"{self.path}: input '{name}' has unsupported type {onnx_type}")
         return np.dtype(ONNX_TO_NUMPY[onnx_type])
 
-    def _fit_rank(self, name: str, value: np.ndarray) -> np.ndarray:
-        """optimum's U-Net takes one scalar timestep where ours takes one per batch row."""
-        if len(self._inputs[name].shape) == 0 and value.ndim == 1:
-            if not np.all(value == value[0]):
-                raise EdgesdError(f"{self.path}: input '{name}' is a scalar but the batch has different values")
-            return value[0]
-        return value
-
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feed(self.spec, feeds)
-        # Graphs from other exporters may take int32 ids, int64 timesteps or fp16: cast to the graph.
-        cast = {k: np.asarray(self._fit_rank(k, v), dtype=self.input_dtype(k), order="C") for k, v in feeds.items()}
+        cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         try:
             values = self._session.run(self._outputs, cast)
         except Exception as e:  # a graph that loads but cannot run these shapes
@@ -96,3 +106,47 @@ class OrtGraph:
                               "check the requested size and batch, or re-export the model") from None
         return {name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
                 for name, v in zip(self._outputs, values)}
+
+
+def _cache_key(path: Path, providers: list, options: RuntimeOptions) -> str:
+    """Names one optimised graph: the source file (path, size, time), the providers, the level, onnxruntime."""
+    parts = [str(path.resolve()), ort.__version__, options.ort_optimization, repr(providers)]
+    for f in sorted(path.parent.iterdir()):
+        if f.name.startswith(path.name):  # the graph and its external data file
+            st = f.stat()
+            parts += [f.name, str(st.st_size), str(st.st_mtime_ns)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _cached_session(path: Path, cache_dir: Path, session_options, providers: list,
+                    options: RuntimeOptions) -> ort.InferenceSession:
+    """Load the optimised copy of `path` from `cache_dir`, or optimise `path` and save the copy there.
+
+    The saved copy is already optimised, so it loads with optimisation off: the second start skips the
+    graph rewrites (and for large graphs, the constant folding) that the first one paid for.
+    """
+    cached = cache_dir / f"{path.parent.name}-{_cache_key(path, providers, options)}.onnx"
+    if cached.is_file():
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(cached), session_options, providers=providers)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+    except OSError as e:
+        raise EdgesdError(f"cannot write the cache folder {cache_dir} ({e.strerror})",
+                          "pass a writable --cache-dir") from None
+    try:
+        session_options.optimized_model_filepath = str(staging / cached.name)
+        # Weights go to one side file (a graph file cannot exceed 2 GB); the file name is the final one.
+        session_options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                                 cached.name + ".data")
+        session_options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        session = ort.InferenceSession(str(path), session_options, providers=providers)
+        # Data first, graph last: a graph file in the cache always has its data beside it.
+        for name in (cached.name + ".data", cached.name):
+            if (staging / name).is_file():
+                os.replace(staging / name, cache_dir / name)
+        return session
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""OpenVINO backend: OpenVINO IR folders (ours, or written by `optimum-cli export openvino`) and ONNX files.
+
+A graph is read once and compiled on first use. With static shapes (the default) it is reshaped to the
+shapes of the first call and compiled for exactly those; a call with other shapes (a new size or batch)
+compiles again. A cache folder keeps compiled models, so the next start skips compilation.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from ..errors import EdgesdError
+from ..graphs import GraphSpec, check_feed
+from .base import RuntimeOptions, check_names, fit_feeds
+
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
+
+
+def check_device(core: ov.Core, device: str) -> None:
+    """Raise a clear error for a device name this OpenVINO does not know ("GPU.1" and "AUTO:GPU,CPU" work)."""
+    head, _, rest = device.partition(":")
+    names = [d for d in rest.split(",") if d] if head.upper() in VIRTUAL_DEVICES else [device]
+    available = core.available_devices  # e.g. ["CPU", "GPU.0", "GPU.1"]
+    known = set(available) | {d.split(".")[0] for d in available}
+    unknown = [d for d in names if d not in known]
+    if unknown or not device:
+        raise EdgesdError(f"OpenVINO does not know device '{unknown[0] if unknown else device}'",
+                          f"this machine has: {', '.join(available + ['AUTO'])}")
+
+
+def compile_config(options: RuntimeOptions) -> dict[str, str]:
+    config = {"PERFORMANCE_HINT": options.ov_hint.upper()}
+    if options.ov_precision in _PRECISIONS:
+        config["INFERENCE_PRECISION_HINT"] = _PRECISIONS[options.ov_precision]
+    if options.threads:
+        config["INFERENCE_NUM_THREADS"] = str(options.threads)
+    if options.cache_dir is not None:
+        config["CACHE_DIR"] = str(options.cache_dir)
+    return config
+
+
+class OvGraph:
+    def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions):
+        self.path = Path(path)
+        self.spec = spec
+        self._core = ov.Core()
+        check_device(self._core, options.device)
+        self._device = options.device
+        self._static = options.ov_shapes == "static"
+        self._config = compile_config(options)
+        if options.cache_dir is not None:
+            try:
+                Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise EdgesdError(f"cannot write the cache folder {options.cache_dir} ({e.strerror})",
+                                  "pass a writable --cache-dir") from None
+        try:
+            self._model = self._core.read_model(str(self.path))
+        except Exception as e:  # OpenVINO raises RuntimeError with a multi-line trace
+            raise EdgesdError(f"{self.path} is not a readable OpenVINO graph ({_first_reason(e)})",
+                              "re-export the model with `edgesd export --format openvino`") from None
+        inputs = {_port_name(p, spec.input_names): p for p in self._model.inputs}
+        outputs = {name for p in self._model.outputs for name in p.get_names()}
+        self._outputs = check_names(self.path, spec, set(inputs), outputs,
+                                    "export it with `edgesd export --format openvino` or `optimum-cli export openvino`")
+        self._ranks = {name: p.get_partial_shape().rank.get_length() for name, p in inputs.items()}
+        self._dtypes = {name: np.dtype(p.get_element_type().to_dtype()) for name, p in inputs.items()}
+        self._compiled: ov.CompiledModel | None = None
+        self._request = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self.compile_seconds = 0.0  # total time spent compiling, for benchmarks and timings
+
+    def input_dtype(self, name: str) -> np.dtype:
+        return self._dtypes[name]
+
+    def _compile(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        start = time.perf_counter()
+        self._request = self._compiled = None  # release the old compiled model before building the next
+        if self._static:
+            self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        try:
+            self._compiled = self._core.compile_model(self._model, self._device, self._config)
+        except Exception as e:
+            raise EdgesdError(f"{self.path}: OpenVINO cannot compile it for {self._device} with inputs "
+                              f"{shapes} ({_first_reason(e)})", "check the size and batch, or use --device CPU"
+                              ) from None
+        self._request = self._compiled.create_infer_request()
+        self._shapes = shapes
+        self.compile_seconds += time.perf_counter() - start
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feed(self.spec, feeds)
+        cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
+        shapes = {name: tuple(v.shape) for name, v in cast.items()}
+        if self._request is None or (self._static and shapes != self._shapes):
+            self._compile(shapes)
+        try:
+            result = self._request.infer(cast)
+        except Exception as e:
+            raise EdgesdError(f"{self.path} failed on inputs {shapes} ({_first_reason(e)})",
+                              "check the requested size and batch, or re-export the model") from None
+        values = {}
+        for name in self._outputs:
+            v = result[self._compiled.output(name)]
+            values[name] = np.array(v, dtype=np.float32) if v.dtype == np.float16 else np.array(v)
+        return values
+
+
+def _port_name(port, wanted: list[str]) -> str:
+    """A port can carry several names; prefer the one the graph description uses."""
+    names = sorted(port.get_names())
+    return next((n for n in names if n in wanted), names[0] if names else "")
+
+
+def _first_reason(e: Exception) -> str:
+    """OpenVINO's messages are traces of 'Exception from file:line:' lines; keep the first real one."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return (lines[0] if lines else str(e))[:240]
