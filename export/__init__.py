@@ -1,6 +1,6 @@
-"""edgesd's exporter: a local diffusers SD folder -> ONNX graphs in optimum's layout + edgesd.json.
+"""edgesd's exporter: a local diffusers SD folder -> ONNX graphs (or OpenVINO IR) in optimum's layout + edgesd.json.
 
-Needs the `export` extra (torch, diffusers, transformers, onnx). Output is written
+Needs the `export` extra (torch, diffusers, transformers, onnx; openvino and nncf for IR). Output is written
 to a temporary folder beside OUT and moved into place only when every graph
 passed its parity check, so a failed export leaves nothing behind.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from edgesd.errors import EdgesdError
-from edgesd.model import GRAPH_FILE, GenerationDefaults, constants_from_configs, write_manifest
+from edgesd.model import GRAPH_FILE, GRAPH_FILES, GenerationDefaults, constants_from_configs, write_manifest
 from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
-from .recipes import MIN_IMAGE_PSNR_DB, Recipe, component_recipes
+from .recipes import CALIBRATED, MIN_IMAGE_PSNR_DB, Format, Recipe, component_recipes
 
 if TYPE_CHECKING:
     from .fidelity import FidelityReport
@@ -36,6 +36,7 @@ class ExportOptions:
     overwrite: bool = False
     with_vae_encoder: bool = True
     recipe: Recipe = "fp32"
+    format: Format = "onnx"  # onnx, or openvino (IR written by openvino.convert_model and NNCF)
     # per component ("text_encoder", "unet", "vae_decoder", "vae_encoder"): a recipe other than `recipe`'s
     component_overrides: dict[str, Recipe] = field(default_factory=dict)
     parity_threshold_db: float = FP32_MIN_PSNR_DB  # each fp32 graph against PyTorch
@@ -46,14 +47,14 @@ class ExportOptions:
     defaults: GenerationDefaults | None = None  # the model's own default steps / guidance, if it has them
 
     def __post_init__(self):
-        component_recipes(self.recipe, self.component_overrides)  # raises on unknown names
+        component_recipes(self.recipe, self.component_overrides, self.format)  # raises on unknown names
         if self.calibration_prompts is not None and not [p for p in self.calibration_prompts if p.strip()]:
             raise EdgesdError("the calibration prompts are empty", "give at least one prompt, one per line")
         if self.calibration_size < 1:
             raise EdgesdError(f"calibration size must be >= 1, got {self.calibration_size}")
 
     def recipes(self) -> dict[str, Recipe]:
-        chosen = component_recipes(self.recipe, self.component_overrides)
+        chosen = component_recipes(self.recipe, self.component_overrides, self.format)
         return {c: r for c, r in chosen.items() if self.with_vae_encoder or c != "vae_encoder"}
 
     def calibration(self) -> list[str]:
@@ -83,6 +84,10 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         import diffusers  # noqa: F401
         import torch
         import transformers  # noqa: F401
+
+        if options.format == "openvino":
+            import nncf  # noqa: F401
+            import openvino  # noqa: F401
     except ImportError as e:
         raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
                           "pip install -c constraints.txt 'edgesd[export]'") from None
@@ -105,9 +110,10 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     started = time.perf_counter()
     stage = on_stage or (lambda name: None)
     recipes = options.recipes()
-    lossy = any(r != "fp32" for r in recipes.values())
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"  # the fp32 export (the reference of the recipes)
-    final = out.parent / f".{out.name}.recipe-{os.getpid()}" if lossy else tmp
+    # The fp32 ONNX export (in tmp) is the reference of the recipes; it is the output itself unless converted.
+    converted = options.format != "onnx" or any(r != "fp32" for r in recipes.values())
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    final = out.parent / f".{out.name}.recipe-{os.getpid()}" if converted else tmp
     for folder in (tmp, final):
         shutil.rmtree(folder, ignore_errors=True)
     tmp.mkdir()
@@ -140,11 +146,14 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             raise ExportParityError(report, f"parity check failed: {failed} (need >= {threshold} dB)")
         _write_side_files(src, tmp, tokenizer, cfg)
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
-        write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32")), source, options.defaults)
-        if lossy:
+        write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32"), "onnx"), source,
+                       options.defaults)
+        if converted:
             stage("recipes")
             _write_recipes(tmp, final, recipes, options)
-            write_manifest(final, constants, _graph_entries(recipes), source, options.defaults)
+            if options.format == "openvino":
+                _write_model_index(final, cfg, "openvino")
+            write_manifest(final, constants, _graph_entries(recipes, options.format), source, options.defaults)
         stage("fidelity")
         report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes))
         report.seconds = time.perf_counter() - started
@@ -167,21 +176,27 @@ def _threshold(recipes: dict[str, Recipe]) -> float:
     return min(MIN_IMAGE_PSNR_DB[r] for r in recipes.values())
 
 
-def _graph_entries(recipes: dict[str, Recipe]) -> dict[str, dict]:
-    """The manifest's graph entries: each component's file and recipe."""
-    return {c: {"file": f"{c}/{GRAPH_FILE}", "precision": r} for c, r in recipes.items()}
+def _graph_entries(recipes: dict[str, Recipe], fmt: Format) -> dict[str, dict]:
+    """The manifest's graph entries: each component's file, format and recipe."""
+    return {c: {"file": f"{c}/{GRAPH_FILES[fmt]}", "format": fmt, "precision": r} for c, r in recipes.items()}
 
 
 def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], options: ExportOptions) -> None:
-    """`final`: the side files of the fp32 export at `reference` (no manifest), and each graph in its recipe."""
+    """`final`: the side files of the fp32 export at `reference` (no manifest), and each graph in its recipe
+    and the options' format."""
     from .fidelity import calibration_feeds
+    from .openvino_ir import write_ir_recipe
     from .recipes import write_recipe
 
     shutil.copytree(reference, final, ignore=shutil.ignore_patterns(f"{GRAPH_FILE}*", "edgesd.json"))
-    calibration = calibration_feeds(reference, options.calibration()) if "int8" in recipes.values() else None
+    calibrated = any(r in CALIBRATED for r in recipes.values())
+    calibration = calibration_feeds(reference, options.calibration()) if calibrated else None
     for component, recipe in recipes.items():
-        write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe,
-                     calibration if recipe == "int8" else None)
+        feeds = calibration if recipe in CALIBRATED else None
+        if options.format == "openvino":
+            write_ir_recipe(reference / component / GRAPH_FILE, final / component, recipe, feeds)
+        else:
+            write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe, feeds)
 
 
 class ExportParityError(EdgesdError):
@@ -208,13 +223,16 @@ def _write_side_files(src: Path, out: Path, tokenizer: ClipTokenizer, cfg: dict)
                               ("vae_decoder", "vae"), ("vae_encoder", "vae")):
         if (out / component).is_dir():
             (out / component / "config.json").write_text(json.dumps(cfg[config], indent=2) + "\n")
+    _write_model_index(out, cfg, "onnx")
+
+
+def _write_model_index(out: Path, cfg: dict, fmt: Format) -> None:
+    """model_index.json naming the pipeline class of optimum's ONNX Runtime or OpenVINO (optimum-intel) layout."""
     index = {k: v for k, v in cfg["model_index"].items() if not isinstance(v, list)}
+    graph = ["onnx", "ONNXModel"] if fmt == "onnx" else ["openvino", "OVModel"]
     index.update({
-        "_class_name": "ORTStableDiffusionPipeline",
-        "text_encoder": ["onnx", "ONNXModel"],
-        "unet": ["onnx", "ONNXModel"],
-        "vae_decoder": ["onnx", "ONNXModel"],
-        "vae_encoder": ["onnx", "ONNXModel"],
+        "_class_name": "ORTStableDiffusionPipeline" if fmt == "onnx" else "OVStableDiffusionPipeline",
+        **dict.fromkeys(("text_encoder", "unet", "vae_decoder", "vae_encoder"), graph),
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": cfg["model_index"].get("scheduler", ["diffusers", cfg["scheduler"].get("_class_name")]),
     })

@@ -5,7 +5,8 @@
   op still computes in fp32 (no fp16 overflow, no black or NaN images) while the file is half
   the size. ONNX Runtime folds the casts when it loads the graph, so speed equals fp32. This is
   what OpenVINO's `compress_to_fp16` does for IR.
-- int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py`.
+- int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py` (ONNX) and `openvino_ir.py`.
+- int8-hybrid (U-Net only, OpenVINO IR only): MatMul weights int8 weight-only, convolutions static W8A8.
 
 A recipe names what each component gets (`component_recipes`): "int8" (the U-Net's activations too)
 and "int4-weights" apply to the U-Net, the other graphs get int8 weights; any component can be overridden
@@ -23,8 +24,15 @@ import numpy as np
 
 from edgesd.errors import EdgesdError
 
-Recipe = Literal["fp32", "fp16", "int8-weights", "int8", "int4-weights"]
+Recipe = Literal["fp32", "fp16", "int8-weights", "int8", "int4-weights", "int8-hybrid"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
+Format = Literal["onnx", "openvino"]
+FORMATS: tuple[str, ...] = get_args(Format)
+# What each output format can write (int8-hybrid is NNCF's; onnxruntime.quantization has no such mode).
+FORMAT_RECIPES: dict[str, tuple[str, ...]] = {"onnx": tuple(r for r in RECIPES if r != "int8-hybrid"),
+                                               "openvino": RECIPES}
+# Recipes with activation quantization: U-Net only, calibrated on U-Net inputs of fp32 pipeline runs.
+CALIBRATED = ("int8", "int8-hybrid")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 # Minimum image PSNR (dB) of the recipe's pipeline against the fp32 export's, for its worst fidelity prompt
@@ -32,7 +40,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # (worst prompt, bench/results/recipes-fidelity-edgesd-tiny-*.md: fp16 66, int8-weights 48, int8 35 dB; its
 # int4-weights falls to 7 dB on a prompt it cannot draw and fails) with a margin for other models.
 MIN_IMAGE_PSNR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 40.0, "int8-weights": 30.0, "int8": 25.0,
-                                       "int4-weights": 25.0}
+                                       "int4-weights": 25.0, "int8-hybrid": 25.0}
 
 # Weights smaller than this stay fp32 (biases, norms: little to gain, and they are the sensitive ones).
 FP16_MIN_ELEMENTS = 256
@@ -40,20 +48,27 @@ FP16_MIN_ELEMENTS = 256
 DEDUPE_MAX_FRACTION = 0.5
 
 
-def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None) -> dict[str, Recipe]:
+def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None,
+                      fmt: Format = "onnx") -> dict[str, Recipe]:
     """The recipe of each component: `recipe` ("int8": static only for the U-Net), then `overrides`."""
+    if fmt not in FORMATS:
+        raise EdgesdError(f"unknown format '{fmt}'", f"choose one of: {', '.join(FORMATS)}")
     for name in [recipe, *(overrides or {}).values()]:
         if name not in RECIPES:
-            raise EdgesdError(f"unknown recipe '{name}'", f"choose one of: {', '.join(RECIPES)}")
-    # int8 and int4-weights are U-Net recipes; the other graphs (small, and the text encoder sensitive to 4 bits:
-    # one embedded-model prompt fell to 7 dB) get int8 weights.
-    integer_unet = recipe in ("int8", "int4-weights")
+            raise EdgesdError(f"unknown recipe '{name}'", f"choose one of: {', '.join(FORMAT_RECIPES[fmt])}")
+        if name not in FORMAT_RECIPES[fmt]:
+            other = next(f for f in FORMATS if name in FORMAT_RECIPES[f])
+            raise EdgesdError(f"the {name} recipe cannot be written as {fmt}",
+                              f"use --format {other}, or one of: {', '.join(FORMAT_RECIPES[fmt])}")
+    # The activation-quantized recipes and int4-weights are U-Net recipes; the other graphs (small, and the text
+    # encoder sensitive to 4 bits: one embedded-model prompt fell to 7 dB) get int8 weights.
+    integer_unet = recipe in (*CALIBRATED, "int4-weights")
     chosen = {c: ("int8-weights" if integer_unet and c != "unet" else recipe) for c in COMPONENTS}
     for component, name in (overrides or {}).items():
         if component not in COMPONENTS:
             raise EdgesdError(f"unknown component '{component}'", f"choose one of: {', '.join(COMPONENTS)}")
-        if name == "int8" and component != "unet":
-            raise EdgesdError(f"the int8 recipe (static activation quantization) is for the U-Net, not the "
+        if name in CALIBRATED and component != "unet":
+            raise EdgesdError(f"the {name} recipe (static activation quantization) is for the U-Net, not the "
                               f"{component}", "use int8-weights for it")
         chosen[component] = name
     return chosen

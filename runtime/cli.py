@@ -43,7 +43,10 @@ def main():
 @click.option("--no-vae-encoder", is_flag=True, help="Skip the VAE encoder (only img2img needs it).")
 @click.option("--recipe", default="fp32", show_default=True,
               help="Precision: fp32, fp16 (weights stored in half precision), int8-weights, int4-weights "
-                   "(MatMul weights in 4 bits), int8 (static int8 U-Net, calibrated; int8 weights elsewhere).")
+                   "(MatMul weights in 4 bits), int8 (static int8 U-Net, calibrated; int8 weights elsewhere), "
+                   "int8-hybrid (openvino only: U-Net MatMul weights int8, convolutions static int8).")
+@click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "openvino"]),
+              help="Graph format: ONNX, or OpenVINO IR (openvino_model.xml + .bin, written with NNCF).")
 @click.option("--text-encoder", "text_encoder_recipe", default=None, help="Recipe for the text encoder only.")
 @click.option("--unet", "unet_recipe", default=None, help="Recipe for the U-Net only.")
 @click.option("--vae", "vae_recipe", default=None, help="Recipe for the VAE decoder and encoder only.")
@@ -54,10 +57,11 @@ def main():
 @click.option("--allow-lossy", is_flag=True, help="Write the export even below its recipe's fidelity threshold.")
 @click.option("--default-steps", type=int, default=None, help="Record the model's own default step count.")
 @click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
-def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, text_encoder_recipe: str | None,
+def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, fmt: str,
+           text_encoder_recipe: str | None,
            unet_recipe: str | None, vae_recipe: str | None, calibration_prompts: Path | None, calibration_size: int,
            allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
-    """Export the diffusers-layout SD folder SRC to ONNX graphs in OUT."""
+    """Export the diffusers-layout SD folder SRC to ONNX graphs (or OpenVINO IR) in OUT."""
     try:
         from edgesd.export import STAGES, ExportFidelityError, ExportOptions, ExportParityError, export_model
     except ImportError as e:
@@ -77,7 +81,7 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
                                       base.guidance_scale if default_guidance is None else default_guidance)
     overrides = {c: r for c, r in (("text_encoder", text_encoder_recipe), ("unet", unet_recipe),
                                    ("vae_decoder", vae_recipe), ("vae_encoder", vae_recipe)) if r is not None}
-    options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder, recipe=recipe,
+    options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder, recipe=recipe, format=fmt,
                             component_overrides=overrides, allow_lossy=allow_lossy,
                             calibration_prompts=_read_prompts(calibration_prompts) if calibration_prompts else None,
                             calibration_size=calibration_size, defaults=defaults)

@@ -56,7 +56,8 @@ def _ir_summary(path: Path) -> dict:
                           "re-export the model") from None
 
     def signature(ports):
-        return [{"name": sorted(p.get_names())[0] if p.get_names() else "", "dtype": p.get_element_type().get_type_name(),
+        return [{"name": sorted(p.get_names())[0] if p.get_names() else "",
+                 "dtype": p.get_element_type().to_dtype().name,
                  "shape": [str(d) if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]} for p in ports]
 
     by_type: dict[str, int] = {}

@@ -49,7 +49,7 @@ def resolve_provider(provider: str) -> str:
 
 def resolve_providers(options: RuntimeOptions) -> list:
     """`options.provider` ("openvino,cpu") -> the providers argument of InferenceSession."""
-    names = [resolve_provider(p) for p in options.provider.split(",") if p.strip()]
+    names = list(dict.fromkeys(resolve_provider(p) for p in options.provider.split(",") if p.strip()))
     if options.provider_options:
         return [(names[0], dict(options.provider_options))] + names[1:]
     return names

@@ -81,9 +81,9 @@ class OvGraph:
     def _compile(self, shapes: dict[str, tuple[int, ...]]) -> None:
         start = time.perf_counter()
         self._request = self._compiled = None  # release the old compiled model before building the next
-        if self._static:
-            self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
         try:
+            if self._static:
+                self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
             self._compiled = self._core.compile_model(self._model, self._device, self._config)
         except Exception as e:
             raise EdgesdError(f"{self.path}: OpenVINO cannot compile it for {self._device} with inputs "

@@ -1,0 +1,290 @@
+"""Each precision recipe x backend on the SD 1.5 architecture with RANDOM weights, 512 x 512.
+
+    .venv/bin/python bench/recipes_backends.py                       # build what is missing, measure all
+    .venv/bin/python bench/recipes_backends.py --configs onnxruntime:fp32,openvino:int8 --runs 3
+
+Needs the fp32 ONNX export made by `bench/sd15_foundation.py` (bench/work/sd15-random-onnx). Builds each
+recipe's graphs from it with the exporter's own functions (`write_recipe` for ONNX, `write_ir_recipe` for
+OpenVINO IR) into bench/work/recipes/<format>-<recipe>/. The activation-quantized recipes (int8,
+int8-hybrid) are calibrated on the U-Net inputs of the fp32 pipeline run over CALIBRATION_PROMPTS at
+CALIBRATION_SIZE, CALIBRATION_FEEDS of them (random weights: the ranges only need to be realistic).
+
+Then for each configuration, in a fresh process (its peak RSS is its own), alternating nothing else:
+load time (all three graphs), text encoder (batch 2: prompt + negative), the first U-Net call (OpenVINO
+compiles for the static shapes there), U-Net seconds per step (batch 2 = classifier-free guidance, the
+median of --runs calls after the first), VAE decode (one 512 x 512 image, median of 2), peak RSS, size on
+disk of the three graphs. Then, for the cache options: a second start with --cache-dir filled (OpenVINO:
+compiled blobs; ONNX Runtime: optimised graphs), cold and warm.
+
+Results: bench/results/recipes-backends-<machine>-<date>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FP32 = HERE / "work" / "sd15-random-onnx"
+WORK = HERE / "work" / "recipes"
+GRAPHS3 = ("text_encoder", "unet", "vae_decoder")
+CALIBRATION_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor fox in the snow")
+CALIBRATION_SIZE, CALIBRATION_STEPS = 256, 4
+# U-Net inputs used, evenly spaced over the runs: onnxruntime's MinMax calibration keeps every intermediate
+# tensor of every input in memory (its CalibMaxIntermediateOutputs option drops them uncounted in 1.32).
+CALIBRATION_FEEDS = 3
+ONNX_RECIPES = ("fp32", "fp16", "int8-weights", "int4-weights", "int8")
+IR_RECIPES = ONNX_RECIPES + ("int8-hybrid",)
+DEFAULT_CONFIGS = [f"onnxruntime:{r}" for r in ONNX_RECIPES] + [f"openvino:{r}" for r in IR_RECIPES]
+# The issue's targets for this machine.
+TARGET_UNET_S, TARGET_VAE_S, TARGET_INT8_UNET_GB = 1.35, 2.2, 0.9
+
+
+def folder(backend: str, recipe: str) -> Path:
+    if backend == "onnxruntime" and recipe == "fp32":
+        return FP32
+    return WORK / f"{'onnx' if backend == 'onnxruntime' else 'openvino'}-{recipe}"
+
+
+def calibration() -> list:
+    """U-Net inputs of the fp32 pipeline (cached in WORK, they take minutes to record)."""
+    import numpy as np
+
+    cache = WORK / "calibration.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        n = len({k.split("/")[0] for k in data.files})
+        return [{name: data[f"{i}/{name}"] for name in ("sample", "timestep", "encoder_hidden_states")}
+                for i in range(n)]
+    from edgesd import Pipeline
+    from edgesd.export.fidelity import _Recording
+
+    pipe = Pipeline.load(FP32)
+    runs: list = []
+    pipe.graphs["unet"] = _Recording(pipe.graphs["unet"], runs)
+    for prompt in CALIBRATION_PROMPTS:
+        pipe(prompt, num_inference_steps=CALIBRATION_STEPS, width=CALIBRATION_SIZE, height=CALIBRATION_SIZE,
+             seed=0)
+    feeds = [f for f, _ in runs]
+    WORK.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    return feeds
+
+
+def build(backend: str, recipe: str) -> None:
+    from edgesd.export.openvino_ir import write_ir_recipe
+    from edgesd.export.recipes import CALIBRATED, component_recipes, write_recipe
+
+    out = folder(backend, recipe)
+    if (out / "done").is_file() or out == FP32:
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(FP32, out, ignore=shutil.ignore_patterns("model.onnx*", "vae_encoder", "edgesd.json"))
+    fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    for component in GRAPHS3:
+        r = component_recipes(recipe, fmt=fmt)[component]
+        feeds = None
+        if r in CALIBRATED:
+            every = calibration()
+            feeds = every[:: max(1, len(every) // CALIBRATION_FEEDS)][:CALIBRATION_FEEDS]
+        start = time.perf_counter()
+        src = FP32 / component / "model.onnx"
+        if fmt == "openvino":
+            write_ir_recipe(src, out / component, r, feeds)
+        else:
+            write_recipe(src, out / component / "model.onnx", r, feeds)
+        print(f"built {backend}:{recipe} {component} ({r}) in {time.perf_counter() - start:.0f} s", flush=True)
+    (out / "done").write_text("ok\n")
+
+
+def graph_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for c in GRAPHS3 for f in (path / c).iterdir()
+               if f.name.startswith(("model.onnx", "openvino_model.")))
+
+
+def measure(backend: str, recipe: str, runs: int, cache_dir: str | None) -> dict:
+    """One configuration, in this (fresh) process."""
+    import numpy as np
+
+    from edgesd import Pipeline
+
+    options = {"backend": backend, "threads": None}
+    if cache_dir:
+        options["cache_dir"] = Path(cache_dir)
+    start = time.perf_counter()
+    pipe = Pipeline.load(folder(backend, recipe), **options)
+    load_s = time.perf_counter() - start
+    ids = pipe.tokenizer(["a photograph of an astronaut riding a horse", ""])
+    rng = np.random.default_rng(0)
+    unet_feeds = {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),
+                  "timestep": np.array([500.0, 500.0], np.float32)}
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return times, out
+
+    te_times, hidden = timed(lambda: pipe.graphs["text_encoder"].run({"input_ids": ids}), 2)
+    unet_feeds["encoder_hidden_states"] = hidden["last_hidden_state"]
+    unet_times, _ = timed(lambda: pipe.graphs["unet"].run(unet_feeds), runs + 1)
+    latent = rng.standard_normal((1, 4, 64, 64), dtype=np.float32)
+    vae_times, _ = timed(lambda: pipe.graphs["vae_decoder"].run({"latent_sample": latent}), 3)
+    compile_s = sum(getattr(g, "compile_seconds", 0.0) for g in pipe.graphs.values())
+    return {"load_s": round(load_s, 2), "compile_s": round(compile_s, 2),
+            "text_encoder_s": round(te_times[-1], 3), "unet_first_call_s": round(unet_times[0], 2),
+            "unet_s_per_step": round(float(np.median(unet_times[1:] or unet_times)), 3),
+            "vae_decode_s": round(float(np.median(vae_times[1:])), 3),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+
+
+def run_child(backend: str, recipe: str, runs: int, cache_dir: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--measure", f"{backend}:{recipe}", "--runs", str(runs)]
+    if cache_dir:
+        cmd += ["--cache-dir", cache_dir]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return {"name": "vm", "cpu": cpu, "cores": os.cpu_count(), "isa": isa,
+            "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+            "python": platform.python_version()}
+
+
+def write_results(rows: list[dict], caches: list[dict]) -> Path:
+    import onnxruntime
+    import openvino
+
+    today = str(date.today())
+    stem = HERE / "results" / f"recipes-backends-vm-{today}"
+    result = {"date": today, "machine": machine(), "onnxruntime": onnxruntime.__version__,
+              "openvino": openvino.__version__, "weights": "random (SD 1.5 architecture)", "size": 512,
+              "unet_batch": 2, "rows": rows, "cache": caches}
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    lines = [f"# Recipes x backends, SD 1.5 architecture with RANDOM weights, 512x512", "",
+             f"{today}, `bench/recipes_backends.py`; {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), "
+             f"{m['ram_gb']} GB; onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__} "
+             f"(f32 inference precision, latency hint, static shapes). U-Net batch 2 (classifier-free guidance); "
+             f"VAE decode one image; each configuration in a fresh process.", "",
+             "| backend | recipe | size GB (3 graphs) | load s | compile s | text encoder s | U-Net s/step | "
+             "VAE decode s | peak RSS GB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['recipe']} | {r['size_gb']} | failed: {r['error']} ||||||")
+            continue
+        lines.append(f"| {r['backend']} | {r['recipe']} | {r['size_gb']} | {r['load_s']} | {r['compile_s']} | "
+                     f"{r['text_encoder_s']} | {r['unet_s_per_step']} | {r['vae_decode_s']} | {r['peak_rss_gb']} |")
+    if caches:
+        lines += ["", "Second start with `--cache-dir` (load + first U-Net call, seconds):", "",
+                  "| backend | recipe | cold (cache empty) | warm (cache filled) |", "|---|---|---:|---:|"]
+        lines += [f"| {c['backend']} | {c['recipe']} | {c['cold_s']} | {c['warm_s']} |" for c in caches]
+    ok = [r for r in rows if "error" not in r]
+    if ok:
+        best_unet = min(ok, key=lambda r: r["unet_s_per_step"])
+        best_vae = min(ok, key=lambda r: r["vae_decode_s"])
+        int8 = [r for r in ok if r["recipe"] == "int8"]
+        unet_gb = min((r["unet_gb"] for r in int8), default=None)
+        lines += ["", "Targets (issue 5, on this machine):", "",
+                  f"- best U-Net step <= {TARGET_UNET_S} s: {best_unet['unet_s_per_step']} s "
+                  f"({best_unet['backend']} {best_unet['recipe']}): "
+                  f"{'met' if best_unet['unet_s_per_step'] <= TARGET_UNET_S else 'not met'}",
+                  f"- VAE decode <= {TARGET_VAE_S} s: {best_vae['vae_decode_s']} s ({best_vae['backend']} "
+                  f"{best_vae['recipe']}): {'met' if best_vae['vae_decode_s'] <= TARGET_VAE_S else 'not met'}"]
+        if unet_gb is not None:
+            lines.append(f"- int8 U-Net <= {TARGET_INT8_UNET_GB} GB on disk: {unet_gb} GB: "
+                         f"{'met' if unet_gb <= TARGET_INT8_UNET_GB else 'not met'}")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    chart(ok, stem.with_suffix(".png"))
+    return stem
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """U-Net s/step and peak RSS per configuration, as a PNG drawn with Pillow (no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        return
+    bar_h, gap, left, width = 18, 6, 220, 900
+    height = 60 + len(rows) * (2 * bar_h + gap) + 20
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 10), "SD 1.5 (random weights) 512x512: U-Net s/step (blue), peak RSS GB (orange)", fill="black")
+    max_s = max(r["unet_s_per_step"] for r in rows)
+    max_gb = max(r["peak_rss_gb"] for r in rows)
+    y = 40
+    for r in rows:
+        draw.text((10, y + 10), f"{r['backend']} {r['recipe']}", fill="black")
+        for value, top, colour, unit in ((r["unet_s_per_step"] / max_s, y, (66, 110, 200), f"{r['unet_s_per_step']} s"),
+                                         (r["peak_rss_gb"] / max_gb, y + bar_h, (230, 140, 40), f"{r['peak_rss_gb']} GB")):
+            end = left + int(value * (width - left - 90))
+            draw.rectangle([left, top, end, top + bar_h - 3], fill=colour)
+            draw.text((end + 5, top + 2), unit, fill="black")
+        y += 2 * bar_h + gap
+    img.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="backend:recipe, comma-separated")
+    parser.add_argument("--runs", type=int, default=3, help="U-Net calls measured after the first")
+    parser.add_argument("--no-cache-check", action="store_true", help="skip the cold/warm --cache-dir starts")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the child process
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        backend, recipe = args.measure.split(":")
+        print(json.dumps(measure(backend, recipe, args.runs, args.cache_dir)))
+        return
+    if not (FP32 / "unet" / "model.onnx").is_file():
+        sys.exit(f"error: {FP32} is missing; run bench/sd15_foundation.py --phase build and --phase export first")
+    configs = [c.split(":") for c in args.configs.split(",")]
+    for backend, recipe in configs:
+        build(backend, recipe)
+    rows = []
+    for backend, recipe in configs:
+        path = folder(backend, recipe)
+        unet_gb = sum(f.stat().st_size for f in (path / "unet").iterdir()
+                      if f.name.startswith(("model.onnx", "openvino_model."))) / 1e9
+        row = {"backend": backend, "recipe": recipe, "size_gb": round(graph_bytes(path) / 1e9, 3),
+               "unet_gb": round(unet_gb, 3), **run_child(backend, recipe, args.runs)}
+        rows.append(row)
+        print(row, flush=True)
+    caches = []
+    if not args.no_cache_check:
+        for backend, recipe in (("openvino", "fp32"), ("onnxruntime", "fp32")):
+            with tempfile.TemporaryDirectory(dir=WORK) as cache:
+                cold, warm = (run_child(backend, recipe, 0, cache) for _ in range(2))
+            if "error" in cold or "error" in warm:
+                print(f"cache check {backend}: {cold.get('error') or warm.get('error')}", flush=True)
+                continue
+            caches.append({"backend": backend, "recipe": recipe,
+                           "cold_s": round(cold["load_s"] + cold["unet_first_call_s"], 1),
+                           "warm_s": round(warm["load_s"] + warm["unet_first_call_s"], 1)})
+            print(caches[-1], flush=True)
+    stem = write_results(rows, caches)
+    print(f"wrote {stem}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Backends: OpenVINO (IR folders, ours and optimum-intel's; static shapes; compiled-model cache; devices),
+ONNX Runtime options (providers, optimisation level, saved optimised graphs), and OpenVINO IR export."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import edgesd
+from edgesd.backends import RuntimeOptions
+from edgesd.cli import main
+from edgesd.errors import EdgesdError
+
+from .conftest import FIXTURES
+
+OPTIMUM_IR = FIXTURES / "optimum-intel-micro"
+OPTIMUM_ONNX = FIXTURES / "optimum-onnx-micro"
+RUN = dict(num_inference_steps=3, width=32, height=32, seed=4, guidance_scale=5.0)
+
+
+def test_optimum_intel_ir_folder_runs_like_its_onnx_twin():
+    """The same micro model exported by optimum-cli to IR and to ONNX: the same latents on both backends."""
+    ir = edgesd.Pipeline.load(OPTIMUM_IR)
+    assert ir.options.backend == "openvino"  # "auto" chose it for an IR folder
+    onnx = edgesd.Pipeline.load(OPTIMUM_ONNX)
+    a, b = ir("a cat", **RUN), onnx("a cat", **RUN)
+    np.testing.assert_allclose(a.latents, b.latents, atol=1e-4)
+    assert a.parameters["backend"] == "openvino" and a.parameters["device"] == "CPU"
+    assert "compile_s" in a.timings
+
+
+def test_openvino_runs_onnx_files_with_the_same_result():
+    ov = edgesd.Pipeline.load(OPTIMUM_ONNX, backend="openvino")
+    ort = edgesd.Pipeline.load(OPTIMUM_ONNX, backend="onnxruntime")
+    np.testing.assert_allclose(ov("a dog", **RUN).latents, ort("a dog", **RUN).latents, atol=1e-4)
+
+
+def test_static_shapes_recompile_only_for_a_new_size():
+    pipe = edgesd.Pipeline.load(OPTIMUM_IR)
+    first = pipe("a cat", **RUN)
+    again = pipe("a cat", **RUN)
+    other = pipe("a cat", **{**RUN, "width": 48})
+    assert first.timings["compile_s"] > 0 and "compile_s" not in again.timings and other.timings["compile_s"] > 0
+    np.testing.assert_array_equal(first.latents, again.latents)
+    dynamic = edgesd.Pipeline.load(OPTIMUM_IR, ov_shapes="dynamic")
+    np.testing.assert_allclose(dynamic("a cat", **RUN).latents, first.latents, atol=1e-4)
+    assert "compile_s" not in dynamic("a cat", **{**RUN, "width": 48}).timings  # compiled once, for any size
+
+
+def test_openvino_cache_dir_holds_compiled_models(tmp_path):
+    cache = tmp_path / "ov-cache"
+    a = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache, ov_hint="throughput", threads=1)("a cat", **RUN)
+    assert any(cache.glob("*.blob"))
+    b = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)
+    np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+
+
+def test_onnxruntime_cache_dir_saves_optimised_graphs(tmp_path):
+    cache = tmp_path / "ort-cache"
+    a = edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache)("a cat", **RUN)
+    saved = sorted(p.name for p in cache.iterdir())
+    assert {n.rsplit("-", 1)[0] for n in saved if n.endswith(".onnx")} == {"text_encoder", "unet", "vae_decoder"}
+    assert not [n for n in saved if n.startswith(".partial")]
+    b = edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache)("a cat", **RUN)  # from the saved graphs
+    assert sorted(p.name for p in cache.iterdir()) == saved
+    np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+
+
+@pytest.mark.parametrize("level", ["disable", "basic", "extended"])
+def test_onnxruntime_optimisation_levels_agree(level):
+    ref = edgesd.Pipeline.load(OPTIMUM_ONNX)("a cat", **RUN)
+    got = edgesd.Pipeline.load(OPTIMUM_ONNX, ort_optimization=level, provider="cpu,cpu")("a cat", **RUN)
+    np.testing.assert_allclose(got.latents, ref.latents, atol=1e-4)
+
+
+def test_onnxruntime_cannot_run_ir():
+    with pytest.raises(EdgesdError, match="OpenVINO IR graphs .* which ONNX Runtime cannot run"):
+        edgesd.Pipeline.load(OPTIMUM_IR, backend="onnxruntime")
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_component_with_both_onnx_and_ir_is_an_error(tmp_path):
+    folder = _copy(OPTIMUM_IR, tmp_path)
+    shutil.copy(OPTIMUM_ONNX / "unet" / "model.onnx", folder / "unet" / "model.onnx")
+    with pytest.raises(EdgesdError, match="holds both model.onnx and openvino_model.xml"):
+        edgesd.Pipeline.load(folder)
+
+
+def test_ir_without_its_weights_is_an_error(tmp_path):
+    folder = _copy(OPTIMUM_IR, tmp_path)
+    (folder / "vae_decoder" / "openvino_model.bin").unlink()
+    with pytest.raises(EdgesdError, match="no openvino_model.bin"):
+        edgesd.Pipeline.load(folder)
+
+
+def test_corrupt_ir_is_a_clear_error(tmp_path):
+    folder = _copy(OPTIMUM_IR, tmp_path)
+    (folder / "unet" / "openvino_model.xml").write_text("<net><layers>")
+    with pytest.raises(EdgesdError, match="not a readable OpenVINO graph"):
+        edgesd.Pipeline.load(folder)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"device": "XPU"}, "OpenVINO does not know device 'XPU'"),
+    ({"device": "AUTO:CPU,XPU"}, "OpenVINO does not know device 'XPU'"),
+    ({"backend": "onnxruntime", "ov_hint": "throughput"}, "--ov-hint applies to the openvino backend"),
+    ({"backend": "openvino", "provider": "openvino,cpu"}, "--provider applies to the onnxruntime backend"),
+    ({"ov_precision": "int3"}, "unknown ov_precision 'int3'"),
+    ({"threads": 0}, "threads must be a positive whole number"),
+    ({"backend": "onnxruntime", "provider": "quantum"}, "unknown or unavailable provider 'quantum'"),
+    ({"warp_drive": True}, "unexpected keyword argument 'warp_drive'"),
+])
+def test_bad_runtime_options(kwargs, needle):
+    folder = OPTIMUM_IR if kwargs.get("backend") != "onnxruntime" else OPTIMUM_ONNX
+    with pytest.raises(EdgesdError, match=needle):
+        edgesd.Pipeline.load(folder, **kwargs)
+
+
+def test_openvino_device_auto_and_precision_device_default():
+    pipe = edgesd.Pipeline.load(OPTIMUM_IR, device="AUTO", ov_precision="device-default")
+    assert np.isfinite(pipe("a cat", **RUN).latents).all()
+
+
+def test_cli_generate_with_runtime_options(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "x.png"
+    result = runner.invoke(main, ["generate", "a cat", "--model", str(OPTIMUM_IR), "--steps", "2", "--width", "32",
+                                  "--height", "32", "--seed", "1", "--threads", "1", "--ov-hint", "throughput",
+                                  "--cache-dir", str(tmp_path / "cache"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    bad = runner.invoke(main, ["generate", "a cat", "--model", str(OPTIMUM_ONNX), "--ov-hint", "throughput",
+                               "-o", str(tmp_path / "y.png")])
+    assert bad.exit_code == 2 and "--ov-hint applies to the openvino backend" in bad.output
+    assert "Traceback" not in bad.output and not (tmp_path / "y.png").exists()
+    bad = runner.invoke(main, ["generate", "a cat", "--model", str(OPTIMUM_ONNX), "--provider-option", "oops",
+                               "-o", str(tmp_path / "y.png")])
+    assert bad.exit_code == 2 and "is not KEY=VALUE" in bad.output
+
+
+def test_info_describes_ir():
+    result = CliRunner().invoke(main, ["info", str(OPTIMUM_IR), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["formats"] == ["openvino"]
+    unet = summary["graphs"]["unet"]
+    assert unet["precision"] == "fp32" and [i["name"] for i in unet["inputs"]] == [
+        "sample", "timestep", "encoder_hidden_states"]
+
+
+# --- export --format openvino -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_ir_int8(tiny_src, tmp_path_factory):
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("ir") / "tiny-ir-int8"
+    report = export_model(tiny_src, out, ExportOptions(recipe="int8", format="openvino", allow_lossy=True,
+                                                       calibration_size=2))
+    assert report.passed
+    return out
+
+
+def test_openvino_export_writes_ir_with_manifest_and_fidelity(tiny_ir_int8):
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert (tiny_ir_int8 / component / "openvino_model.xml").is_file()
+        assert (tiny_ir_int8 / component / "openvino_model.bin").is_file()
+        assert not list((tiny_ir_int8 / component).glob("model.onnx*"))
+    manifest = json.loads((tiny_ir_int8 / "edgesd.json").read_text())
+    assert manifest["graphs"]["unet"] == {**manifest["graphs"]["unet"], "file": "unet/openvino_model.xml",
+                                          "format": "openvino", "precision": "int8"}
+    assert manifest["graphs"]["vae_decoder"]["precision"] == "int8-weights"
+    assert json.loads((tiny_ir_int8 / "model_index.json").read_text())["_class_name"] == "OVStableDiffusionPipeline"
+    fidelity = json.loads((tiny_ir_int8 / "fidelity.json").read_text())
+    assert fidelity["graphs"]["unet.out_sample"]["psnr_db"] > 20
+    summary = CliRunner().invoke(main, ["info", str(tiny_ir_int8), "--json"])
+    graphs = json.loads(summary.output)["graphs"]
+    assert graphs["vae_decoder"]["precision"] in ("int8", "uint8")
+
+
+def test_openvino_export_generates_close_to_fp32(tiny_onnx, tiny_ir_int8):
+    from edgesd.export.parity import psnr
+
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.0, seed=5)
+    a = edgesd.Pipeline.load(tiny_onnx)("a red circle", **kwargs)
+    b = edgesd.Pipeline.load(tiny_ir_int8)("a red circle", **kwargs)
+    assert b.parameters["backend"] == "openvino"
+    assert psnr(np.asarray(a.images[0], np.float64), np.asarray(b.images[0], np.float64)) > 20
+
+
+@pytest.mark.parametrize("recipe, weight_types", [
+    ("fp32", {"f32"}), ("fp16", {"f16"}), ("int8-weights", {"u8", "i8"}), ("int4-weights", {"i4", "u4"}),
+    ("int8-hybrid", {"u8", "i8"}),
+])
+def test_ir_recipes_store_the_recipes_weights(tiny_onnx, tmp_path, recipe, weight_types):
+    import openvino as ov
+
+    from edgesd.export.fidelity import calibration_feeds
+    from edgesd.export.openvino_ir import write_ir_recipe
+
+    feeds = calibration_feeds(tiny_onnx, ["a red circle"])[:2] if recipe == "int8-hybrid" else None
+    path = write_ir_recipe(tiny_onnx / "unet" / "model.onnx", tmp_path / "unet", recipe, feeds)
+    model = ov.Core().read_model(str(path))
+    sizes: dict[str, int] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            t = op.get_output_element_type(0).get_type_name()
+            sizes[t] = sizes.get(t, 0) + int(np.prod(op.get_output_shape(0)))
+    assert weight_types & set(sizes), sizes  # the recipe's storage type is there
+    if recipe == "fp32":
+        assert not {"f16", "u8", "i8", "u4", "i4"} & set(sizes), sizes
+    ref = RuntimeOptions(backend="openvino")
+    from edgesd.backends import load_graph
+    from edgesd.graphs import GRAPHS
+
+    rng = np.random.default_rng(0)
+    hidden = json.loads((tiny_onnx / "edgesd.json").read_text())["constants"]["text_hidden_size"]
+    f = {"sample": rng.standard_normal((2, 4, 16, 16), dtype=np.float32), "timestep": np.array([10.0, 10.0], np.float32),
+         "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32)}
+    want = load_graph(tiny_onnx / "unet" / "model.onnx", GRAPHS["unet"], ref).run(f)["out_sample"]
+    got = load_graph(path, GRAPHS["unet"], ref).run(f)["out_sample"]
+    from edgesd.export.parity import psnr
+
+    assert psnr(want, got) > 30
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"recipe": "int8-hybrid"}, "int8-hybrid recipe cannot be written as onnx"),
+    ({"recipe": "int8-hybrid", "format": "openvino", "component_overrides": {"text_encoder": "int8-hybrid"}},
+     "int8-hybrid recipe .* is for the U-Net"),
+    ({"format": "tflite"}, "unknown format 'tflite'"),
+])
+def test_bad_format_options(kwargs, needle):
+    from edgesd.export import ExportOptions
+
+    with pytest.raises(EdgesdError, match=needle):
+        ExportOptions(**kwargs)
+
+
+def test_cli_export_refuses_a_recipe_the_format_cannot_do(tiny_src, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", str(tiny_src), str(out), "--recipe", "int8-hybrid"])
+    assert result.exit_code == 2 and "cannot be written as onnx" in result.output and "--format openvino" in result.output
+    assert not out.exists() and not list(tmp_path.iterdir())
