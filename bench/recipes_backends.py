@@ -147,7 +147,16 @@ def measure(backend: str, recipe: str, runs: int, cache_dir: str | None) -> dict
             "text_encoder_s": round(te_times[-1], 3), "unet_first_call_s": round(unet_times[0], 2),
             "unet_s_per_step": round(float(np.median(unet_times[1:] or unet_times)), 3),
             "vae_decode_s": round(float(np.median(vae_times[1:])), 3),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+            "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over exec
+    from the parent, so a child of this (large) build process would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(backend: str, recipe: str, runs: int, cache_dir: str | None = None) -> dict:
