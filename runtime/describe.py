@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,10 +33,7 @@ def _graph_summary(path: Path) -> dict:
 
     by_type: dict[int, int] = {}
     for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        by_type[init.data_type] = by_type.get(init.data_type, 0) + n
+        by_type[init.data_type] = by_type.get(init.data_type, 0) + math.prod(init.dims)
     main_type = max(by_type, key=by_type.get) if by_type else 1
     size = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
     return {"inputs": signature(model.graph.input), "outputs": signature(model.graph.output),
@@ -64,7 +62,7 @@ def _ir_summary(path: Path) -> dict:
     for op in model.get_ordered_ops():
         if op.get_type_name() == "Constant":
             t = op.get_output_element_type(0).get_type_name()
-            by_type[t] = by_type.get(t, 0) + shape_size(op.get_output_shape(0))
+            by_type[t] = by_type.get(t, 0) + math.prod(op.get_output_shape(0))
     main_type = max(by_type, key=by_type.get) if by_type else "f32"
     size = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.stem == path.stem)
     return {"inputs": signature(model.inputs), "outputs": signature(model.outputs),
@@ -72,13 +70,6 @@ def _ir_summary(path: Path) -> dict:
 
 
 _IR_PRECISION = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "uint8", "i4": "int4", "u4": "uint4"}
-
-
-def shape_size(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def describe(path: Path) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -56,18 +56,18 @@ class RuntimeOptions:
     def for_backend(self, backend: str) -> "RuntimeOptions":
         """These options with `backend` chosen; an option set for the other backend is an error."""
         other = "openvino" if backend == "onnxruntime" else "onnxruntime"
-        prefix = {"onnxruntime": _ORT_FIELDS, "openvino": _OV_FIELDS}[other]
         defaults = RuntimeOptions()
-        for f in fields(self):
-            if f.name in prefix and getattr(self, f.name) != getattr(defaults, f.name):
-                flag = "--" + f.name.replace("_", "-")
+        for name in _BACKEND_FIELDS[other]:
+            if getattr(self, name) != getattr(defaults, name):
+                flag = "--" + name.replace("_", "-")
                 raise EdgesdError(f"{flag} applies to the {other} backend, not {backend}",
                                   f"drop {flag} or choose --backend {other}")
-        return RuntimeOptions(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "backend": backend})
+        return replace(self, backend=backend)
 
 
-_ORT_FIELDS = {"provider", "provider_options", "ort_optimization"}
-_OV_FIELDS = {"device", "ov_hint", "ov_precision", "ov_shapes"}
+# The fields only one backend reads.
+_BACKEND_FIELDS = {"onnxruntime": ("provider", "provider_options", "ort_optimization"),
+                   "openvino": ("device", "ov_hint", "ov_precision", "ov_shapes")}
 
 
 class Graph(Protocol):

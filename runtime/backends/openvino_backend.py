@@ -18,7 +18,6 @@ from ..graphs import GraphSpec, check_feed
 from .base import RuntimeOptions, check_names, fit_feeds
 
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
-_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 
 
 def check_device(core: ov.Core, device: str) -> None:
@@ -35,8 +34,8 @@ def check_device(core: ov.Core, device: str) -> None:
 
 def compile_config(options: RuntimeOptions) -> dict[str, str]:
     config = {"PERFORMANCE_HINT": options.ov_hint.upper()}
-    if options.ov_precision in _PRECISIONS:
-        config["INFERENCE_PRECISION_HINT"] = _PRECISIONS[options.ov_precision]
+    if options.ov_precision != "device-default":
+        config["INFERENCE_PRECISION_HINT"] = options.ov_precision
     if options.threads:
         config["INFERENCE_NUM_THREADS"] = str(options.threads)
     if options.cache_dir is not None:
@@ -72,6 +71,7 @@ class OvGraph:
         self._dtypes = {name: np.dtype(p.get_element_type().to_dtype()) for name, p in inputs.items()}
         self._compiled: ov.CompiledModel | None = None
         self._request = None
+        self._ports: dict = {}  # output name -> the compiled model's output port
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self.compile_seconds = 0.0  # total time spent compiling, for benchmarks and timings
 
@@ -90,6 +90,7 @@ class OvGraph:
                               f"{shapes} ({_first_reason(e)})", "check the size and batch, or use --device CPU"
                               ) from None
         self._request = self._compiled.create_infer_request()
+        self._ports = {name: self._compiled.output(name) for name in self._outputs}
         self._shapes = shapes
         self.compile_seconds += time.perf_counter() - start
 
@@ -104,11 +105,9 @@ class OvGraph:
         except Exception as e:
             raise EdgesdError(f"{self.path} failed on inputs {shapes} ({_first_reason(e)})",
                               "check the requested size and batch, or re-export the model") from None
-        values = {}
-        for name in self._outputs:
-            v = result[self._compiled.output(name)]
-            values[name] = np.array(v, dtype=np.float32) if v.dtype == np.float16 else np.array(v)
-        return values
+        # Copies: the request reuses its output buffers on the next call.
+        return {name: np.array(result[port], dtype=np.float32 if result[port].dtype == np.float16 else None)
+                for name, port in self._ports.items()}
 
 
 def _port_name(port, wanted: list[str]) -> str:
