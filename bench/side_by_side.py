@@ -1,0 +1,260 @@
+"""edgesd side by side with every peer, per backend and precision, on the SD 1.5 architecture with RANDOM
+weights, 512x512, guidance 7.5, one fixed prompt, Euler, 20 steps; with a roofline.
+
+    bash bench/peers/make_venvs.sh                       # once: one pinned venv per peer
+    .venv/bin/python bench/side_by_side.py               # build what is missing, measure everything
+    .venv/bin/python bench/side_by_side.py --configs edgesd-onnxruntime-int8,openvino-genai-int8-hybrid
+    .venv/bin/python bench/side_by_side.py --readme      # only regenerate the README section from results
+
+Builds (once, cached under bench/work/): the random-weight SD 1.5 folder and edgesd's fp32 ONNX export
+(bench/sd15_foundation.py), edgesd's recipes (bench/recipes_backends.py), and each peer's own export
+(bench/peers/build.py). Then, round after round (--rounds), runs every configuration in a fresh process
+of its own venv (bench/peers/run_*.py; bench/peers/protocol.py says what each figure is), edgesd and peer
+configurations taking turns; a figure is the median over the rounds. Configurations whose runtime has a
+compile cache also get two start-only runs on one new cache folder: cold (filling it), then warm
+(by default for the fp32 configurations only: a cache's saving hardly depends on the precision).
+Roofline: the U-Net's FLOPs per step are counted from the graph (bench/flops.py) and set against this
+machine's GEMM peaks, measured here (bench/gemm_peak.py).
+
+Results: bench/results/<machine>-<date>.{json,md,png}; the README's performance section is generated from
+the newest results (--readme).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(HERE / "peers")]
+
+import build as peer_builds  # noqa: E402  (bench/peers/build.py)
+import recipes_backends  # noqa: E402
+
+VENVS = HERE / "venvs"
+RESULTS = HERE / "results"
+STEPS = 20
+UNET_SHAPES = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    family: str  # "edgesd" or the peer's name
+    precision: str  # the recipe / weight format
+    runner: str  # bench/peers/run_<runner>.py
+    venv: str  # ".venv" (the project's) or a folder under bench/venvs
+    variant: str
+    model: str  # edgesd: "<backend>:<recipe>"; peers: a build of bench/peers/build.py, or "source"
+    compute: str  # "fp32" or "int8": which GEMM peak the U-Net is held against
+    cache: bool  # the runtime has a compile cache (--cache-dir)
+
+    def folder(self, tokenizer_ir: Path) -> Path:
+        if self.model.startswith("edgesd-ir:"):  # OpenVINO GenAI on edgesd's IR: add the tokenizer IR it needs
+            out = _edgesd_folder("openvino", self.model.split(":")[1])
+            if not (out / "tokenizer" / "openvino_tokenizer.xml").is_file():
+                for f in tokenizer_ir.glob("openvino_*tokenizer.*"):
+                    shutil.copy(f, out / "tokenizer" / f.name)
+            return out
+        if self.family == "edgesd":
+            return _edgesd_folder(*self.model.split(":"))
+        return peer_builds.source() if self.model == "source" else peer_builds.build(self.model)
+
+    def python(self, override: str | None = None) -> Path:
+        if override:
+            return Path(override)
+        return ROOT / ".venv" / "bin" / "python" if self.venv == ".venv" else VENVS / self.venv / "bin" / "python"
+
+
+# The tokenizer IR (openvino-tokenizers' conversion, made by optimum-intel's export) that OpenVINO GenAI needs
+# beside a model's graphs; edgesd's IR folders have only the tokenizer's vocab.json + merges.txt.
+TOKENIZER_IR = peer_builds.PEERS / "optimum-intel-fp32" / "tokenizer"
+
+
+def _edgesd_folder(backend: str, recipe: str) -> Path:
+    recipes_backends.build(backend, recipe)
+    return recipes_backends.folder(backend, recipe)
+
+
+INT8_STATIC = {"int8", "int8-hybrid"}
+
+
+def all_configs() -> tuple[list[Config], list[Config]]:
+    ours = [Config(f"edgesd-{b}-{r}", "edgesd", r, "edgesd", ".venv", b, f"{b}:{r}",
+                   "int8" if r in INT8_STATIC else "fp32", True)
+            for b, recipes in (("onnxruntime", recipes_backends.ONNX_RECIPES),
+                               ("openvino", recipes_backends.IR_RECIPES)) for r in recipes]
+    ir = {"fp32": "optimum-intel-fp32", "int8": "optimum-intel-int8", "int8-hybrid": "optimum-intel-int8-hybrid"}
+    peers = [Config("diffusers-fp32", "diffusers", "fp32", "diffusers", "diffusers", "diffusers", "source",
+                    "fp32", False),
+             Config("optimum-onnx-fp32", "optimum-onnx", "fp32", "diffusers", "optimum-onnx", "optimum-onnx",
+                    "optimum-onnx-fp32", "fp32", False)]
+    for precision, build in ir.items():
+        compute = "int8" if precision == "int8-hybrid" else "fp32"
+        peers.append(Config(f"optimum-intel-{precision}", "optimum-intel", precision, "diffusers", "optimum-intel",
+                            "optimum-intel", build, compute, True))
+        peers.append(Config(f"openvino-genai-{precision}", "openvino-genai", precision, "genai", "openvino-genai",
+                            "default", build, compute, True))
+    peers.append(Config("sdcpp-q8_0", "stable-diffusion.cpp", "q8_0", "sdcpp", "sdcpp", "q8_0", "source", "int8",
+                        False))
+    return ours, peers
+
+
+def extra_configs() -> list[Config]:
+    """Not in the default run: OpenVINO GenAI on edgesd's own IR (for machines where optimum-intel cannot
+    export, such as the device machine of the scaling runs)."""
+    return [Config(f"openvino-genai-{p}-on-edgesd-ir", "openvino-genai", p, "genai", "openvino-genai", "default",
+                   f"edgesd-ir:{p}", "int8" if p in INT8_STATIC else "fp32", True) for p in ("fp32", "int8-hybrid")]
+
+
+def default_order() -> list[Config]:
+    ours, peers = all_configs()
+    # edgesd and the peers take turns, so slow drift of the machine does not favour either side
+    order = []
+    for i in range(max(len(ours), len(peers))):
+        order += ours[i:i + 1] + peers[i:i + 1]
+    return order
+
+
+def run_runner(config: Config, folder: Path, steps: int, threads: int | None, cache: Path | None = None,
+               start_only: bool = False, python: str | None = None) -> dict:
+    cmd = [str(config.python(python)), str(HERE / "peers" / f"run_{config.runner}.py"), "--model", str(folder),
+           "--steps", str(steps), "--variant", config.variant]
+    cmd += ["--threads", str(threads)] if threads else []
+    cmd += ["--cache-dir", str(cache)] if cache else []
+    cmd += ["--start-only"] if start_only else []
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    if done.returncode or not lines:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:300]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def disk_gb(folder: Path) -> float:
+    """Bytes of the model files a runtime reads (graphs, weights; not caches or tokenizer files)."""
+    suffixes = (".onnx", ".onnx_data", ".bin", ".xml", ".safetensors", ".data")
+    files = {p.resolve() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts
+             and (p.suffix in suffixes or p.name.startswith("model.onnx")) and "tokenizer" not in p.name}
+    return round(sum(p.stat().st_size for p in files) / 1e9, 3)
+
+
+def measure(config: Config, rounds: list[dict], steps: int) -> dict:
+    """One configuration's row: medians over its rounds, the 20-step total, the warm start."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return {"error": rounds[-1]["error"]}
+    row = {k: round(statistics.median(r[k] for r in ok), 3) for k in ok[0] if isinstance(ok[0][k], (int, float))
+           and all(isinstance(r.get(k), (int, float)) for r in ok)}
+    row["rounds"] = len(ok)
+    # the 20-step total: measured when the run had 20 steps, else its total plus the missing steps
+    row["total_20_s"] = round(row["total_s"] + (STEPS - steps) * row["unet_s_per_step"], 2)
+    row["total_20_measured"] = steps == STEPS
+    row["cold_start_s"] = round(row["load_s"] + row["compile_s"], 2)
+    return row
+
+
+def warm_start(config: Config, folder: Path, threads: int | None, python: str | None) -> dict:
+    with tempfile.TemporaryDirectory(dir=HERE / "work") as cache:
+        cold, warm = (run_runner(config, folder, 1, threads, Path(cache), True, python) for _ in range(2))
+    if "error" in cold or "error" in warm:
+        return {"cache_error": (cold.get("error") or warm.get("error"))}
+    return {"cache_cold_start_s": round(cold["load_s"] + cold["compile_s"], 2),
+            "warm_start_s": round(warm["load_s"] + warm["compile_s"], 2)}
+
+
+def roofline(rows: list[dict], peaks: dict) -> None:
+    """Adds each row's achieved U-Net throughput and its share of the matching GEMM peak."""
+    from flops import count_flops
+
+    flops = sum(count_flops(recipes_backends.FP32 / "unet" / "model.onnx", UNET_SHAPES).values())
+    for row in rows:
+        if "unet_s_per_step" not in row:
+            continue
+        row["unet_tflop_per_step"] = round(flops / 1e12, 3)
+        achieved = flops / row["unet_s_per_step"] / 1e9
+        row["unet_gflops"] = round(achieved, 1)
+        row["peak_share"] = round(achieved / peaks[row["compute"]], 3)
+
+
+def gemm_peaks() -> dict:
+    import gemm_peak
+
+    measured = {**gemm_peak.ort_peaks(2048, 5), **gemm_peak.ov_peaks(2048, 5)}
+    return {"fp32": round(max(v for k, v in measured.items() if "fp32" in k or "f32" in k), 1),
+            "int8": round(max(v for k, v in measured.items() if "int8" in k or "s8" in k), 1),
+            "measured": {k: round(v, 1) for k, v in measured.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", help="comma-separated names (default: all); --list shows them")
+    parser.add_argument("--list", action="store_true", help="list the configurations and exit")
+    parser.add_argument("--rounds", type=int, default=1, help="times each configuration is run (median)")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"steps of the timed generation (the {STEPS}-step total is extrapolated if fewer)")
+    parser.add_argument("--threads", type=int, help="threads for every runtime (default: each one's own)")
+    parser.add_argument("--machine", default="vm", help="name of this machine in the results' file name")
+    parser.add_argument("--threads-sweep", help="comma-separated thread counts: each configuration at each (scaling)")
+    parser.add_argument("--warm-start", default="fp32",
+                        help="precisions whose cache-capable configurations get the cold/warm starts ('' = none)")
+    parser.add_argument("--python", help="run every runner with this interpreter (a machine where one environment "
+                                             "holds every runtime, such as the device machine)")
+    parser.add_argument("--tokenizer-ir", type=Path, default=TOKENIZER_IR,
+                        help="folder with openvino_tokenizer.xml for the *-on-edgesd-ir configurations")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of today's results file for this machine that this run does not measure")
+    parser.add_argument("--readme", action="store_true", help="only regenerate the README section")
+    args = parser.parse_args()
+    import report
+
+    if args.readme:
+        report.update_readme()
+        return
+    configs = default_order()
+    if args.list:
+        print("\n".join(c.name for c in configs) + "\n(not run by default)\n"
+              + "\n".join(c.name for c in extra_configs()))
+        return
+    if args.configs:
+        known = {c.name: c for c in configs + extra_configs()}
+        unknown = [n for n in args.configs.split(",") if n not in known]
+        if unknown:
+            sys.exit(f"error: unknown configuration {', '.join(unknown)}; --list shows the names")
+        configs = [known[n] for n in args.configs.split(",")]
+    if args.steps < 2:
+        sys.exit("error: --steps must be at least 2 (the step time is the median interval between steps)")
+    folders = {c.name: c.folder(args.tokenizer_ir) for c in configs}  # builds what is missing, before any timing
+    threads = [int(t) for t in args.threads_sweep.split(",")] if args.threads_sweep else [args.threads]
+    raw: dict[tuple, list[dict]] = {(c.name, t): [] for c in configs for t in threads}
+    for r in range(args.rounds):
+        for t in threads:
+            for c in configs:
+                raw[c.name, t].append(run_runner(c, folders[c.name], args.steps, t, python=args.python))
+                print(f"round {r + 1} {c.name} threads={t}: {raw[c.name, t][-1]}", flush=True)
+    rows = []
+    for c in configs:
+        for t in threads:
+            row = {**asdict(c), "threads": t, "sweep": bool(args.threads_sweep), "disk_gb": disk_gb(folders[c.name]),
+                   **measure(c, raw[c.name, t], args.steps)}
+            if c.cache and c.precision in args.warm_start.split(",") and "error" not in row:
+                row.update(warm_start(c, folders[c.name], t, args.python))
+            rows.append(row)
+            print(f"{c.name}: {row}", flush=True)
+    peaks = gemm_peaks()
+    roofline(rows, peaks)
+    stem = report.write(rows, peaks, args)
+    print(f"wrote {stem}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()

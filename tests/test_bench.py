@@ -1,0 +1,115 @@
+"""The side-by-side benchmark's own logic: FLOP counting, step timing, the 20-step total, the report and the
+README section it generates. (The measurements themselves are runs of bench/side_by_side.py, not tests.)"""
+
+import json
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper, save
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path[:0] = [str(BENCH), str(BENCH / "peers")]
+
+import flops  # noqa: E402
+import protocol  # noqa: E402
+import report  # noqa: E402
+import side_by_side  # noqa: E402
+
+
+def test_flops_counts_convolutions_and_matmuls_from_static_shapes(tmp_path):
+    # x (1, 3, 8, 8) -> 3x3 conv, 4 out channels, pad 1 -> (1, 4, 8, 8) -> reshape (1, 4, 64) -> matmul (64, 5)
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    m = numpy_helper.from_array(np.ones((64, 5), np.float32), "m")
+    shape = numpy_helper.from_array(np.array([1, 4, 64], np.int64), "shape")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Reshape", ["c", "shape"], ["r"]),
+             helper.make_node("MatMul", ["r", "m"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, m, shape])
+    path = tmp_path / "g.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    counted = flops.count_flops(path, {"x": (1, 3, 8, 8)})
+    assert counted["Convolution"] == 2 * (4 * 8 * 8) * (3 * 3 * 3)
+    assert counted["MatMul"] == 2 * (4 * 5) * 64
+
+
+def test_step_clock_takes_the_median_interval_without_the_first():
+    clock = protocol.StepClock()
+    clock.times = [0.0, 5.0, 6.0, 7.1, 8.0, 9.0]  # first interval holds the text encoder
+    assert clock.per_step() == pytest.approx(1.0)
+
+
+def _config(name="edgesd-onnxruntime-int8"):
+    return next(c for c in side_by_side.default_order() if c.name == name)
+
+
+def test_configurations_alternate_between_edgesd_and_peers():
+    order = side_by_side.default_order()
+    families = [c.family == "edgesd" for c in order]
+    assert families[:8] == [True, False] * 4
+    assert {c.name for c in order} >= {"diffusers-fp32", "optimum-onnx-fp32", "optimum-intel-fp32",
+                                       "optimum-intel-int8", "openvino-genai-int8-hybrid", "sdcpp-q8_0",
+                                       "edgesd-openvino-int8-hybrid", "edgesd-onnxruntime-fp16"}
+    assert len({c.name for c in order}) == len(order)
+
+
+def test_measure_takes_medians_and_extrapolates_to_twenty_steps():
+    rounds = [{"load_s": 2.0, "compile_s": 1.0, "text_encoder_s": 0.2, "unet_s_per_step": 3.0, "vae_decode_s": 4.0,
+               "total_s": 30.0, "peak_rss_gb": 2.5},
+              {"load_s": 4.0, "compile_s": 1.0, "text_encoder_s": 0.2, "unet_s_per_step": 5.0, "vae_decode_s": 4.0,
+               "total_s": 40.0, "peak_rss_gb": 2.7},
+              {"error": "crashed"}]
+    row = side_by_side.measure(_config(), rounds, steps=8)
+    assert row["unet_s_per_step"] == 4.0 and row["rounds"] == 2
+    assert row["total_20_s"] == 35.0 + 12 * 4.0 and row["total_20_measured"] is False
+    assert row["cold_start_s"] == 4.0
+    assert side_by_side.measure(_config(), [{"error": "boom"}], 20) == {"error": "boom"}
+
+
+def _row(name, family, total, rss):
+    return {"name": name, "family": family, "total_20_s": total, "peak_rss_gb": rss, "unet_s_per_step": total / 25,
+            "total_20_measured": True, "threads": None}
+
+
+def test_verdict_says_by_how_much_edgesd_wins_or_loses():
+    rows = [_row("edgesd-a", "edgesd", 100.0, 3.0), _row("edgesd-b", "edgesd", 150.0, 2.0),
+            _row("peer-x", "x", 200.0, 5.0), _row("peer-y", "y", 80.0, 2.5)]
+    lines = report.verdict(rows)
+    assert "edgesd-a" in lines[0] and "not met" in lines[0]
+    assert "vs x" in lines[1] and "faster by 100%" in lines[1]
+    assert "vs y" in lines[2] and "slower by 20%" in lines[2]
+
+
+def test_report_files_and_readme_section(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [{**_row("edgesd-onnxruntime-int8", "edgesd", 160.0, 3.2), "unet_gflops": 200.0, "peak_share": 0.5,
+             "unet_tflop_per_step": 1.6},
+            {**_row("sdcpp-q8_0", "stable-diffusion.cpp", 900.0, 2.1), "total_20_measured": False},
+            {"name": "broken", "family": "x", "error": "failed to load"}]
+    args = Namespace(machine="vm", steps=8, rounds=1, threads=None, merge=False)
+    stem = report.write(rows, {"fp32": 180.0, "int8": 360.0, "measured": {}}, args)
+    md = stem.with_suffix(".md").read_text()
+    assert "RANDOM weights" in md and "900.0*" in md and "failed: failed to load" in md and "50%" in md
+    assert json.loads(stem.with_suffix(".json").read_text())["rows"][0]["name"] == "edgesd-onnxruntime-int8"
+    assert stem.with_suffix(".png").stat().st_size > 0
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+    report.update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert "\nold\n" not in text and "random weights" in text and "edgesd-onnxruntime-int8" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        report.update_readme(readme, tmp_path)
+
+
+def test_the_project_readme_has_the_generated_section():
+    text = (BENCH.parent / "README.md").read_text()
+    assert report.BEGIN in text and report.END in text
