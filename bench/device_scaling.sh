@@ -3,14 +3,20 @@
 # python3 3.12 with torch, onnx and onnxruntime but no OpenVINO; nothing can be downloaded there and each call
 # carries at most 64 MiB, so the wheels travel in parts (.device/, prepared here by `prepare`).
 #
-#   bash bench/device_scaling.sh prepare     # here: .device/call1 (wheels but OpenVINO's, the SD 1.5 configs, the
-#                                            # tokenizer IR), .device/call2 (OpenVINO, CPU plugin only, as .tar.xz)
+#   bash bench/device_scaling.sh prepare     # here: .device/call1 (wheels but OpenVINO's, the SD 1.5 configs),
+#                                            # .device/call2 (OpenVINO, CPU plugin only, as .tar.xz)
 #   bash bench/device_scaling.sh call1       # there (carry .device/call1): install, build the SD 1.5 architecture
 #                                            # with RANDOM weights, export fp32 ONNX and the ONNX int8 recipe
 #   bash bench/device_scaling.sh call2       # there (carry .device/call2): install OpenVINO, write the IR recipes,
-#                                            # sweep the ONNX Runtime configurations
-#   bash bench/device_scaling.sh call3       # there: sweep the OpenVINO ones and OpenVINO GenAI; results to $OUT
-# Everything lives in ignored folders (bench/work, bench/results, /tmp/site), kept while the machine stays warm.
+#                                            # sweep the ONNX Runtime configurations; results to $OUT
+#   bash bench/device_scaling.sh call3       # there: sweep the OpenVINO configurations; results to $OUT
+#   .venv/bin/python bench/side_by_side.py --combine <call2's json> <call3's json> --machine device16 --steps 3
+#                                            # here: one results file (each call's tree is fresh: bench/results
+#                                            # does not carry over, so the parts are combined here)
+# The build lives in ignored folders (bench/work, /tmp/site), kept while the machine stays warm (30 s).
+# Not run there: the peers. optimum-intel cannot be installed there (its transformers 4.x beside the image's 5.x,
+# over the carry limit), so there is no optimum IR for OpenVINO GenAI, which rejects edgesd's IR (it feeds
+# the U-Net an int64 timestep; edgesd's takes float32).
 # OpenVINO's wheel (59 MB) is cut to its CPU plugin and the IR/ONNX front ends (22 MB compressed) to fit a call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +28,8 @@ STEPS=3
 pip_target() { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$@"; }
 sweep() {  # configurations
   "$PY" bench/side_by_side.py --python "$PY" --machine device16 --threads-sweep $THREADS --steps $STEPS \
-      --warm-start "" --merge --configs "$1" --tokenizer-ir bench/work/tokenizer-ir
+      --warm-start "" --configs "$1"
+  cp bench/results/device16-* "$OUT"/
 }
 download() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -35,13 +42,10 @@ case "${1:-}" in
 prepare)
   rm -rf .device && mkdir -p .device/call1 .device/call2 .device/ov
   grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo /.device/ >> .git/info/exclude
-  for p in openvino-genai==2026.4.1.0 openvino-tokenizers==2026.4.1.0 diffusers==0.42.1 nncf==3.4.0 \
-           openvino-telemetry==2025.2.0 pydot==4.0.1 pyparsing==3.2.5 tabulate==0.9.0 ninja==1.13.0; do
+  for p in diffusers==0.42.1 nncf==3.4.0 openvino-telemetry==2025.2.0 pydot==4.0.1 pyparsing==3.2.5 tabulate==0.9.0 ninja==1.13.0; do
     download .device/call1 "$p"
   done
   cp -r ../shared/reference-configs/sd15 .device/call1/sd15-configs
-  # the tokenizer IR OpenVINO GenAI reads (made by optimum-intel's export here, same openvino-tokenizers)
-  cp -r bench/work/peers/optimum-intel-fp32/tokenizer .device/call1/tokenizer-ir
   download .device/ov openvino==2026.4.1
   (cd .device/ov && unzip -q openvino-*.whl && rm openvino-*.whl \
      && rm -f openvino/libs/libopenvino_intel_{gpu,npu}_plugin.so openvino/libs/cache.json \
@@ -54,7 +58,6 @@ call1)
   mkdir -p "$SITE"
   pip_target .device/call1/*.whl
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target "$SITE" .
-  rm -rf bench/work/tokenizer-ir && cp -r .device/call1/tokenizer-ir bench/work/tokenizer-ir
   "$PY" -c "
 from pathlib import Path
 from edgesd.export.tiny import build_random_sd
@@ -68,14 +71,13 @@ if not (out / 'unet' / 'model.onnx').exists():
   ;;
 call2)
   tar xJf .device/call2/openvino-cpu.tar.xz -C "$SITE"
-  "$PY" -c "import openvino as ov, openvino_genai, nncf; print('openvino', ov.__version__, ov.Core().available_devices)"
+  "$PY" -c "import openvino as ov, nncf; print('openvino', ov.__version__, ov.Core().available_devices)"
   "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r
 for recipe in ('fp32', 'int8-hybrid'): r.build('openvino', recipe)"
   sweep edgesd-onnxruntime-fp32,edgesd-onnxruntime-int8
   ;;
 call3)
-  sweep edgesd-openvino-fp32,edgesd-openvino-int8-hybrid,openvino-genai-int8-hybrid-on-edgesd-ir
-  cp bench/results/device16-* "$OUT"/
+  sweep edgesd-openvino-fp32,edgesd-openvino-int8-hybrid
   ;;
 *)
   echo "usage: bash bench/device_scaling.sh prepare | call1 | call2 | call3" >&2; exit 2 ;;

@@ -49,7 +49,7 @@ def ort_peaks(n: int, runs: int) -> dict:
                                   [helper.make_tensor_value_info("a", a_type, [n, n])],
                                   [helper.make_tensor_value_info("c", out_type, [n, n])],
                                   [helper.make_tensor("b", b_type, [n, n], b.tobytes(), raw=True)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         out[name] = 2 * n**3 / best(lambda: session.run(None, {"a": a}), runs) / 1e9
     return out

@@ -20,12 +20,15 @@ COLUMNS = (("disk GB", "disk_gb"), ("cold start s", "cold_start_s"), ("warm star
            ("of peak", "peak_share"))
 
 
-def versions() -> dict:
-    """Key package versions of the project's venv and of each peer venv (bench/peers/versions/*.txt)."""
+def versions(peer_venvs: bool = True) -> dict:
+    """Key package versions of this environment and, where the peers ran in their own venvs, of each of those
+    (bench/peers/versions/*.txt, written by make_venvs.sh)."""
     import onnxruntime
     import openvino
 
     out = {"edgesd": {"onnxruntime": onnxruntime.__version__, "openvino": openvino.__version__}}
+    if not peer_venvs:
+        return out
     keys = ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "openvino-genai", "optimum",
             "optimum-intel", "optimum-onnx", "nncf", "stable-diffusion-cpp-python")
     for path in sorted((HERE / "peers" / "versions").glob("*.txt")):
@@ -34,9 +37,9 @@ def versions() -> dict:
     return out
 
 
-def write(rows: list[dict], peaks: dict, args) -> Path:
+def write(rows: list[dict], peaks: dict, args, versions_used: dict | None = None, machine: dict | None = None) -> Path:
     today = str(date.today())
-    machine = {**recipes_backends.machine(), "name": args.machine}
+    machine = {**(machine or recipes_backends.machine()), "name": args.machine}
     stem = RESULTS / f"{args.machine}-{today}"
     if args.merge and stem.with_suffix(".json").is_file():  # a run in parts (the device machine's calls)
         measured = {(r["name"], r.get("threads")) for r in rows}
@@ -44,7 +47,8 @@ def write(rows: list[dict], peaks: dict, args) -> Path:
         rows = [r for r in kept if (r["name"], r.get("threads")) not in measured] + rows
     result = {"date": today, "machine": machine, "weights": "random (SD 1.5 architecture)", "size": 512,
               "guidance": 7.5, "scheduler": "euler", "steps_timed": args.steps, "rounds": args.rounds,
-              "threads": args.threads, "gemm_peaks_gops": peaks, "versions": versions(), "rows": rows}
+              "threads": args.threads, "gemm_peaks_gops": peaks,
+              "versions": versions_used or versions(peer_venvs=not args.python), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result) + "\n")
     chart(result, stem.with_suffix(".png"))
@@ -107,7 +111,7 @@ def markdown(result: dict) -> str:
     lines = [f"# edgesd and its peers, SD 1.5 architecture with RANDOM weights, 512x512", "",
              f"{result['date']}, `bench/side_by_side.py`; machine '{m['name']}': {m['cpu']}, {m['cores']} cores "
              f"({', '.join(m['isa'])}), {m['ram_gb']} GB. Guidance {result['guidance']}, Euler, one fixed prompt; "
-             f"each configuration in a fresh process of its own venv; {result['rounds']} round(s), timed generation "
+             f"each configuration in a fresh process{' of its own venv' if len(result['versions']) > 1 else ''}; {result['rounds']} round(s), timed generation "
              f"of {result['steps_timed']} steps"
              + (" (* = 20-step total extrapolated: measured total + the missing steps x s/step)"
                 if result["steps_timed"] != 20 else "") + ". OpenVINO configurations: f32 inference precision, "

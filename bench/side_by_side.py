@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -59,13 +58,7 @@ class Config:
     compute: str  # "fp32" or "int8": which GEMM peak the U-Net is held against
     cache: bool  # the runtime has a compile cache (--cache-dir)
 
-    def folder(self, tokenizer_ir: Path) -> Path:
-        if self.model.startswith("edgesd-ir:"):  # OpenVINO GenAI on edgesd's IR: add the tokenizer IR it needs
-            out = _edgesd_folder("openvino", self.model.split(":")[1])
-            if not (out / "tokenizer" / "openvino_tokenizer.xml").is_file():
-                for f in tokenizer_ir.glob("openvino_*tokenizer.*"):
-                    shutil.copy(f, out / "tokenizer" / f.name)
-            return out
+    def folder(self) -> Path:
         if self.family == "edgesd":
             return _edgesd_folder(*self.model.split(":"))
         return peer_builds.source() if self.model == "source" else peer_builds.build(self.model)
@@ -74,11 +67,6 @@ class Config:
         if override:
             return Path(override)
         return ROOT / ".venv" / "bin" / "python" if self.venv == ".venv" else VENVS / self.venv / "bin" / "python"
-
-
-# The tokenizer IR (openvino-tokenizers' conversion, made by optimum-intel's export) that OpenVINO GenAI needs
-# beside a model's graphs; edgesd's IR folders have only the tokenizer's vocab.json + merges.txt.
-TOKENIZER_IR = peer_builds.PEERS / "optimum-intel-fp32" / "tokenizer"
 
 
 def _edgesd_folder(backend: str, recipe: str) -> Path:
@@ -108,13 +96,6 @@ def all_configs() -> tuple[list[Config], list[Config]]:
     peers.append(Config("sdcpp-q8_0", "stable-diffusion.cpp", "q8_0", "sdcpp", "sdcpp", "q8_0", "source", "int8",
                         False))
     return ours, peers
-
-
-def extra_configs() -> list[Config]:
-    """Not in the default run: OpenVINO GenAI on edgesd's own IR (for machines where optimum-intel cannot
-    export, such as the device machine of the scaling runs)."""
-    return [Config(f"openvino-genai-{p}-on-edgesd-ir", "openvino-genai", p, "genai", "openvino-genai", "default",
-                   f"edgesd-ir:{p}", "int8" if p in INT8_STATIC else "fp32", True) for p in ("fp32", "int8-hybrid")]
 
 
 def default_order() -> list[Config]:
@@ -209,10 +190,10 @@ def main() -> None:
                         help="precisions whose cache-capable configurations get the cold/warm starts ('' = none)")
     parser.add_argument("--python", help="run every runner with this interpreter (a machine where one environment "
                                              "holds every runtime, such as the device machine)")
-    parser.add_argument("--tokenizer-ir", type=Path, default=TOKENIZER_IR,
-                        help="folder with openvino_tokenizer.xml for the *-on-edgesd-ir configurations")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of today's results file for this machine that this run does not measure")
+    parser.add_argument("--report-from", type=Path, help="only write the results from rows a run kept in bench/work")
+    parser.add_argument("--combine", type=Path, nargs="+", help="only combine results files of one machine into one")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README section")
     args = parser.parse_args()
     import report
@@ -220,20 +201,25 @@ def main() -> None:
     if args.readme:
         report.update_readme()
         return
+    if args.report_from:
+        finish(json.loads(args.report_from.read_text()), gemm_peaks(), args)
+        return
+    if args.combine:
+        combine(args.combine, args)
+        return
     configs = default_order()
     if args.list:
-        print("\n".join(c.name for c in configs) + "\n(not run by default)\n"
-              + "\n".join(c.name for c in extra_configs()))
+        print("\n".join(c.name for c in configs))
         return
     if args.configs:
-        known = {c.name: c for c in configs + extra_configs()}
+        known = {c.name: c for c in configs}
         unknown = [n for n in args.configs.split(",") if n not in known]
         if unknown:
             sys.exit(f"error: unknown configuration {', '.join(unknown)}; --list shows the names")
         configs = [known[n] for n in args.configs.split(",")]
     if args.steps < 2:
         sys.exit("error: --steps must be at least 2 (the step time is the median interval between steps)")
-    folders = {c.name: c.folder(args.tokenizer_ir) for c in configs}  # builds what is missing, before any timing
+    folders = {c.name: c.folder() for c in configs}  # builds what is missing, before any timing
     threads = [int(t) for t in args.threads_sweep.split(",")] if args.threads_sweep else [args.threads]
     raw: dict[tuple, list[dict]] = {(c.name, t): [] for c in configs for t in threads}
     for r in range(args.rounds):
@@ -250,10 +236,32 @@ def main() -> None:
                 row.update(warm_start(c, folders[c.name], t, args.python))
             rows.append(row)
             print(f"{c.name}: {row}", flush=True)
-    peaks = gemm_peaks()
+    # kept before the roofline and the report, so a failure there loses no measurement (--report-from)
+    (HERE / "work" / f"side-by-side-rows-{args.machine}.json").write_text(json.dumps(rows, indent=2))
+    finish(rows, gemm_peaks(), args)
+
+
+def finish(rows: list[dict], peaks: dict, args, versions: dict | None = None, machine: dict | None = None) -> None:
+    import report
+
     roofline(rows, peaks)
-    stem = report.write(rows, peaks, args)
+    stem = report.write(rows, peaks, args, versions, machine)
     print(f"wrote {stem}.json, .md and .png")
+
+
+def combine(paths: list[Path], args) -> None:
+    """Results of one machine measured in parts (the device machine's calls) -> one results file. A GEMM peak is
+    a best-of measurement, so the combined peak of each kind is the highest of the parts'."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    measured: dict[str, float] = {}
+    for part in parts:
+        for k, v in part["gemm_peaks_gops"]["measured"].items():
+            measured[k] = max(v, measured.get(k, 0.0))
+    peaks = {"fp32": max(v for k, v in measured.items() if "fp32" in k or "f32" in k),
+             "int8": max(v for k, v in measured.items() if "int8" in k or "s8" in k), "measured": measured}
+    known = {c.name for c in default_order()}  # rows of configurations this script no longer has are dropped
+    rows = {(r["name"], r.get("threads")): r for part in parts for r in part["rows"] if r["name"] in known}
+    finish(list(rows.values()), peaks, args, {"edgesd": parts[-1]["versions"]["edgesd"]}, parts[-1]["machine"])
 
 
 if __name__ == "__main__":

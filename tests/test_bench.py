@@ -89,7 +89,7 @@ def test_report_files_and_readme_section(tmp_path, monkeypatch):
              "unet_tflop_per_step": 1.6},
             {**_row("sdcpp-q8_0", "stable-diffusion.cpp", 900.0, 2.1), "total_20_measured": False},
             {"name": "broken", "family": "x", "error": "failed to load"}]
-    args = Namespace(machine="vm", steps=8, rounds=1, threads=None, merge=False)
+    args = Namespace(machine="vm", steps=8, rounds=1, threads=None, merge=False, python=None)
     stem = report.write(rows, {"fp32": 180.0, "int8": 360.0, "measured": {}}, args)
     md = stem.with_suffix(".md").read_text()
     assert "RANDOM weights" in md and "900.0*" in md and "failed: failed to load" in md and "50%" in md
@@ -113,3 +113,24 @@ def test_readme_without_markers_is_an_error(tmp_path):
 def test_the_project_readme_has_the_generated_section():
     text = (BENCH.parent / "README.md").read_text()
     assert report.BEGIN in text and report.END in text
+
+
+def test_combine_takes_the_best_peaks_and_every_part_s_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(side_by_side, "roofline", lambda rows, peaks: None)  # needs the SD 1.5 graph
+    machine = {"name": "device16", "cpu": "x", "cores": 16, "isa": [], "ram_gb": 1.0, "python": "3"}
+    parts = []
+    for i, (name, fp32) in enumerate((("edgesd-onnxruntime-int8", 900.0), ("edgesd-openvino-fp32", 1300.0))):
+        part = {"machine": machine, "versions": {"edgesd": {"onnxruntime": "1"}},
+                "gemm_peaks_gops": {"measured": {"onnxruntime fp32 MatMul": fp32, "openvino f32 MatMul": 800.0,
+                                                 "onnxruntime u8 x s8 MatMulInteger": 5000.0 + i}},
+                "rows": [{**_row(name, "edgesd", 40.0, 3.0), "threads": 16},
+                         {**_row("gone-config", "x", 1.0, 1.0), "threads": 16}]}
+        parts.append(tmp_path / f"part{i}.json")
+        parts[-1].write_text(json.dumps(part))
+    args = Namespace(machine="device16", steps=3, rounds=1, threads=None, python="python3", merge=False)
+    side_by_side.combine(parts, args)
+    result = json.loads((tmp_path / f"device16-{report.date.today()}.json").read_text())
+    assert result["gemm_peaks_gops"]["fp32"] == 1300.0 and result["gemm_peaks_gops"]["int8"] == 5001.0
+    assert [r["name"] for r in result["rows"]] == ["edgesd-onnxruntime-int8", "edgesd-openvino-fp32"]
+    assert result["machine"]["cores"] == 16
