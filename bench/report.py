@@ -173,6 +173,10 @@ def readme_section(results: Path = RESULTS) -> str:
              f"downloaded here: the figures are speed and memory, not image quality), 512x512, guidance 7.5, Euler. "
              f"Full table, versions and chart: `bench/results/vm-{main['date']}.md`.", "",
              *table(main["rows"], cols), ""]
+    if main["steps_timed"] != 20:
+        lines += [f"\\* 20-step total extrapolated from a {main['steps_timed']}-step generation (its measured total "
+                  f"+ the missing steps x s/step). 'of peak': the U-Net's FLOP rate over this machine's measured GEMM "
+                  "peak for the arithmetic it runs.", ""]
     lines += verdict(main["rows"])
     if scaling:
         s = scaling["machine"]
@@ -180,12 +184,15 @@ def readme_section(results: Path = RESULTS) -> str:
                       f"`bench/results/device16-{scaling['date']}.md`), U-Net s/step:", ""]
         names = list(dict.fromkeys(r["name"] for r in scaling["rows"]))
         threads = sorted({r["threads"] for r in scaling["rows"]})
-        lines += ["| configuration | " + " | ".join(f"{t} threads" for t in threads) + " |",
-                  "|---|" + "---:|" * len(threads)]
+        top = threads[-1]
+        lines += ["| configuration | " + " | ".join(f"{t} threads" for t in threads)
+                  + f" | 20 steps s ({top} threads)* | peak RSS GB |", "|---|" + "---:|" * (len(threads) + 2)]
         for n in names:
             by = {r["threads"]: r for r in scaling["rows"] if r["name"] == n}
-            lines.append(f"| {n} | " + " | ".join(str(by[t].get("unet_s_per_step", "-")) if t in by else "-"
-                                                  for t in threads) + " |")
+            cells = [str(by[t].get("unet_s_per_step", "-")) if t in by else "-" for t in threads]
+            last = by.get(top, {})
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {last.get('total_20_s', '-')} | "
+                         f"{last.get('peak_rss_gb', '-')} |")
     return "\n".join(lines)
 
 

@@ -122,10 +122,12 @@ def run_runner(config: Config, folder: Path, steps: int, threads: int | None, ca
 
 
 def disk_gb(folder: Path) -> float:
-    """Bytes of the model files a runtime reads (graphs, weights; not caches or tokenizer files)."""
+    """Bytes of the model files a runtime reads (graphs, weights; not caches or tokenizer files), following the
+    links of the peers' source folder."""
     suffixes = (".onnx", ".onnx_data", ".bin", ".xml", ".safetensors", ".data")
-    files = {p.resolve() for p in folder.rglob("*") if p.is_file() and "cache" not in p.parts
-             and (p.suffix in suffixes or p.name.startswith("model.onnx")) and "tokenizer" not in p.name}
+    files = {Path(root, name).resolve() for root, _, names in os.walk(folder, followlinks=True) for name in names
+             if "cache" not in Path(root).parts and "tokenizer" not in Path(root).name
+             and (Path(name).suffix in suffixes or name.startswith("model.onnx"))}
     return round(sum(p.stat().st_size for p in files) / 1e9, 3)
 
 
@@ -230,7 +232,7 @@ def main() -> None:
     rows = []
     for c in configs:
         for t in threads:
-            row = {**asdict(c), "threads": t, "sweep": bool(args.threads_sweep), "disk_gb": disk_gb(folders[c.name]),
+            row = {**asdict(c), "threads": t, "sweep": bool(args.threads_sweep),
                    **measure(c, raw[c.name, t], args.steps)}
             if c.cache and c.precision in args.warm_start.split(",") and "error" not in row:
                 row.update(warm_start(c, folders[c.name], t, args.python))
@@ -244,6 +246,9 @@ def main() -> None:
 def finish(rows: list[dict], peaks: dict, args, versions: dict | None = None, machine: dict | None = None) -> None:
     import report
 
+    configs = {c.name: c for c in default_order()}
+    for row in rows:  # size on disk of what each configuration reads (builds are cached by now)
+        row["disk_gb"] = disk_gb(configs[row["name"]].folder())
     roofline(rows, peaks)
     stem = report.write(rows, peaks, args, versions, machine)
     print(f"wrote {stem}.json, .md and .png")
@@ -261,7 +266,9 @@ def combine(paths: list[Path], args) -> None:
              "int8": max(v for k, v in measured.items() if "int8" in k or "s8" in k), "measured": measured}
     known = {c.name for c in default_order()}  # rows of configurations this script no longer has are dropped
     rows = {(r["name"], r.get("threads")): r for part in parts for r in part["rows"] if r["name"] in known}
-    finish(list(rows.values()), peaks, args, {"edgesd": parts[-1]["versions"]["edgesd"]}, parts[-1]["machine"])
+    used = {"edgesd" if r["venv"] == ".venv" else r["venv"] for r in rows.values()}
+    versions = {venv: pins for part in parts for venv, pins in part["versions"].items() if venv in used}
+    finish(list(rows.values()), peaks, args, versions, parts[-1]["machine"])
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_measure_takes_medians_and_extrapolates_to_twenty_steps():
 
 def _row(name, family, total, rss):
     return {"name": name, "family": family, "total_20_s": total, "peak_rss_gb": rss, "unet_s_per_step": total / 25,
-            "total_20_measured": True, "threads": None}
+            "total_20_measured": True, "threads": None, "venv": ".venv" if family == "edgesd" else family}
 
 
 def test_verdict_says_by_how_much_edgesd_wins_or_loses():
@@ -118,10 +118,11 @@ def test_the_project_readme_has_the_generated_section():
 def test_combine_takes_the_best_peaks_and_every_part_s_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(side_by_side, "roofline", lambda rows, peaks: None)  # needs the SD 1.5 graph
+    monkeypatch.setattr(side_by_side.Config, "folder", lambda self: tmp_path)  # builds nothing
     machine = {"name": "device16", "cpu": "x", "cores": 16, "isa": [], "ram_gb": 1.0, "python": "3"}
     parts = []
     for i, (name, fp32) in enumerate((("edgesd-onnxruntime-int8", 900.0), ("edgesd-openvino-fp32", 1300.0))):
-        part = {"machine": machine, "versions": {"edgesd": {"onnxruntime": "1"}},
+        part = {"machine": machine, "versions": {"edgesd": {"onnxruntime": "1"}, "sdcpp": {"x": "1"}},
                 "gemm_peaks_gops": {"measured": {"onnxruntime fp32 MatMul": fp32, "openvino f32 MatMul": 800.0,
                                                  "onnxruntime u8 x s8 MatMulInteger": 5000.0 + i}},
                 "rows": [{**_row(name, "edgesd", 40.0, 3.0), "threads": 16},
@@ -134,3 +135,4 @@ def test_combine_takes_the_best_peaks_and_every_part_s_rows(tmp_path, monkeypatc
     assert result["gemm_peaks_gops"]["fp32"] == 1300.0 and result["gemm_peaks_gops"]["int8"] == 5001.0
     assert [r["name"] for r in result["rows"]] == ["edgesd-onnxruntime-int8", "edgesd-openvino-fp32"]
     assert result["machine"]["cores"] == 16
+    assert result["versions"] == {"edgesd": {"onnxruntime": "1"}}  # only the environments that ran rows

@@ -32,6 +32,8 @@ HYBRID_SAMPLES = 32
 
 HYBRID_SCRIPT = """
 import sys
+from pathlib import Path
+from optimum.exporters.openvino.convert import export_tokenizer
 from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
 src, out, samples, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 # int8 weight compression with a dataset = optimum-intel's hybrid mode: MatMul/Embedding weights int8,
@@ -39,6 +41,8 @@ src, out, samples, prompts = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.arg
 config = OVWeightQuantizationConfig(bits=8, dataset=prompts, num_samples=samples)
 pipe = OVStableDiffusionPipeline.from_pretrained(src, export=True, quantization_config=config)
 pipe.save_pretrained(out)
+# the CLI also writes the tokenizer as IR (OpenVINO GenAI reads it); save_pretrained does not
+export_tokenizer(pipe.tokenizer, Path(out) / "tokenizer")
 """
 
 
@@ -86,9 +90,21 @@ def source() -> Path:
     return SRC
 
 
+def add_tokenizer_ir(out: Path) -> None:
+    """The tokenizer IR OpenVINO GenAI needs, for an optimum-intel build cached without it."""
+    if not out.name.startswith("optimum-intel") or (out / "tokenizer" / "openvino_tokenizer.xml").is_file():
+        return
+    script = ("import sys; from transformers import CLIPTokenizer; "
+              "from optimum.exporters.openvino.convert import export_tokenizer; "
+              "export_tokenizer(CLIPTokenizer.from_pretrained(sys.argv[1]), sys.argv[1])")
+    subprocess.run([str(VENVS / "optimum-intel" / "bin" / "python"), "-c", script, str(out / "tokenizer")],
+                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
 def build(name: str) -> Path:
     out = PEERS / name
     if (out / "model_index.json").is_file():
+        add_tokenizer_ir(out)
         return out
     source()
     partial = out.with_name(name + ".partial")
