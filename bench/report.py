@@ -41,10 +41,6 @@ def write(rows: list[dict], peaks: dict, args, versions_used: dict | None = None
     today = str(date.today())
     machine = {**(machine or recipes_backends.machine()), "name": args.machine}
     stem = RESULTS / f"{args.machine}-{today}"
-    if args.merge and stem.with_suffix(".json").is_file():  # a run in parts (the device machine's calls)
-        measured = {(r["name"], r.get("threads")) for r in rows}
-        kept = json.loads(stem.with_suffix(".json").read_text())["rows"]
-        rows = [r for r in kept if (r["name"], r.get("threads")) not in measured] + rows
     result = {"date": today, "machine": machine, "weights": "random (SD 1.5 architecture)", "size": 512,
               "guidance": 7.5, "scheduler": "euler", "steps_timed": args.steps, "rounds": args.rounds,
               "threads": args.threads, "gemm_peaks_gops": peaks,

@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
+from typing import Literal
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,7 +56,7 @@ class Config:
     venv: str  # ".venv" (the project's) or a folder under bench/venvs
     variant: str
     model: str  # edgesd: "<backend>:<recipe>"; peers: a build of bench/peers/build.py, or "source"
-    compute: str  # "fp32" or "int8": which GEMM peak the U-Net is held against
+    compute: Literal["fp32", "int8"]  # which GEMM peak the U-Net is held against
     cache: bool  # the runtime has a compile cache (--cache-dir)
 
     def folder(self) -> Path:
@@ -192,8 +193,6 @@ def main() -> None:
                         help="precisions whose cache-capable configurations get the cold/warm starts ('' = none)")
     parser.add_argument("--python", help="run every runner with this interpreter (a machine where one environment "
                                              "holds every runtime, such as the device machine)")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of today's results file for this machine that this run does not measure")
     parser.add_argument("--report-from", type=Path, help="only write the results from rows a run kept in bench/work")
     parser.add_argument("--combine", type=Path, nargs="+", help="only combine results files of one machine into one")
     parser.add_argument("--readme", action="store_true", help="only regenerate the README section")

@@ -89,7 +89,7 @@ def test_report_files_and_readme_section(tmp_path, monkeypatch):
              "unet_tflop_per_step": 1.6},
             {**_row("sdcpp-q8_0", "stable-diffusion.cpp", 900.0, 2.1), "total_20_measured": False},
             {"name": "broken", "family": "x", "error": "failed to load"}]
-    args = Namespace(machine="vm", steps=8, rounds=1, threads=None, merge=False, python=None)
+    args = Namespace(machine="vm", steps=8, rounds=1, threads=None, python=None)
     stem = report.write(rows, {"fp32": 180.0, "int8": 360.0, "measured": {}}, args)
     md = stem.with_suffix(".md").read_text()
     assert "RANDOM weights" in md and "900.0*" in md and "failed: failed to load" in md and "50%" in md
@@ -129,7 +129,7 @@ def test_combine_takes_the_best_peaks_and_every_part_s_rows(tmp_path, monkeypatc
                          {**_row("gone-config", "x", 1.0, 1.0), "threads": 16}]}
         parts.append(tmp_path / f"part{i}.json")
         parts[-1].write_text(json.dumps(part))
-    args = Namespace(machine="device16", steps=3, rounds=1, threads=None, python="python3", merge=False)
+    args = Namespace(machine="device16", steps=3, rounds=1, threads=None, python="python3")
     side_by_side.combine(parts, args)
     result = json.loads((tmp_path / f"device16-{report.date.today()}.json").read_text())
     assert result["gemm_peaks_gops"]["fp32"] == 1300.0 and result["gemm_peaks_gops"]["int8"] == 5001.0
