@@ -229,28 +229,12 @@ def write_results(rows: list[dict], caches: list[dict]) -> Path:
 
 
 def chart(rows: list[dict], path: Path) -> None:
-    """U-Net s/step and peak RSS per configuration, as a PNG drawn with Pillow (no plotting library)."""
-    from PIL import Image, ImageDraw
+    """U-Net s/step and peak RSS per configuration."""
+    from report import two_bar_chart  # bench/report.py
 
-    if not rows:
-        return
-    bar_h, gap, left, width = 18, 6, 220, 900
-    height = 60 + len(rows) * (2 * bar_h + gap) + 20
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 10), "SD 1.5 (random weights) 512x512: U-Net s/step (blue), peak RSS GB (orange)", fill="black")
-    max_s = max(r["unet_s_per_step"] for r in rows)
-    max_gb = max(r["peak_rss_gb"] for r in rows)
-    y = 40
-    for r in rows:
-        draw.text((10, y + 10), f"{r['backend']} {r['recipe']}", fill="black")
-        for value, top, colour, unit in ((r["unet_s_per_step"] / max_s, y, (66, 110, 200), f"{r['unet_s_per_step']} s"),
-                                         (r["peak_rss_gb"] / max_gb, y + bar_h, (230, 140, 40), f"{r['peak_rss_gb']} GB")):
-            end = left + int(value * (width - left - 90))
-            draw.rectangle([left, top, end, top + bar_h - 3], fill=colour)
-            draw.text((end + 5, top + 2), unit, fill="black")
-        y += 2 * bar_h + gap
-    img.save(path)
+    two_bar_chart(path, "SD 1.5 (random weights) 512x512: U-Net s/step (blue), peak RSS GB (orange)",
+                  [(f"{r['backend']} {r['recipe']}", False, r["unet_s_per_step"], "s", r["peak_rss_gb"], "GB")
+                   for r in rows])
 
 
 def main() -> None:

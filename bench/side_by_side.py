@@ -133,7 +133,7 @@ def disk_gb(folder: Path) -> float:
 
 
 def measure(config: Config, rounds: list[dict], steps: int) -> dict:
-    """One configuration's row: medians over its rounds, the 20-step total, the warm start."""
+    """One configuration's row: medians over its rounds, the 20-step total, the cold start."""
     ok = [r for r in rounds if "error" not in r]
     if not ok:
         return {"error": rounds[-1]["error"]}
@@ -174,9 +174,13 @@ def gemm_peaks() -> dict:
     import gemm_peak
 
     measured = {**gemm_peak.ort_peaks(2048, 5), **gemm_peak.ov_peaks(2048, 5)}
-    return {"fp32": round(max(v for k, v in measured.items() if "fp32" in k or "f32" in k), 1),
-            "int8": round(max(v for k, v in measured.items() if "int8" in k or "s8" in k), 1),
-            "measured": {k: round(v, 1) for k, v in measured.items()}}
+    return peaks_by_kind({k: round(v, 1) for k, v in measured.items()})
+
+
+def peaks_by_kind(measured: dict[str, float]) -> dict:
+    """The fp32 and int8 peaks (the best runtime of each) beside every measured GEMM."""
+    return {"fp32": max(v for k, v in measured.items() if "fp32" in k or "f32" in k),
+            "int8": max(v for k, v in measured.items() if "int8" in k or "s8" in k), "measured": measured}
 
 
 def main() -> None:
@@ -261,13 +265,11 @@ def combine(paths: list[Path], args) -> None:
     for part in parts:
         for k, v in part["gemm_peaks_gops"]["measured"].items():
             measured[k] = max(v, measured.get(k, 0.0))
-    peaks = {"fp32": max(v for k, v in measured.items() if "fp32" in k or "f32" in k),
-             "int8": max(v for k, v in measured.items() if "int8" in k or "s8" in k), "measured": measured}
     known = {c.name for c in default_order()}  # rows of configurations this script no longer has are dropped
     rows = {(r["name"], r.get("threads")): r for part in parts for r in part["rows"] if r["name"] in known}
     used = {"edgesd" if r["venv"] == ".venv" else r["venv"] for r in rows.values()}
     versions = {venv: pins for part in parts for venv, pins in part["versions"].items() if venv in used}
-    finish(list(rows.values()), peaks, args, versions, parts[-1]["machine"])
+    finish(list(rows.values()), peaks_by_kind(measured), args, versions, parts[-1]["machine"])
 
 
 if __name__ == "__main__":
