@@ -24,7 +24,7 @@ from tests.test_schedulers import NAMES, SD, SPACINGS, _both_loops, _dpmpp_2s_an
 
 import diffusers  # noqa: E402
 import torch  # noqa: E402
-from edgesd.pipeline import _run_sampler  # noqa: E402
+from edgesd.samplers import run_sampler as _run_sampler  # noqa: E402
 from edgesd.schedulers import SAMPLERS, resolve_scheduler  # noqa: E402
 from tests.test_schedulers import stand_in_denoiser  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesd.denoiser import Denoiser
-from edgesd.pipeline import _run_sampler
+from edgesd.samplers import run_sampler as _run_sampler
 from edgesd.schedulers import SAMPLERS, alphas_cumprod, resolve_scheduler
 
 HERE = Path(__file__).resolve().parent
@@ -40,11 +40,11 @@ def main() -> None:
         sched = resolve_scheduler(name, SD15_SCHEDULER)
         calls = []
 
-        def unet(sample, t, c):
+        def unet(sample, t, **cond):
             calls.append(1)
             return fixed[: sample.shape[0]]
 
-        d = Denoiser(unet=unet, context=context, guidance_scale=7.5, prediction_type="epsilon",
+        d = Denoiser(unet=unet, cond={"encoder_hidden_states": context}, guidance_scale=7.5, prediction_type="epsilon",
                      alphas_cumprod=alphas_cumprod(sched))
         start_x = rng.standard_normal((1, 4, 64, 64), dtype=np.float32)
         best = float("inf")

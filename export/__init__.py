@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # Spatial size of the random inputs used for parity checks (latent pixels); small keeps it quick.
 PARITY_LATENT_SIZE = 16
 
-STAGES = ("load", "text_encoder", "unet", "vae_decoder", "vae_encoder", "recipes", "fidelity")
+STAGES = ("load", "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "recipes", "fidelity")
+
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,10 @@ class ExportOptions:
         if self.calibration_size < 1:
             raise EdgesdError(f"calibration size must be >= 1, got {self.calibration_size}")
 
-    def recipes(self) -> dict[str, Recipe]:
-        chosen = component_recipes(self.recipe, self.component_overrides, self.format)
+    def recipes(self, components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+                ) -> dict[str, Recipe]:
+        """The recipe of each of a family's `components` this export writes."""
+        chosen = component_recipes(self.recipe, self.component_overrides, self.format, components)
         return {c: r for c, r in chosen.items() if self.with_vae_encoder or c != "vae_encoder"}
 
     def calibration(self) -> list[str]:
@@ -92,12 +95,12 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
                           "pip install -c constraints.txt 'edgesd[export]'") from None
 
-    from .components import export_text_encoder, export_unet, export_vae_decoder, export_vae_encoder
+    from .components import export_graph
     from .fidelity import measure as measure_fidelity
-    from .loading import check_source_folder, load_source, source_checksum
+    from .loading import load_source, source_checksum
 
     src, out = Path(src), Path(out)
-    check_source_folder(src)
+    model = load_source(src)  # checks the folder and finds its family; no weights read yet
     if out.exists() and not out.is_dir():
         raise EdgesdError(f"output '{out}' exists and is not a folder", "choose a folder path for OUT")
     if out.exists() and any(out.iterdir()) and not options.overwrite:
@@ -109,7 +112,9 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
 
     started = time.perf_counter()
     stage = on_stage or (lambda name: None)
-    recipes = options.recipes()
+    family, cfg = model.family, model.configs
+    components = (*family.text_components, "unet", "vae_decoder", "vae_encoder")
+    recipes = options.recipes(components)
     # The fp32 ONNX export (in tmp) is the reference of the recipes; it is the output itself unless converted.
     converted = options.format != "onnx" or any(r != "fp32" for r in recipes.values())
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -120,40 +125,35 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     try:
         stage("load")
         torch.manual_seed(0)
-        model = load_source(src)
-        cfg = model.configs
         constants = constants_from_configs(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"])
-        tokenizer = ClipTokenizer.from_folder(src / "tokenizer")
+        tokenizers = {e.tokenizer: ClipTokenizer.from_folder(src / e.tokenizer) for e in family.text_encoders}
+        specs = family.graph_specs(cfg)
         latent = max(PARITY_LATENT_SIZE, constants.latent_size_multiple)
         threshold = options.parity_threshold_db
-
         parity: list[ParityResult] = []
-        stage("text_encoder")
-        parity += export_text_encoder(model.text_encoder, tmp / "text_encoder", tokenizer.max_length, threshold)
-        stage("unet")
-        parity += export_unet(model.unet, tmp / "unet", latent, tokenizer.max_length, threshold)
-        del model.unet
-        stage("vae_decoder")
-        parity += export_vae_decoder(model.vae, tmp / "vae_decoder", latent, threshold)
-        if options.with_vae_encoder:
-            stage("vae_encoder")
-            parity += export_vae_encoder(model.vae, tmp / "vae_encoder", latent * constants.vae_scale_factor,
-                                         threshold)
-        del model
+        vae = None
+        for component in recipes:  # one network in memory at a time (the VAE serves both of its graphs)
+            stage(component)
+            module = vae if component == "vae_encoder" and vae is not None else model.load(component)
+            sizes = _sample_sizes(component, cfg, tokenizers, latent, constants.vae_scale_factor)
+            parity += export_graph(module, specs[component], sizes, tmp / component, threshold)
+            vae = module if component == "vae_decoder" else None
+            del module
         report = ExportReport(out, parity, time.perf_counter() - started)
         if not report.passed:
             failed = ", ".join(f"{r.component}.{r.output} {r.psnr_db:.1f} dB" for r in parity if not r.passed)
             raise ExportParityError(report, f"parity check failed: {failed} (need >= {threshold} dB)")
-        _write_side_files(src, tmp, tokenizer, cfg)
+        _write_side_files(src, tmp, tokenizers, cfg, family)
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
         write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32"), "onnx"), source,
-                       options.defaults)
+                       specs, family.name, options.defaults)
         if converted:
             stage("recipes")
             _write_recipes(tmp, final, recipes, options)
             if options.format == "openvino":
-                _write_model_index(final, cfg, "openvino")
-            write_manifest(final, constants, _graph_entries(recipes, options.format), source, options.defaults)
+                _write_model_index(final, cfg, family, "openvino")
+            write_manifest(final, constants, _graph_entries(recipes, options.format), source, specs, family.name,
+                           options.defaults)
         stage("fidelity")
         report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes))
         report.seconds = time.perf_counter() - started
@@ -214,26 +214,49 @@ class ExportFidelityError(EdgesdError):
         self.report = report
 
 
-def _write_side_files(src: Path, out: Path, tokenizer: ClipTokenizer, cfg: dict) -> None:
-    """Tokenizer, scheduler, component configs and model_index.json, as optimum's layout has them."""
-    tokenizer.write_folder(out / "tokenizer")
+def _sample_sizes(component: str, cfg: dict, tokenizers: dict, latent: int, vae_factor: int) -> dict[str, int]:
+    """The sizes of the symbolic dims of `component`'s sample inputs (export tracing and parity)."""
+    if component.startswith("text_encoder"):
+        text = cfg[component]
+        tok = tokenizers["tokenizer_2" if component == "text_encoder_2" else "tokenizer"]
+        return {"batch": 2, "sequence": tok.max_length, "vocab": int(text["vocab_size"]),
+                "bos": int(text.get("bos_token_id", tok.bos_id)), "eos": int(text.get("eos_token_id", tok.eos_id))}
+    if component == "unet":
+        u = cfg["unet"]
+        sizes = {"batch": 2, "channels": int(u.get("in_channels", 4)), "height": latent, "width": latent,
+                 "sequence": tokenizers["tokenizer"].max_length, "hidden": int(u.get("cross_attention_dim", 768))}
+        if u.get("addition_embed_type") == "text_time":  # pooled = what the add embedding takes beyond 6 ids
+            sizes["pooled"] = int(u["projection_class_embeddings_input_dim"]) - 6 * int(u["addition_time_embed_dim"])
+        if u.get("time_cond_proj_dim"):
+            sizes["guidance_embedding"] = int(u["time_cond_proj_dim"])
+        return sizes
+    if component == "vae_decoder":
+        return {"batch": 1, "channels": int(cfg["vae"].get("latent_channels", 4)), "latent_height": latent,
+                "latent_width": latent}
+    return {"batch": 1, "height": latent * vae_factor, "width": latent * vae_factor}
+
+
+def _write_side_files(src: Path, out: Path, tokenizers: dict[str, ClipTokenizer], cfg: dict, family) -> None:
+    """Tokenizers, scheduler, component configs and model_index.json, as optimum's layout has them."""
+    for folder, tokenizer in tokenizers.items():
+        tokenizer.write_folder(out / folder)
     (out / "scheduler").mkdir()
     shutil.copy(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
-    for component, config in (("text_encoder", "text_encoder"), ("unet", "unet"),
-                              ("vae_decoder", "vae"), ("vae_encoder", "vae")):
+    configs = {c: c for c in family.text_components} | {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+    for component, config in configs.items():
         if (out / component).is_dir():
             (out / component / "config.json").write_text(json.dumps(cfg[config], indent=2) + "\n")
-    _write_model_index(out, cfg, "onnx")
+    _write_model_index(out, cfg, family, "onnx")
 
 
-def _write_model_index(out: Path, cfg: dict, fmt: Format) -> None:
+def _write_model_index(out: Path, cfg: dict, family, fmt: Format) -> None:
     """model_index.json naming the pipeline class of optimum's ONNX Runtime or OpenVINO (optimum-intel) layout."""
     index = {k: v for k, v in cfg["model_index"].items() if not isinstance(v, list)}
     graph = ["onnx", "ONNXModel"] if fmt == "onnx" else ["openvino", "OVModel"]
     index.update({
-        "_class_name": "ORTStableDiffusionPipeline" if fmt == "onnx" else "OVStableDiffusionPipeline",
-        **dict.fromkeys(("text_encoder", "unet", "vae_decoder", "vae_encoder"), graph),
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "_class_name": ("ORT" if fmt == "onnx" else "OV") + family.pipelines[0],
+        **dict.fromkeys((*family.text_components, "unet", "vae_decoder", "vae_encoder"), graph),
+        **{e.tokenizer: ["transformers", "CLIPTokenizer"] for e in family.text_encoders},
         "scheduler": cfg["model_index"].get("scheduler", ["diffusers", cfg["scheduler"].get("_class_name")]),
     })
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

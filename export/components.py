@@ -14,7 +14,7 @@ import torch
 
 from edgesd.backends import RuntimeOptions
 from edgesd.backends.onnxruntime_backend import OrtGraph
-from edgesd.graphs import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, GraphSpec
+from edgesd.graphs import GraphSpec
 
 from .parity import ParityResult, compare
 from .recipes import dedupe_in_place
@@ -26,26 +26,36 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 class _TextEncoder(torch.nn.Module):
-    def __init__(self, model):
+    """Returns the outputs its graph description names: hidden_states.N, last_hidden_state, pooler_output or
+    text_embeds."""
+
+    def __init__(self, model, spec: GraphSpec):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, spec.output_names
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        hidden = any(n.startswith("hidden_states.") for n in self.names)
+        out = self.model(input_ids=input_ids, output_hidden_states=hidden, return_dict=True)
+        return tuple(out.hidden_states[int(n.split(".")[1])] if n.startswith("hidden_states.") else getattr(out, n)
+                     for n in self.names)
 
 
 class _Unet(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    """sample, timestep, encoder_hidden_states, then the family's extra inputs in graph order."""
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def __init__(self, model, spec: GraphSpec):
+        super().__init__()
+        self.model, self.extra = model, spec.input_names[3:]
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        given = dict(zip(self.extra, extra))
+        added = {k: given[k] for k in ("text_embeds", "time_ids") if k in given}  # SDXL
+        return self.model(sample, timestep, encoder_hidden_states, timestep_cond=given.get("timestep_cond"),
+                          added_cond_kwargs=added or None, return_dict=False)[0]
 
 
 class _VaeDecoder(torch.nn.Module):
-    def __init__(self, vae):
+    def __init__(self, vae, spec: GraphSpec):
         super().__init__()
         self.vae = vae
 
@@ -56,7 +66,7 @@ class _VaeDecoder(torch.nn.Module):
 class _VaeEncoder(torch.nn.Module):
     """Returns the latent distribution's mean and log-variance, (B, 2C, h, w)."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, spec: GraphSpec):
         super().__init__()
         self.vae = vae
 
@@ -115,47 +125,17 @@ def _torch_outputs(module, args, spec: GraphSpec) -> dict[str, np.ndarray]:
     return {name: t.numpy() for name, t in zip(spec.output_names, out)}
 
 
-def export_text_encoder(model, out_dir: Path, max_length: int,
-                        threshold_db: float) -> list[ParityResult]:
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (2, max_length), generator=gen, dtype=torch.int64)
-    ids[:, 0], ids[:, -1] = model.config.bos_token_id, model.config.eos_token_id
-    module = _TextEncoder(model).eval()
-    path = _write_graph(module, (ids[:1],), TEXT_ENCODER, out_dir)
-    ref = _torch_outputs(module, (ids,), TEXT_ENCODER)
-    return _parity(path, TEXT_ENCODER, ref, {"input_ids": ids.numpy()}, threshold_db)
+# What wraps each kind of component for tracing (the text encoders share one).
+WRAPPERS = {"text_encoder": _TextEncoder, "text_encoder_2": _TextEncoder, "unet": _Unet,
+            "vae_decoder": _VaeDecoder, "vae_encoder": _VaeEncoder}
 
 
-def export_unet(model, out_dir: Path, latent_size: int, context_len: int,
-                threshold_db: float) -> list[ParityResult]:
-    cfg = model.config
-    gen = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, cfg.in_channels, latent_size, latent_size, generator=gen)
-    timestep = torch.tensor([981.0, 1.0])
-    context = torch.randn(2, context_len, cfg.cross_attention_dim, generator=gen)
-    module = _Unet(model).eval()
-    path = _write_graph(module, (sample, timestep, context), UNET, out_dir)
-    ref = _torch_outputs(module, (sample, timestep, context), UNET)
-    feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(), "encoder_hidden_states": context.numpy()}
-    return _parity(path, UNET, ref, feeds, threshold_db)
-
-
-def export_vae_decoder(vae, out_dir: Path, latent_size: int,
-                       threshold_db: float) -> list[ParityResult]:
-    gen = torch.Generator().manual_seed(2)
-    latents = torch.randn(1, vae.config.latent_channels, latent_size, latent_size, generator=gen)
-    module = _VaeDecoder(vae).eval()
-    path = _write_graph(module, (latents,), VAE_DECODER, out_dir)
-    ref = _torch_outputs(module, (latents,), VAE_DECODER)
-    return _parity(path, VAE_DECODER, ref, {"latent_sample": latents.numpy()}, threshold_db)
-
-
-def export_vae_encoder(vae, out_dir: Path, image_size: int,
-                       threshold_db: float) -> list[ParityResult]:
-    gen = torch.Generator().manual_seed(3)
-    image = torch.rand(1, 3, image_size, image_size, generator=gen) * 2 - 1
-    module = _VaeEncoder(vae).eval()
-    path = _write_graph(module, (image,), VAE_ENCODER, out_dir)
-    ref = _torch_outputs(module, (image,), VAE_ENCODER)
-    return _parity(path, VAE_ENCODER, ref, {"sample": image.numpy()}, threshold_db)
+def export_graph(model: torch.nn.Module, spec: GraphSpec, sizes: dict[str, int], out_dir: Path,
+                 threshold_db: float) -> list[ParityResult]:
+    """Trace one component to out_dir/model.onnx on its description's sample inputs, then check the graph
+    against PyTorch on the same inputs (PSNR >= threshold_db per output)."""
+    feeds = spec.sample_inputs(sizes)
+    args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
+    module = WRAPPERS[spec.component](model, spec).eval()
+    path = _write_graph(module, args, spec, out_dir)
+    return _parity(path, spec, _torch_outputs(module, args, spec), feeds, threshold_db)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesd.graphs import GRAPHS
 from edgesd.images import from_pil
 from edgesd.model import ModelFolder
 from edgesd.pipeline import Pipeline
@@ -52,8 +51,8 @@ class _Recording:
     def __init__(self, graph, runs: list):
         self.graph, self.runs = graph, runs
 
-    def run(self, feeds):
-        outputs = self.graph.run(feeds)
+    def run(self, feeds, local=None):
+        outputs = self.graph.run(feeds, local)
         copy = lambda arrays: {k: np.array(v) for k, v in arrays.items()}  # noqa: E731
         self.runs.append((copy(feeds), copy(outputs)))
         return outputs
@@ -63,15 +62,25 @@ def _size(folder: ModelFolder) -> int:
     return min(folder.constants.default_image_size, RUN_MAX_SIZE)
 
 
+def _inpainting_inputs(size: int) -> dict:
+    """A fixed picture (a horizontal gradient) and mask (the middle half) for models that only inpaint."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    picture = np.stack([np.tile(ramp, (size, 1)), np.tile(ramp[::-1], (size, 1)), np.full((size, size), 128.0)], -1)
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 255
+    return {"image": picture.astype(np.uint8), "mask_image": mask}
+
+
 def _generate(pipe: Pipeline, prompt: str):
     size = _size(pipe.folder)
-    return pipe(prompt, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED).images[0]
+    extra = _inpainting_inputs(size) if pipe.family.inpaint_unet else {}
+    return pipe(prompt, num_inference_steps=RUN_STEPS, width=size, height=size, seed=SEED, **extra).images[0]
 
 
 def record_runs(pipe: Pipeline, prompts) -> tuple[dict[str, list], list]:
     """Generate with `pipe` over `prompts`; returns each graph's (feeds, outputs) runs and the images."""
     runs = {name: [] for name in pipe.graphs}
-    recording = Pipeline(pipe.folder, {n: _Recording(g, runs[n]) for n, g in pipe.graphs.items()}, pipe.tokenizer,
+    recording = Pipeline(pipe.folder, {n: _Recording(g, runs[n]) for n, g in pipe.graphs.items()}, pipe.tokenizers,
                          pipe.options)
     return runs, [_generate(recording, p) for p in prompts]
 
@@ -146,9 +155,10 @@ def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold
             prompts: tuple[str, ...] = FIDELITY_PROMPTS) -> FidelityReport:
     """Compare the export at `candidate` (component -> recipe in `recipes`) with the fp32 one at `reference`."""
     sizes = {c: (_folder_mb(candidate / c), _folder_mb(reference / c)) for c in recipes}
+    specs = ModelFolder.open(reference).specs
     if candidate.resolve() == reference.resolve():  # the fp32 ONNX export itself: nothing to compare
         graphs = [GraphFidelity(c, r, out, float("inf"), 1.0, *sizes[c])
-                  for c, r in recipes.items() for out in GRAPHS[c].output_names]
+                  for c, r in recipes.items() for out in specs[c].output_names]
         return FidelityReport(graphs, [], threshold_db, tuple(prompts))
     fp32 = Pipeline.load(reference)
     runs, reference_images = record_runs(fp32, prompts)
@@ -163,11 +173,11 @@ def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold
     for component, recipe in recipes.items():
         if recipe == "fp32":
             graphs += [GraphFidelity(component, recipe, out, float("inf"), 1.0, *sizes[component])
-                       for out in GRAPHS[component].output_names]
+                       for out in specs[component].output_names]
             continue
         graph = pipe.graph(component)
         got_runs = [graph.run(feeds) for feeds, _ in runs[component]]
-        for out in GRAPHS[component].output_names:
+        for out in specs[component].output_names:
             want = np.concatenate([outputs[out].ravel() for _, outputs in runs[component]])
             got = np.concatenate([outputs[out].ravel() for outputs in got_runs])
             value = psnr(want, got) if np.all(np.isfinite(got)) else float("-inf")

@@ -15,38 +15,65 @@ from pathlib import Path
 import torch
 
 from edgesd.errors import EdgesdError
+from edgesd.families import ModelFamily, detect_family
 from edgesd.model import read_json
 
-COMPONENT_DIRS = ("unet", "text_encoder", "tokenizer", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Buffers older transformers saved that current CLIP recomputes; harmless if present.
 _IGNORABLE_TEXT_KEYS = ("embeddings.position_ids",)
+# Source folder of each exported component.
+SOURCE_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet",
+                 "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
 @dataclass
 class SourceModel:
+    """A diffusers folder's family and configs; each network is loaded when asked for (one at a time)."""
+
     root: Path
-    text_encoder: torch.nn.Module
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    configs: dict[str, dict]  # unet, vae, text_encoder, scheduler, model_index
+    family: ModelFamily
+    configs: dict[str, dict]  # unet, vae, text_encoder(_2), scheduler, model_index
+
+    def load(self, component: str) -> torch.nn.Module:
+        """The fp32 PyTorch module of `component` (the VAE for vae_decoder / vae_encoder)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        folder = self.root / SOURCE_FOLDER[component]
+        with torch.no_grad():
+            if component.startswith("text_encoder"):
+                encoder = next(e for e in self.family.text_encoders if e.component == component)
+                return load_text_encoder(folder, projected=encoder.pooled == "text_embeds").float()
+            if component == "unet":
+                return load_diffusers_component(UNet2DConditionModel, folder, "unet").float()
+            return load_diffusers_component(AutoencoderKL, folder, "vae").float()
 
 
-def check_source_folder(src: Path) -> None:
+def source_dirs(family: ModelFamily) -> tuple[str, ...]:
+    return ("unet", *family.text_components, *(e.tokenizer for e in family.text_encoders), "vae", "scheduler")
+
+
+def check_source_folder(src: Path) -> ModelFamily:
+    """Check `src` is a complete diffusers folder of a family edgesd runs; returns the family."""
     if not src.exists():
         raise EdgesdError(f"source folder '{src}' does not exist", "pass a local diffusers-layout SD folder")
     if not src.is_dir():
         raise EdgesdError(f"'{src}' is not a folder", "pass the diffusers folder (the one with model_index.json)")
     if not (src / "model_index.json").is_file():
         raise EdgesdError(f"'{src}' has no model_index.json", "pass a diffusers-layout Stable Diffusion folder")
-    for name in COMPONENT_DIRS:
+    index = read_json(src / "model_index.json", "source model")
+    unet_config = read_json(src / "unet" / "config.json", "U-Net") if (src / "unet" / "config.json").is_file() else {}
+    family = detect_family(index, unet_config, str(src))
+    dirs = source_dirs(family)
+    for name in dirs:
         if not (src / name).is_dir():
-            raise EdgesdError(f"'{src}' has no {name}/ folder", "a diffusers SD folder needs " + ", ".join(COMPONENT_DIRS))
-    for name in ("unet", "vae", "text_encoder"):
+            raise EdgesdError(f"'{src}' has no {name}/ folder", f"a diffusers {family.title} folder needs "
+                              + ", ".join(dirs))
+    for name in ("unet", "vae", *family.text_components):
         if not (src / name / "config.json").is_file():
             raise EdgesdError(f"'{src / name}' has no config.json", "copy the component's config.json into it")
         if not _weight_files(src / name):
             raise EdgesdError(f"'{src / name}' holds no weights (*.safetensors or *.bin)", "copy the weights into it")
+    return family
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -92,7 +119,9 @@ def _text_key_map(state: dict[str, torch.Tensor], expected: set[str]) -> dict[st
     model_prefixed = any(k.startswith(prefix) for k in expected)
     out = {}
     for key, value in state.items():
-        if model_prefixed and not key.startswith(prefix):
+        if key.startswith("text_projection."):  # CLIPTextModelWithProjection's own layer, never prefixed
+            out[key] = value
+        elif model_prefixed and not key.startswith(prefix):
             key = prefix + key
         elif not model_prefixed and key.startswith(prefix):
             key = key[len(prefix):]
@@ -100,11 +129,12 @@ def _text_key_map(state: dict[str, torch.Tensor], expected: set[str]) -> dict[st
     return out
 
 
-def load_text_encoder(folder: Path) -> torch.nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def load_text_encoder(folder: Path, projected: bool = False) -> torch.nn.Module:
+    """CLIPTextModel, or with `projected` CLIPTextModelWithProjection (SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig.from_pretrained(folder)
-    model = CLIPTextModel(config).eval()
+    model = (CLIPTextModelWithProjection if projected else CLIPTextModel)(config).eval()
     state = _text_key_map(_read_state_dict(folder), set(model.state_dict()))
     _check_keys("text_encoder", model, state, _IGNORABLE_TEXT_KEYS)
     model.load_state_dict({k: v for k, v in state.items() if not k.endswith(_IGNORABLE_TEXT_KEYS)}, strict=False)
@@ -125,25 +155,16 @@ def load_diffusers_component(cls, folder: Path, component: str) -> torch.nn.Modu
 
 
 def load_source(src: Path) -> SourceModel:
-    """Load the three networks of a diffusers SD folder in fp32."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    check_source_folder(src)
+    """The family and configs of a diffusers folder; its networks load one at a time (`SourceModel.load`)."""
+    family = check_source_folder(src)
     configs = {
         "model_index": read_json(src / "model_index.json", "source model"),
         "unet": read_json(src / "unet" / "config.json", "U-Net"),
         "vae": read_json(src / "vae" / "config.json", "VAE"),
-        "text_encoder": read_json(src / "text_encoder" / "config.json", "text encoder"),
         "scheduler": read_json(src / "scheduler" / "scheduler_config.json", "scheduler"),
+        **{c: read_json(src / c / "config.json", "text encoder") for c in family.text_components},
     }
-    if configs["unet"].get("addition_embed_type") or configs["unet"].get("class_embed_type"):
-        raise EdgesdError(f"{src}: this U-Net takes extra conditioning (SDXL/upscaler)",
-                          "only SD 1.x/2.x text-to-image models are supported")
-    with torch.no_grad():
-        text_encoder = load_text_encoder(src / "text_encoder").float()
-        unet = load_diffusers_component(UNet2DConditionModel, src / "unet", "unet").float()
-        vae = load_diffusers_component(AutoencoderKL, src / "vae", "vae").float()
-    return SourceModel(src, text_encoder, unet, vae, configs)
+    return SourceModel(src, family, configs)
 
 
 def source_checksum(src: Path) -> str:

@@ -49,8 +49,9 @@ DEDUPE_MAX_FRACTION = 0.5
 
 
 def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None,
-                      fmt: Format = "onnx") -> dict[str, Recipe]:
-    """The recipe of each component: `recipe` ("int8": static only for the U-Net), then `overrides`."""
+                      fmt: Format = "onnx", components: tuple[str, ...] = COMPONENTS) -> dict[str, Recipe]:
+    """The recipe of each of `components` (a family's graphs): `recipe` ("int8": static only for the U-Net),
+    then `overrides` (one for "text_encoder" applies to every text encoder)."""
     if fmt not in FORMATS:
         raise EdgesdError(f"unknown format '{fmt}'", f"choose one of: {', '.join(FORMATS)}")
     for name in [recipe, *(overrides or {}).values()]:
@@ -63,14 +64,16 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
     # The activation-quantized recipes and int4-weights are U-Net recipes; the other graphs (small, and the text
     # encoder sensitive to 4 bits: one embedded-model prompt fell to 7 dB) get int8 weights.
     integer_unet = recipe in (*CALIBRATED, "int4-weights")
-    chosen = {c: ("int8-weights" if integer_unet and c != "unet" else recipe) for c in COMPONENTS}
+    chosen = {c: ("int8-weights" if integer_unet and c != "unet" else recipe) for c in components}
     for component, name in (overrides or {}).items():
         if component not in COMPONENTS:
             raise EdgesdError(f"unknown component '{component}'", f"choose one of: {', '.join(COMPONENTS)}")
         if name in CALIBRATED and component != "unet":
             raise EdgesdError(f"the {name} recipe (static activation quantization) is for the U-Net, not the "
                               f"{component}", "use int8-weights for it")
-        chosen[component] = name
+        for target in components:
+            if target == component or (component == "text_encoder" and target.startswith("text_encoder")):
+                chosen[target] = name
     return chosen
 
 

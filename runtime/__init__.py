@@ -7,7 +7,10 @@ imports torch, diffusers, transformers, optimum or nncf.
 
 from .backends import RuntimeOptions
 from .errors import Cancelled, EdgesdError
-from .pipeline import GenerationResult, Pipeline
+from .families import FAMILIES, ModelFamily
+from .pipeline import Pipeline
+from .request import GenerationRequest, GenerationResult
 
-__all__ = ["Pipeline", "GenerationResult", "RuntimeOptions", "EdgesdError", "Cancelled"]
+__all__ = ["Pipeline", "GenerationRequest", "GenerationResult", "RuntimeOptions", "ModelFamily", "FAMILIES",
+           "EdgesdError", "Cancelled"]
 __version__ = "0.1.0"

@@ -67,7 +67,8 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
     except ImportError as e:
         raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
                           "pip install 'edgesd[export]' -c constraints.txt") from None
-    stages = [s for s in STAGES if not (no_vae_encoder and s == "vae_encoder")]
+    # text_encoder_2 only for SDXL: its bar may fill a stage early
+    stages = [s for s in STAGES if not (no_vae_encoder and s == "vae_encoder") and s != "text_encoder_2"]
     from .model import GenerationDefaults
 
     defaults = None

@@ -7,23 +7,26 @@ into what a sampler asks for, so samplers never see a graph.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-# unet(sample (M, C, h, w), timestep (M,), context (M, S, D)) -> prediction (M, C, h, w)
-UnetFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# unet(sample (M, C, h, w), timestep (M,), **cond) -> prediction (M, C, h, w); cond holds every other
+# U-Net input by its graph name (encoder_hidden_states, text_embeds, time_ids, timestep_cond, ...)
+UnetFn = Callable[..., np.ndarray]
 
 
 @dataclass
 class Denoiser:
     unet: UnetFn
-    context: np.ndarray  # (2B, S, D) as [uncond; cond] when guiding, else (B, S, D)
-    guidance_scale: float
+    cond: dict[str, np.ndarray]  # each (2B, ...) as [uncond; cond] when guiding, else (B, ...)
+    guidance_scale: float  # classifier-free guidance; <= 1 runs the conditional branch only
     prediction_type: str  # "epsilon" | "v_prediction" | "sample"
     alphas_cumprod: np.ndarray  # (T,) float32
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023, Sec. 3.4; 0 leaves guidance as it is
+    # channels appended to the sample before the U-Net (inpainting: mask and masked-image latents), (B, C', h, w)
+    concat: np.ndarray | None = field(default=None)
 
     @property
     def guided(self) -> bool:
@@ -31,9 +34,13 @@ class Denoiser:
 
     def _predict(self, x_vp: np.ndarray, t: float) -> np.ndarray:
         """Guided network output for the VP sample x_vp (B, C, h, w) at train timestep t."""
-        x_in = np.concatenate([x_vp, x_vp]) if self.guided else x_vp  # (2B, C, h, w)
+        x_in = x_vp.astype(np.float32)
+        if self.concat is not None:
+            x_in = np.concatenate([x_in, self.concat], axis=1)  # (B, C + C', h, w)
+        if self.guided:
+            x_in = np.concatenate([x_in, x_in])  # (2B, ., h, w)
         t_in = np.full((x_in.shape[0],), t, dtype=np.float32)
-        out = self.unet(x_in.astype(np.float32), t_in, self.context)
+        out = self.unet(x_in, t_in, **self.cond)
         if not self.guided:
             return out
         uncond, cond = np.split(out, 2)
@@ -55,10 +62,6 @@ class Denoiser:
         if self.prediction_type == "v_prediction":  # v = a * eps - s * x0 (Salimans & Ho 2022)
             return a * out + s * x_t, a * x_t - s * out
         return (x_t - a * out) / s, out  # "sample"
-
-    def eps(self, x_t: np.ndarray, t: float) -> np.ndarray:
-        """Noise estimate for alpha-space samplers (x_t is the VP sample)."""
-        return self.predict(x_t, t)[0]
 
     def denoise(self, x: np.ndarray, sigma: float, t: float) -> np.ndarray:
         """x0 estimate for sigma-space samplers (x = x_vp * sqrt(1 + sigma^2))."""

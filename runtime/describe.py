@@ -7,7 +7,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .errors import EdgesdError
-from .graphs import GRAPHS
 from .model import ModelFolder
 
 _PRECISION = {1: "fp32", 10: "fp16", 16: "bf16", 3: "int8", 2: "uint8", 22: "int4", 21: "uint4"}
@@ -75,11 +74,13 @@ _IR_PRECISION = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8
 def describe(path: Path) -> dict:
     folder = ModelFolder.open(path)
     graphs = {name: (_ir_summary if folder.graph_format(name) == "openvino" else _graph_summary)(folder.graph_path(name))
-              for name in GRAPHS if folder.has(name)}
+              for name in folder.specs if folder.has(name)}
     return {
         "path": str(folder.root),
         "written_by": "edgesd" if folder.manifest else "another exporter (optimum layout)",
-        "formats": sorted({folder.graph_format(name) for name in GRAPHS if folder.has(name)}),
+        "family": folder.family.name,
+        "family_title": folder.family.title,
+        "formats": sorted({folder.graph_format(name) for name in folder.specs if folder.has(name)}),
         "constants": asdict(folder.constants),
         "scheduler": folder.scheduler_config.get("_class_name"),
         "defaults": asdict(folder.defaults),

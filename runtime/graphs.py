@@ -8,7 +8,8 @@ specs. The names follow optimum's ONNX layout, so folders written by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -21,6 +22,22 @@ class TensorSpec:
     # Each dim is a symbolic name (dynamic) or an int (fixed).
     dims: tuple[str | int, ...]
     dtype: str  # numpy dtype name, e.g. "float32", "int64"
+    # what a sample input holds (export tracing, parity, tests): standard normal, uniform in [-1, 1],
+    # token ids (BOS ... EOS), or U-Net timesteps
+    fill: Literal["normal", "uniform", "ids", "timestep"] = "normal"
+
+    def sample(self, sizes: dict[str, int], rng: np.random.Generator) -> np.ndarray:
+        """A random input of this spec; symbolic dims take their size from `sizes`."""
+        shape = tuple(d if isinstance(d, int) else sizes[d] for d in self.dims)
+        if self.fill == "ids":
+            ids = rng.integers(0, sizes["vocab"], shape, dtype=np.int64)
+            ids[:, 0], ids[:, -1] = sizes["bos"], sizes["eos"]
+            return ids
+        if self.fill == "timestep":  # one noisy and one nearly clean row, then repeats
+            return np.resize(np.array([981.0, 1.0], np.float32), shape)
+        if self.fill == "uniform":
+            return rng.uniform(-1, 1, shape).astype(np.float32)
+        return rng.standard_normal(shape, dtype=np.float32)
 
     def to_json(self) -> dict:
         return {"name": self.name, "dims": list(self.dims), "dtype": self.dtype}
@@ -31,6 +48,12 @@ class GraphSpec:
     component: str  # folder name in the model directory
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    required_outputs: int = 1  # the first this many outputs must be in a loaded graph; the rest are optional
+
+    def sample_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs for every input of this graph (what export tracing, parity checks and tests feed)."""
+        rng = np.random.default_rng(seed)
+        return {t.name: t.sample(sizes, rng) for t in self.inputs}
 
     @property
     def input_names(self) -> list[str]:
@@ -58,7 +81,7 @@ class GraphSpec:
 
 TEXT_ENCODER = GraphSpec(
     component="text_encoder",
-    inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64"),),
+    inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64", "ids"),),
     outputs=(
         TensorSpec("last_hidden_state", ("batch", "sequence", "hidden"), "float32"),
         TensorSpec("pooler_output", ("batch", "hidden"), "float32"),
@@ -69,7 +92,7 @@ UNET = GraphSpec(
     component="unet",
     inputs=(
         TensorSpec("sample", ("batch", "channels", "height", "width"), "float32"),
-        TensorSpec("timestep", ("batch",), "float32"),
+        TensorSpec("timestep", ("batch",), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("batch", "sequence", "hidden"), "float32"),
     ),
     outputs=(TensorSpec("out_sample", ("batch", "channels", "height", "width"), "float32"),),
@@ -83,13 +106,37 @@ VAE_DECODER = GraphSpec(
 
 VAE_ENCODER = GraphSpec(
     component="vae_encoder",
-    inputs=(TensorSpec("sample", ("batch", 3, "height", "width"), "float32"),),
+    inputs=(TensorSpec("sample", ("batch", 3, "height", "width"), "float32", "uniform"),),
     # Mean and log-variance of the latent distribution, stacked on channels.
     outputs=(TensorSpec("latent_parameters", ("batch", "parameters", "latent_height", "latent_width"), "float32"),),
 )
 
 GRAPHS: dict[str, GraphSpec] = {g.component: g for g in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
 REQUIRED_FOR_TEXT_TO_IMAGE = ("text_encoder", "unet", "vae_decoder")
+
+# U-Net inputs beyond sample, timestep and text, by the names optimum gives them.
+UNET_EXTRA_INPUTS = {
+    "text_embeds": TensorSpec("text_embeds", ("batch", "pooled"), "float32"),  # SDXL: pooled text embedding
+    "time_ids": TensorSpec("time_ids", ("batch", 6), "float32"),  # SDXL: original size, crop, target size
+    "timestep_cond": TensorSpec("timestep_cond", ("batch", "guidance_embedding"), "float32"),  # LCM: w embedding
+}
+
+
+def unet_spec(extra_inputs: tuple[str, ...] = ()) -> GraphSpec:
+    """The U-Net's description with the extra conditioning inputs a family's U-Net takes."""
+    return replace(UNET, inputs=UNET.inputs + tuple(UNET_EXTRA_INPUTS[n] for n in extra_inputs))
+
+
+def text_encoder_spec(component: str, pooled: str, hidden_layer: int | None) -> GraphSpec:
+    """A CLIP text encoder's description: hidden states, the pooled output named `pooled` (pooler_output, or
+    text_embeds for a CLIP with projection) and, for SDXL, the hidden states after layer `hidden_layer`
+    (`hidden_states.N`, optimum's name; N counts the embeddings as 0)."""
+    outputs = (TensorSpec("last_hidden_state", ("batch", "sequence", "hidden"), "float32"),
+               TensorSpec(pooled, ("batch", "projection"), "float32"))
+    if hidden_layer is None:
+        return replace(TEXT_ENCODER, component=component, outputs=outputs)
+    layer = TensorSpec(f"hidden_states.{hidden_layer}", ("batch", "sequence", "hidden"), "float32")
+    return replace(TEXT_ENCODER, component=component, outputs=(layer, *outputs), required_outputs=3)
 
 
 # ONNX type strings as ONNX Runtime reports them.

@@ -34,6 +34,18 @@ def from_pil(image, width: int, height: int) -> np.ndarray:
     return pixels.transpose(2, 0, 1)[None].copy()
 
 
+def mask_from_picture(mask, width: int, height: int) -> np.ndarray:
+    """An inpainting mask (white = repaint) -> (1, 1, height, width) float32 of 0 and 1, as diffusers' mask
+    processor makes it: grey levels, resized (Lanczos), then cut at 0.5."""
+    if isinstance(mask, np.ndarray):
+        mask = Image.fromarray(mask[..., 0] if mask.ndim == 3 else mask)
+    mask = mask.convert("L")
+    if mask.size != (width, height):
+        mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+    grey = np.asarray(mask, dtype=np.float32) / 255.0
+    return (grey >= 0.5).astype(np.float32)[None, None]
+
+
 def parameters_text(params: dict) -> str:
     """The A1111-style 'parameters' text many image tools read back."""
     lines = [params["prompt"]]

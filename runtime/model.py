@@ -12,11 +12,12 @@ constants. For a folder without it, the constants come from the component
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EdgesdError
-from .graphs import GRAPHS, REQUIRED_FOR_TEXT_TO_IMAGE
+from .families import ModelFamily, detect_family
+from .graphs import REQUIRED_FOR_TEXT_TO_IMAGE, GraphSpec
 
 MANIFEST = "edgesd.json"
 MANIFEST_VERSION = 1
@@ -59,7 +60,7 @@ def constants_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler:
     if isinstance(sample_size, (list, tuple)):
         sample_size = sample_size[0]
     return ModelConstants(
-        latent_channels=int(unet.get("in_channels", 4)),
+        latent_channels=int(unet.get("out_channels", unet.get("in_channels", 4))),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1),
         vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         sample_size=int(sample_size),
@@ -82,6 +83,12 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+# Component configs a model folder keeps beside its graphs (ours and optimum's), read when present.
+CONFIG_FILES = {"model_index": "model_index.json", "unet": "unet/config.json",
+                "text_encoder": "text_encoder/config.json", "text_encoder_2": "text_encoder_2/config.json",
+                "vae": "vae_decoder/config.json"}
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     root: Path
@@ -89,6 +96,13 @@ class ModelFolder:
     scheduler_config: dict
     manifest: dict | None  # None for folders edgesd did not write
     defaults: GenerationDefaults = GenerationDefaults()
+    configs: dict[str, dict] = field(default_factory=dict)  # CONFIG_FILES that exist, by key
+    family: ModelFamily | None = None
+
+    @property
+    def specs(self) -> dict[str, GraphSpec]:
+        """Every graph of this model's family, described from its configs."""
+        return self.family.graph_specs(self.configs)
 
     @classmethod
     def open(cls, path: str | Path) -> "ModelFolder":
@@ -120,13 +134,17 @@ class ModelFolder:
                 read_json(root / "text_encoder" / "config.json", "text encoder"),
                 scheduler,
             )
-        defaults = GenerationDefaults()
+        configs = {key: read_json(root / name, key.replace("_", " ")) for key, name in CONFIG_FILES.items()
+                   if (root / name).is_file()}
+        family = detect_family(configs.get("model_index", {}), configs.get("unet", {}), str(root))
+        defaults = GenerationDefaults(family.default_steps, family.default_guidance)
         if manifest is not None and "defaults" in manifest:
             try:
                 defaults = GenerationDefaults(**manifest["defaults"])
             except TypeError as e:
                 raise EdgesdError(f"{root / MANIFEST} has unreadable defaults ({e})", "re-export the model") from None
-        return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest, defaults=defaults)
+        return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest, defaults=defaults,
+                   configs=configs, family=family)
 
     def graph_format(self, component: str) -> str | None:
         """"onnx", "openvino" (IR) or None when the component is absent."""
@@ -152,14 +170,16 @@ def graph_format(root: Path, component: str) -> str | None:
 
 
 def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict], source: dict,
-                   defaults: GenerationDefaults | None = None) -> None:
-    """Write edgesd.json: the graphs (as described in graphs.py plus precision and file), constants, source."""
+                   specs: dict[str, GraphSpec], family: str, defaults: GenerationDefaults | None = None) -> None:
+    """Write edgesd.json: the family, the graphs (as their family describes them, plus precision and file),
+    constants, source."""
     manifest = {
         "format_version": MANIFEST_VERSION,
+        "family": family,
         "constants": asdict(constants),
         "source": source,
         "graphs": {
-            name: {**GRAPHS[name].to_json(), **extra} for name, extra in graphs.items()
+            name: {**specs[name].to_json(), **extra} for name, extra in graphs.items()
         },
     }
     if defaults is not None:

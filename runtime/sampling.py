@@ -4,27 +4,56 @@ Two families, as in the literature:
 - sigma space (Karras et al. 2022, "Elucidating the design space", k-diffusion):
   x = x_vp * sqrt(1 + sigma^2); `denoise(x, sigma, t)` returns the model's x0.
 - alpha space (DDPM/DDIM/PNDM): x is the variance-preserving sample x_t;
-  `eps(x, t)` returns the model's noise prediction; `predict(x, t)` returns (noise, x0), both
-  taken from the network output directly, so alpha_bar = 0 (zero terminal SNR) stays finite.
+  `predict(x, t)` returns (noise, x0), both taken from the network output directly, so
+  alpha_bar = 0 (zero terminal SNR) stays finite.
+Every sampler has one signature, `sample_x(model, x, schedule, args)` (as k-diffusion's sampling.py), and
+`samplers.py` is the one table that says which runs which scheduler configuration.
 Each step uses the schedule arrays it is given; no sampler keeps hidden state.
 The network, guidance and prediction-type conversion live in `denoiser.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-# denoise(x, sigma, t) -> x0 ; eps(x_t, t) -> eps ; noise(shape) -> standard normal array
-DenoiseFn = Callable[[np.ndarray, float, float], np.ndarray]
-EpsFn = Callable[[np.ndarray, float], np.ndarray]
-PredictFn = Callable[[np.ndarray, float], "tuple[np.ndarray, np.ndarray]"]
+# noise(shape) -> standard normal array
 NoiseFn = Callable[[tuple], np.ndarray]
 StepCallback = Callable[[int, int], None]
 # limit_x0(x0) -> x0: clipping or dynamic thresholding of the clean-sample estimate
 LimitFn = Callable[[np.ndarray], np.ndarray]
+# after_step(x, i) -> x: x once step i is done (at the schedule's next noise level); inpainting blends here
+StepHook = Callable[[np.ndarray, int], np.ndarray]
+
+
+class Model(Protocol):
+    """What a sampler calls: the denoiser layer (denoiser.py) or a stand-in."""
+
+    def denoise(self, x: np.ndarray, sigma: float, t: float) -> np.ndarray:
+        """x0 estimate in sigma space (x = x_vp * sqrt(1 + sigma^2))."""
+
+    def predict(self, x_t: np.ndarray, t: float) -> "tuple[np.ndarray, np.ndarray]":
+        """(noise, x0) estimates for the variance-preserving sample x_t."""
+
+
+@dataclass(frozen=True)
+class SamplerArgs:
+    """Everything a sampler takes besides the model, x and the schedule (one signature for all samplers)."""
+
+    noise: NoiseFn | None = None  # fresh standard-normal noise, for stochastic samplers
+    callback: StepCallback | None = None  # after each model call: callback(call, total calls)
+    options: Mapping[str, Any] = field(default_factory=dict)  # the scheduler config's keys (solver_order, ...)
+    eta: float | None = None  # DDIM's eta, TCD's gamma
+    limit_x0: LimitFn | None = None  # alpha-space samplers limit x0 themselves; sigma-space ones get it applied
+    after_step: StepHook | None = None
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+    def step_done(self, x: np.ndarray, i: int) -> np.ndarray:
+        return x if self.after_step is None else self.after_step(x, i)
 
 
 @dataclass(frozen=True)
@@ -80,28 +109,27 @@ def _notify(callback: StepCallback | None, i: int, n: int) -> None:
         callback(i + 1, n)
 
 
-def sample_euler(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None):
+def sample_euler(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
+    denoise, callback = model.denoise, a.callback
     n = len(s.timesteps)
     for i in range(s.start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         d = (x - denoise(x, sigma, s.timesteps[i])) / sigma  # dx/dsigma
-        x = x + d * (sigma_next - sigma)
+        x = a.step_done(x + d * (sigma_next - sigma), i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
 
-def sample_heun(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
-                limit_x0: LimitFn | None = None):
+def sample_heun(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn); Euler on the final step to 0.
 
     Each step but the last evaluates the model twice (at sigma and at the next sigma): 2n - 1 calls.
     """
+    callback = a.callback
+
     def d_at(x_, sigma, t):
-        x0 = denoise(x_, sigma, t)
-        if limit_x0 is not None:
-            x0 = limit_x0(x0)
-        return (x_ - x0) / sigma  # dx/dsigma
+        return (x_ - model.denoise(x_, sigma, t)) / sigma  # dx/dsigma
 
     n = len(s.timesteps)
     calls, total = 0, 2 * (n - s.start) - 1
@@ -112,12 +140,12 @@ def sample_heun(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: S
         calls += 1
         _notify(callback, calls - 1, total)
         if sigma_next == 0:
-            x = x + d * dt
+            x = a.step_done(x + d * dt, i)
             continue
         d_next = d_at(x + d * dt, sigma_next, s.timesteps[i + 1])
         calls += 1
         _notify(callback, calls - 1, total)
-        x = x + (d + d_next) / 2 * dt
+        x = a.step_done(x + (d + d_next) / 2 * dt, i)
     return x
 
 
@@ -137,9 +165,9 @@ def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
     return weights
 
 
-def sample_lms(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
-               order: int = 4):
-    """Linear multistep over the derivatives of the last `order` steps (fewer at the start)."""
+def sample_lms(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
+    """Linear multistep over the derivatives of the last 4 steps (fewer at the start)."""
+    denoise, callback, order = model.denoise, a.callback, 4
     n = len(s.timesteps)
     history: list[np.ndarray] = []  # derivatives, oldest first
     for i in range(s.start, n):
@@ -149,7 +177,7 @@ def sample_lms(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: St
         # As diffusers: the weights' order follows the step index; started part-way, the history is shorter
         # and only its first len(history) weights apply.
         weights = lms_coefficients(s.sigmas, i, min(i + 1, order))
-        x = x + sum(np.float32(w) * d_ for w, d_ in zip(weights, reversed(history)))
+        x = a.step_done(x + sum(np.float32(w) * d_ for w, d_ in zip(weights, reversed(history))), i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
@@ -161,24 +189,23 @@ def ancestral_step(sigma_from: float, sigma_to: float) -> tuple[float, float]:
     return sigma_down, sigma_up
 
 
-def sample_euler_ancestral(
-    denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn, callback: StepCallback | None = None
-):
+def sample_euler_ancestral(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """Euler steps to sigma_down, then noise up to the next sigma (k-diffusion's euler_ancestral, eta=1)."""
+    denoise, noise, callback = model.denoise, a.noise, a.callback
     n = len(s.timesteps)
     for i in range(s.start, n):
         sigma, sigma_next = s.sigmas[i], s.sigmas[i + 1]
         denoised = denoise(x, sigma, s.timesteps[i])
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        x = x + noise(x.shape).astype(x.dtype) * sigma_up
+        x = a.step_done(x + noise(x.shape).astype(x.dtype) * sigma_up, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
 
-def _dpm_2(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn | None,
-           callback: StepCallback | None):
+def _dpm_2(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs, noise: NoiseFn | None):
     """DPM-Solver-2 steps; with `noise`, each step goes to sigma_down and adds fresh noise up to the next sigma."""
+    denoise, callback = model.denoise, a.callback
     n = len(s.timesteps)
     total = 2 * (n - s.start) - 1
     for i in range(s.start, n):
@@ -187,7 +214,7 @@ def _dpm_2(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn |
         d = (x - denoise(x, sigma, s.timesteps[i])) / sigma
         _notify(callback, 2 * (i - s.start), total)
         if i == n - 1:  # the last step is Euler's, to zero
-            x = x + d * (0.0 - sigma)
+            x = a.step_done(x + d * (0.0 - sigma), i)
             continue
         sigma_mid = s.mid_sigmas[i]
         x_mid = x + d * (sigma_mid - sigma)
@@ -196,24 +223,24 @@ def _dpm_2(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn |
         x = x + d_mid * (sigma_down - sigma)
         if noise is not None:
             x = x + noise(x.shape).astype(x.dtype) * np.float32(sigma_up)
+        x = a.step_done(x, i)
     return x
 
 
-def sample_dpm_2(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None):
+def sample_dpm_2(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DPM-Solver-2 (Lu et al. 2022, Alg. 1, midpoint in log sigma; Karras et al. 2022's "DPM2"): 2n - 1 calls.
 
     `s.mid_sigmas[i]` is the geometric mean of sigma_i and sigma_{i+1}; the last step is Euler's.
     """
-    return _dpm_2(denoise, x, s, None, callback)
+    return _dpm_2(model, x, s, a, None)
 
 
-def sample_dpm_2_ancestral(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn,
-                           callback: StepCallback | None = None):
+def sample_dpm_2_ancestral(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DPM2 to each step's sigma_down, then fresh noise up to the next sigma (eta 1).
 
     `s.mid_sigmas[i]` is the geometric mean of sigma_i and that step's sigma_down.
     """
-    return _dpm_2(denoise, x, s, noise, callback)
+    return _dpm_2(model, x, s, a, a.noise)
 
 
 def brownian_pair(noise: NoiseFn, shape: tuple, sigma: float, sigma_mid: float, sigma_next: float):
@@ -238,12 +265,12 @@ def _ancestral_exp_step(x: np.ndarray, x0: np.ndarray, sigma: float, sigma_to: f
     return _exp_step(x, x0, sigma, sigma_down), sigma_up
 
 
-def sample_dpmpp_sde(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn,
-                     callback: StepCallback | None = None):
+def sample_dpmpp_sde(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DPM++ SDE (Lu et al. 2022, DPM-Solver++(2S) with ancestral noise; diffusers' DPMSolverSDEScheduler):
     an SDE half step to the midpoint in log sigma, then the full step from the same start with the
     midpoint's x0. The two noises are nested Brownian increments (`brownian_pair`); the last step is Euler's.
     """
+    denoise, noise, callback = model.denoise, a.noise, a.callback
     n = len(s.timesteps)
     total = 2 * (n - s.start) - 1
     for i in range(s.start, n):
@@ -251,7 +278,7 @@ def sample_dpmpp_sde(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise:
         x0 = denoise(x, sigma, s.timesteps[i])
         _notify(callback, 2 * (i - s.start), total)
         if sigma_next == 0.0:
-            x = x0  # Euler to zero
+            x = a.step_done(x0, i)  # Euler to zero
             continue
         sigma_mid = float(s.mid_sigmas[i])
         z_mid, z_next = brownian_pair(noise, x.shape, sigma, sigma_mid, sigma_next)
@@ -260,18 +287,18 @@ def sample_dpmpp_sde(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise:
         x0_mid = denoise(x_mid, sigma_mid, s.mid_timesteps[i])
         _notify(callback, 2 * (i - s.start) + 1, total)
         x, up = _ancestral_exp_step(x, x0_mid, sigma, sigma_next)
-        x = x + z_next * up
+        x = a.step_done(x + z_next * up, i)
     return x
 
 
-def sample_dpmpp_2s_ancestral(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn,
-                              callback: StepCallback | None = None):
+def sample_dpmpp_2s_ancestral(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DPM++ 2S a (Lu et al. 2022, DPM-Solver++(2S) with r = 1/2, to each step's sigma_down, then fresh noise up
     to the next sigma, eta 1; k-diffusion's sample_dpmpp_2s_ancestral, A1111's "DPM++ 2S a").
 
     `s.mid_sigmas[i]` is the geometric mean of sigma_i and that step's sigma_down (as for DPM2 a). A step whose
     sigma_down is 0 (the last, to sigma 0) is Euler's: x becomes x0.
     """
+    denoise, noise, callback = model.denoise, a.noise, a.callback
     n = len(s.timesteps)
     total = 2 * (n - s.start) - int(float(s.sigmas[-1]) == 0.0)
     calls = 0
@@ -281,14 +308,14 @@ def sample_dpmpp_2s_ancestral(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedul
         calls += 1
         _notify(callback, calls - 1, total)
         if sigma_next == 0.0:
-            x = x0
+            x = a.step_done(x0, i)
             continue
         sigma_mid = float(s.mid_sigmas[i])
         x0_mid = denoise(_exp_step(x, x0, sigma, sigma_mid), sigma_mid, s.mid_timesteps[i])
         calls += 1
         _notify(callback, calls - 1, total)
         x, up = _ancestral_exp_step(x, x0_mid, sigma, sigma_next)
-        x = x + noise(x.shape).astype(x.dtype) * np.float32(up)
+        x = a.step_done(x + noise(x.shape).astype(x.dtype) * np.float32(up), i)
     return x
 
 
@@ -309,10 +336,11 @@ def _deis_coefficients(s_t: float, nodes: list[float]) -> list[float]:
     return [integral(j, s_t) - integral(j, nodes[0]) for j in range(len(nodes))]
 
 
-def sample_deis(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
-                order: int = 2, lower_order_final: bool = True):
+def sample_deis(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DEIS multistep (exponential integrator with Adams-Bashforth in log sigma on the noise estimate;
     Zhang & Chen 2023), order 1-3, as diffusers' DEISMultistepScheduler, in sigma space."""
+    denoise, callback = model.denoise, a.callback
+    order, lower_order_final = a.option("solver_order", 2), a.option("lower_order_final", True)
     n = len(s.timesteps)
     history: list[np.ndarray] = []  # noise estimates, oldest first
     for i in range(s.start, n):
@@ -329,6 +357,7 @@ def sample_deis(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: S
             nodes = [float(s.sigmas[i - k]) for k in range(this_order)]
             weights = _deis_coefficients(sigma_next, nodes)
             x = x + sum(np.float32(w) * h for w, h in zip(weights, reversed(history[-this_order:])))
+        x = a.step_done(x, i)
         _notify(callback, done, n - s.start)
     return x
 
@@ -347,12 +376,14 @@ def singlestep_orders(n: int, order: int, lower_order_final: bool, final_is_zero
     return orders
 
 
-def sample_dpmpp_2s(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, orders: list[int],
-                    callback: StepCallback | None = None, variant: str = "midpoint"):
+def sample_dpmpp_2s(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DPM-Solver++(2S), singlestep (Lu et al. 2022, arXiv:2211.01095, Alg. 1): a first-order step to the
     intermediate sigma, then the second-order step over the whole interval from the saved start, using
     both x0 estimates ("midpoint" or "heun" weighting, as diffusers' DPMSolverSinglestepScheduler)."""
+    denoise, callback, variant = model.denoise, a.callback, a.option("solver_type", "midpoint")
     n = len(s.timesteps)
+    orders = singlestep_orders(n, a.option("solver_order", 2), a.option("lower_order_final", False),
+                               float(s.sigmas[-1]) == 0.0)
     outputs: list[np.ndarray] = []
     x_start = x
     for i in range(s.start, n):
@@ -372,70 +403,83 @@ def sample_dpmpp_2s(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, orders:
                 x = x - 0.5 * np.expm1(-h) * d1
             else:  # heun
                 x = x + (np.expm1(-h) / h + 1.0) * d1
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
 
-def _dpmpp_2m(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, noise: NoiseFn | None,
-              callback: StepCallback | None, lower_order_final: bool):
-    """The DPM-Solver++(2M) loop; the ODE update without `noise`, the SDE update with it."""
+def _dpmpp_multistep(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs, noise: NoiseFn | None):
+    """The DPM-Solver++ multistep loop, orders 1-3 (diffusers' DPMSolverMultistepScheduler); the ODE update
+    without `noise`, the SDE update (orders 1-2) with it."""
+    denoise, callback = model.denoise, a.callback
+    order, lower_order_final = a.option("solver_order", 2), a.option("lower_order_final", True)
     n = len(s.timesteps)
-    prev_denoised, h_prev = None, None
+    outputs: list[np.ndarray] = []  # x0 estimates, oldest first
+    hs: list[float] = []  # the steps h = lambda_next - lambda taken so far (lambda = -log sigma)
     for i in range(s.start, n):
         sigma, sigma_next = float(s.sigmas[i]), float(s.sigmas[i + 1])
-        denoised = denoise(x, sigma, s.timesteps[i])
+        outputs = (outputs + [denoise(x, sigma, s.timesteps[i])])[-3:]
         z = None if noise is None else noise(x.shape).astype(np.float32)  # drawn every step, as diffusers
         if sigma_next == 0.0:
-            x = denoised  # the limit of either update at sigma_next = 0
+            x = outputs[-1]  # the limit of every update at sigma_next = 0
         else:
             h = np.log(sigma) - np.log(sigma_next)
-            last = i == n - 1 and lower_order_final and n < 15
-            if prev_denoised is None or last:
-                blend = denoised
-            else:
-                blend = denoised + (denoised - prev_denoised) / (2.0 * (h_prev / h))
-            if z is None:
-                x = (sigma_next / sigma) * x - np.expm1(-h) * blend
-            else:
-                x = (sigma_next / sigma * np.exp(-h)) * x - np.expm1(-2.0 * h) * blend \
-                    + sigma_next * np.sqrt(-np.expm1(-2.0 * h)) * z
-            h_prev = h
-        prev_denoised = denoised
+            short = lower_order_final and n < 15
+            this_order = min(order, len(outputs), i - s.start + 1)
+            if i == n - 1 and short:
+                this_order = 1
+            elif i == n - 2 and short:
+                this_order = min(this_order, 2)
+            x = _dpmpp_update(x, outputs[-this_order:], [*hs[-(this_order - 1):], h] if this_order > 1 else [h],
+                              sigma, sigma_next, z)
+            hs.append(h)
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
 
-def sample_dpmpp_2m(
-    denoise: DenoiseFn,
-    x: np.ndarray,
-    s: SigmaSchedule,
-    callback: StepCallback | None = None,
-    lower_order_final: bool = True,
-):
-    """DPM-Solver++(2M), midpoint form (Lu et al. 2022, arXiv:2211.01095, Alg. 2), in sigma space.
+def _dpmpp_update(x: np.ndarray, m: list[np.ndarray], hs: list[float], sigma: float, sigma_next: float,
+                  z: np.ndarray | None) -> np.ndarray:
+    """One DPM-Solver++ step from sigma to sigma_next with the x0 estimates `m` (newest last) and the step
+    sizes `hs` (this step's last) (Lu et al. 2022, arXiv:2211.01095, Alg. 2 and its third-order form)."""
+    h = hs[-1]
+    if len(m) == 1:
+        d = m[-1]
+    elif len(m) == 2:  # D0 + D1 / 2, D1 = (m0 - m1) / r0 (midpoint form)
+        d = m[-1] + (m[-1] - m[-2]) / (2.0 * (hs[-2] / h))
+    else:
+        r0, r1 = hs[-2] / h, hs[-3] / h
+        d1_0, d1_1 = (m[-1] - m[-2]) / r0, (m[-2] - m[-3]) / r1
+        d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi_1 = np.expm1(-h)
+        return ((sigma_next / sigma) * x - phi_1 * m[-1] + (phi_1 / h + 1.0) * d1
+                - ((phi_1 + h) / h**2 - 0.5) * d2)
+    if z is None:
+        return (sigma_next / sigma) * x - np.expm1(-h) * d
+    return (sigma_next / sigma * np.exp(-h)) * x - np.expm1(-2.0 * h) * d \
+        + sigma_next * np.sqrt(-np.expm1(-2.0 * h)) * z
+
+
+def sample_dpmpp_2m(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
+    """DPM-Solver++(2M), midpoint form (Lu et al. 2022, arXiv:2211.01095, Alg. 2), in sigma space; order 3
+    with solver_order=3.
 
     With lambda = -log(sigma) and h = lambda_next - lambda, the update is
     x_next = (sigma_next / sigma) x - expm1(-h) D, where D is x0 (first step,
     or the last step when it ends at sigma 0 / is short) or the multistep blend
     x0 + (x0 - x0_prev) / (2 r), r = h_prev / h.
     """
-    return _dpmpp_2m(denoise, x, s, None, callback, lower_order_final)
+    return _dpmpp_multistep(model, x, s, a, None)
 
 
-def sample_dpmpp_2m_sde(
-    denoise: DenoiseFn,
-    x: np.ndarray,
-    s: SigmaSchedule,
-    noise: NoiseFn,
-    callback: StepCallback | None = None,
-    lower_order_final: bool = True,
-):
+def sample_dpmpp_2m_sde(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """DPM-Solver++(2M) SDE, midpoint form (Lu et al. 2022, arXiv:2211.01095, SDE variant), in sigma space.
 
     x_next = (sigma_next / sigma) e^{-h} x + (1 - e^{-2h}) D + sigma_next sqrt(1 - e^{-2h}) z,
     with D as in sample_dpmpp_2m. Fresh noise z is drawn every step (also the last), as diffusers does.
     """
-    return _dpmpp_2m(denoise, x, s, noise, callback, lower_order_final)
+    return _dpmpp_multistep(model, x, s, a, a.noise)
 
 
 def _unipc_system(h: float, rks: list[float], variant: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -480,13 +524,14 @@ def _unipc_update(x: np.ndarray, sig: np.ndarray, i_from: int, i_to: int, output
     return x_base - B_h * correction
 
 
-def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: StepCallback | None = None,
-                 lower_order_final: bool = True, order: int = 2, variant: str = "bh2",
-                 disable_corrector: tuple[int, ...] = ()):
+def sample_unipc(model: Model, x: np.ndarray, s: SigmaSchedule, a: SamplerArgs) -> np.ndarray:
     """UniPC with x0 prediction (Zhao et al. 2023): at each model call, the UniC corrector first refines
     the previous step with the new estimate, then the UniP predictor takes the next step, with up to
     `order` past estimates. Equal to diffusers' UniPCMultistepScheduler (predict_x0=True), in sigma space.
     """
+    denoise, callback = model.denoise, a.callback
+    lower_order_final, order = a.option("lower_order_final", True), a.option("solver_order", 2)
+    variant, disable_corrector = a.option("solver_type", "bh2"), tuple(a.option("disable_corrector", ()))
     n = len(s.timesteps)
     sig = s.sigmas.astype(np.float64)
     outputs: list[np.ndarray] = []  # x0 estimates, oldest first
@@ -500,7 +545,7 @@ def sample_unipc(denoise: DenoiseFn, x: np.ndarray, s: SigmaSchedule, callback: 
         this_order = min(this_order, min(i - s.start, order) + 1)  # warm-up: fewer estimates at the start
         x_last, last_order = x, this_order
         x = _unipc_update(x, sig, i, i + 1, outputs[-this_order:], variant)
-        x = x.astype(np.float32)
+        x = a.step_done(x.astype(np.float32), i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
@@ -509,19 +554,13 @@ def _alpha_at(s: AlphaSchedule, t: int) -> float:
     return float(s.alphas_cumprod[t]) if t >= 0 else s.final_alpha_cumprod
 
 
-def sample_ddim(
-    predict: PredictFn,
-    x: np.ndarray,
-    s: AlphaSchedule,
-    callback: StepCallback | None = None,
-    limit_x0: LimitFn | None = None,
-    eta: float = 0.0,
-    noise: NoiseFn | None = None,
-):
+def sample_ddim(model: Model, x: np.ndarray, s: AlphaSchedule, a: SamplerArgs) -> np.ndarray:
     """DDIM (Song et al. 2021, arXiv:2010.02502, Eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like.
 
     As in diffusers, limiting x0 (clipping, thresholding) leaves the noise direction the model's own estimate.
     """
+    predict, callback, limit_x0, noise = model.predict, a.callback, a.limit_x0, a.noise
+    eta = a.eta or 0.0
     n = len(s.timesteps)
     for i in range(s.start, n):
         t = int(s.timesteps[i])
@@ -533,22 +572,17 @@ def sample_ddim(
         x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - std**2) * e
         if eta > 0:
             x = x + std * noise(x.shape).astype(np.float32)
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
 
-def sample_ddpm(
-    predict: PredictFn,
-    x: np.ndarray,
-    s: AlphaSchedule,
-    noise: NoiseFn,
-    callback: StepCallback | None = None,
-    limit_x0: LimitFn | None = None,
-):
+def sample_ddpm(model: Model, x: np.ndarray, s: AlphaSchedule, a: SamplerArgs) -> np.ndarray:
     """Ancestral DDPM sampling (Ho et al. 2020, Eq. 7) over the given timesteps, "fixed_small" variance.
 
     Each step goes to the next listed timestep (alpha_bar = 1 past the last) and adds noise unless t = 0.
     """
+    predict, callback, limit_x0, noise = model.predict, a.callback, a.limit_x0, a.noise
     n = len(s.timesteps)
     for i in range(s.start, n):
         t = int(s.timesteps[i])
@@ -562,6 +596,7 @@ def sample_ddpm(
         if t > 0:
             variance = max((1 - a_prev) / (1 - a_t) * beta, 1e-20)  # posterior variance (Eq. 7)
             x = x + np.sqrt(variance) * noise(x.shape).astype(np.float32)
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
@@ -572,10 +607,11 @@ def consistency_scalings(t: int, timestep_scaling: float, sigma_data: float = 0.
     return sigma_data**2 / (scaled**2 + sigma_data**2), scaled / np.sqrt(scaled**2 + sigma_data**2)
 
 
-def sample_lcm(predict: PredictFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
-               limit_x0: LimitFn | None = None, timestep_scaling: float = 10.0):
+def sample_lcm(model: Model, x: np.ndarray, s: AlphaSchedule, a: SamplerArgs) -> np.ndarray:
     """Latent consistency sampling (Luo et al. 2023, arXiv:2310.04378, Alg. 1): each step predicts the clean
     sample through the consistency boundary condition, then noises it afresh to the next timestep."""
+    predict, callback, limit_x0, noise = model.predict, a.callback, a.limit_x0, a.noise
+    timestep_scaling = a.option("timestep_scaling", 10.0)
     n = len(s.timesteps)
     for i in range(s.start, n):
         t = int(s.timesteps[i])
@@ -589,15 +625,17 @@ def sample_lcm(predict: PredictFn, x: np.ndarray, s: AlphaSchedule, noise: Noise
             x = np.sqrt(a_next) * denoised + np.sqrt(1 - a_next) * noise(x.shape).astype(np.float32)
         else:
             x = denoised
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
 
-def sample_tcd(predict: PredictFn, x: np.ndarray, s: AlphaSchedule, noise: NoiseFn, callback: StepCallback | None = None,
-               gamma: float = 0.3):
+def sample_tcd(model: Model, x: np.ndarray, s: AlphaSchedule, a: SamplerArgs) -> np.ndarray:
     """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024,
     arXiv:2402.19159, Alg. 4): denoise to the intermediate timestep s = floor((1 - gamma) t_next), then
     noise forward to t_next. gamma = 0 is deterministic."""
+    predict, callback, noise = model.predict, a.callback, a.noise
+    gamma = 0.3 if a.eta is None else a.eta
     n = len(s.timesteps)
     for i in range(s.start, n):
         t = int(s.timesteps[i])
@@ -608,6 +646,7 @@ def sample_tcd(predict: PredictFn, x: np.ndarray, s: AlphaSchedule, noise: Noise
         x = np.sqrt(a_s) * x0 + np.sqrt(1 - a_s) * e  # at timestep s
         if gamma > 0 and i < n - 1:
             x = np.sqrt(a_next / a_s) * x + np.sqrt(1 - a_next / a_s) * noise(x.shape).astype(np.float32)
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x
 
@@ -619,7 +658,7 @@ def _plms_transfer(s: AlphaSchedule, x: np.ndarray, t: int, t_prev: int, e: np.n
     return np.sqrt(a_prev / a_t) * x - (a_prev - a_t) * e / denom
 
 
-def sample_plms(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, callback: StepCallback | None = None):
+def sample_plms(model: Model, x: np.ndarray, s: AlphaSchedule, a: SamplerArgs) -> np.ndarray:
     """Pseudo linear multistep (PLMS) with diffusers' warm-up that skips the Runge-Kutta steps.
 
     The first step is taken twice: once with eps(t0), then redone from the same
@@ -627,12 +666,13 @@ def sample_plms(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, callback: StepCallb
     steps use Adams-Bashforth weights over the last 2, 3 or 4 noise estimates.
     `s.timesteps` is the model-call list, whose second entry repeats (n + 1 calls).
     """
+    callback = a.callback
     n = len(s.timesteps)
     history: list[np.ndarray] = []
     x_start = x
     for i in range(s.start, n):
         t = int(s.timesteps[i])
-        e = eps(x, t)
+        e = model.predict(x, t)[0]
         if i == s.start + 1:  # redo the first step with the averaged estimate
             t_from = t + s.step_ratio
             x = _plms_transfer(s, x_start, t_from, t, (e + history[-1]) / 2)
@@ -647,5 +687,6 @@ def sample_plms(eps: EpsFn, x: np.ndarray, s: AlphaSchedule, callback: StepCallb
             else:
                 e_hat = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
             x = _plms_transfer(s, x, t, t - s.step_ratio, e_hat)
+        x = a.step_done(x, i)
         _notify(callback, i - s.start, n - s.start)
     return x

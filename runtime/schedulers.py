@@ -129,10 +129,10 @@ _CLASSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "final_sigmas_type": "zero",
             "lower_order_final": True,
             "algorithm_type": "dpmsolver++",
+            "solver_order": 2,
             **_THRESHOLDING,
         },
         {
-            "solver_order": 2,
             "solver_type": "midpoint",
             "euler_at_final": False,
             "use_lu_lambdas": False,
@@ -198,6 +198,17 @@ _CLASS_TO_NAME = {
 }
 
 
+# The algorithm (samplers.SAMPLER_TABLE key) each diffusers class runs.
+_CLASS_ALGORITHMS = {
+    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "plms", "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
+    "LMSDiscreteScheduler": "lms", "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc",
+    "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
+    "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverSDEScheduler": "dpmpp_sde",
+    "DEISMultistepScheduler": "deis", "DPMSolverSinglestepScheduler": "dpmpp_2s",
+}
+
+
 # Samplers diffusers has no class for: they run k-diffusion's algorithm on the sigma schedule of the class
 # named in SAMPLERS (whose config keys they read).
 KSampler = Literal["dpmpp_2s_ancestral"]
@@ -221,12 +232,19 @@ class SchedulerConfig:
         return self.config["prediction_type"]
 
     @property
+    def algorithm(self) -> str:
+        """The sampling algorithm that runs this configuration: a key of samplers.SAMPLER_TABLE."""
+        if self.k_sampler:
+            return self.k_sampler
+        if self.class_name == "DPMSolverMultistepScheduler" and self.config["algorithm_type"] == "sde-dpmsolver++":
+            return "dpmpp_2m_sde"
+        return _CLASS_ALGORITHMS[self.class_name]
+
+    @property
     def is_sigma_space(self) -> bool:
-        return self.class_name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                   "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                   "UniPCMultistepScheduler", "KDPM2DiscreteScheduler", "DPMSolverSDEScheduler",
-                                   "DEISMultistepScheduler", "DPMSolverSinglestepScheduler",
-                                   "KDPM2AncestralDiscreteScheduler")
+        from .samplers import SAMPLER_TABLE  # the table imports this module
+
+        return SAMPLER_TABLE[self.algorithm].space == "sigma"
 
     @property
     def name(self) -> str:
@@ -281,7 +299,7 @@ def _from_dict(class_name: str, source: dict, forced: dict) -> SchedulerConfig:
 
 # Values we implement for keys whose allowed values depend on the class.
 _CLASS_VALUES: dict[str, dict[str, tuple]] = {
-    "DPMSolverMultistepScheduler": {"algorithm_type": ("dpmsolver++", "sde-dpmsolver++")},
+    "DPMSolverMultistepScheduler": {"algorithm_type": ("dpmsolver++", "sde-dpmsolver++"), "solver_order": (1, 2, 3)},
     "DPMSolverSinglestepScheduler": {"solver_order": (1, 2), "solver_type": ("midpoint", "heun")},
     "DEISMultistepScheduler": {"solver_order": (1, 2, 3)},
     "UniPCMultistepScheduler": {"solver_order": (1, 2, 3), "solver_type": ("bh1", "bh2")},
@@ -306,6 +324,10 @@ def _check_values(class_name: str, c: dict) -> None:
     if not isinstance(c.get("disable_corrector", []), (list, tuple)):
         raise EdgesdError(f"{class_name}: disable_corrector={c['disable_corrector']!r} is not a list",
                           "give the step indices without a corrector, e.g. [0]")
+    if class_name == "DPMSolverMultistepScheduler" and c["algorithm_type"] == "sde-dpmsolver++" \
+            and c["solver_order"] == 3:
+        raise EdgesdError("DPMSolverMultistepScheduler: solver_order=3 with sde-dpmsolver++ is not supported "
+                          "(diffusers has no third-order SDE update)", "use solver_order 1 or 2")
     if class_name == "PNDMScheduler" and not c["skip_prk_steps"]:
         raise EdgesdError("PNDMScheduler: skip_prk_steps=False (Runge-Kutta warm-up) is not supported",
                           "set skip_prk_steps to true or use --scheduler pndm")

@@ -81,7 +81,9 @@ class ClipTokenizer:
             ]
         )
         tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([BOS, EOS])
+        # The pad token is special too: where it is "!" (SD 2.x, SDXL's second tokenizer) transformers' CLIPTokenizer
+        # splits every "!" out as that token ("dogs!!" -> dogs</w> ! !), and so do we.
+        tok.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))
         self._tok = tok
         self.bos_id = vocab[BOS]
         self.eos_id = vocab[EOS]

@@ -54,7 +54,9 @@ def test_batch_shapes(pipe):
     ({"eta": 1.5}, "eta must be between 0 and 1"),
     ({"noise_generator": "cuda"}, "unknown noise generator 'cuda'"),
     ({"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler"}}, "FlowMatchEulerDiscreteScheduler"),
-    ({"scheduler": {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}}, "solver_order=3 is not supported"),
+    ({"scheduler": {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}}, "solver_order=4 is not supported"),
+    ({"scheduler": {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3,
+                    "algorithm_type": "sde-dpmsolver++"}}, "no third-order SDE update"),
 ])
 def test_bad_arguments(pipe, kwargs, needle):
     with pytest.raises(EdgesdError, match=needle):

@@ -7,7 +7,7 @@ import pytest
 
 from edgesd.denoiser import Denoiser
 from edgesd.errors import EdgesdError
-from edgesd.pipeline import _run_sampler
+from edgesd.samplers import run_sampler as _run_sampler
 from edgesd.schedulers import alpha_schedule, alphas_cumprod, resolve_scheduler, sigma_schedule
 
 torch = pytest.importorskip("torch")
@@ -74,7 +74,7 @@ def stand_in_eps(x: np.ndarray, t: float) -> np.ndarray:
 
 def stand_in_denoiser(sched, prediction: str) -> Denoiser:
     """Our denoiser layer around `stand_in_eps`, without guidance."""
-    return Denoiser(unet=lambda s, t, c: stand_in_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+    return Denoiser(unet=lambda s, t, **c: stand_in_eps(s, float(t[0])), cond={},
                     guidance_scale=1.0, prediction_type=prediction, alphas_cumprod=alphas_cumprod(sched))
 
 
@@ -325,7 +325,7 @@ def test_stochastic_samplers_with_our_noise_match_diffusers_statistics(name, eta
         x = ref.step(torch.from_numpy(exact_eps(inp.numpy(), float(t))), t, x, **extra).prev_sample
     expected = x.numpy()
 
-    denoiser = Denoiser(unet=lambda s, t, c: exact_eps(s, float(t[0])), context=np.zeros((1, 1, 1), np.float32),
+    denoiser = Denoiser(unet=lambda s, t, **c: exact_eps(s, float(t[0])), cond={},
                         guidance_scale=1.0, prediction_type="epsilon", alphas_cumprod=ac)
     rng = np.random.default_rng(2)
     got = _run_sampler(sched, denoiser, start, steps, lambda shape: rng.standard_normal(shape, dtype=np.float32),
@@ -493,8 +493,8 @@ def test_dpmpp_2s_ancestral_samples_the_data_distribution(name):
             a = np.interp(t, np.arange(len(ac)), ac)
             return (np.sqrt(1 - a) * sample / (a * data_std**2 + 1 - a)).astype(np.float32)
 
-        denoiser = Denoiser(unet=lambda s, t, c: exact_eps(s, float(t[0])), guidance_scale=1.0,
-                            context=np.zeros((1, 1, 1), np.float32), prediction_type="epsilon", alphas_cumprod=ac)
+        denoiser = Denoiser(unet=lambda s, t, **c: exact_eps(s, float(t[0])), guidance_scale=1.0,
+                            cond={}, prediction_type="epsilon", alphas_cumprod=ac)
         rng = np.random.default_rng(2)
         return _run_sampler(sched, denoiser, start, steps, lambda s: rng.standard_normal(s, dtype=np.float32), None)
 

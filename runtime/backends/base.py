@@ -78,7 +78,9 @@ class Graph(Protocol):
 
     def input_dtype(self, name: str) -> np.dtype: ...
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
+        """Run the graph. `local`: the caller's own state for this graph (one per generation), so callers in
+        several threads never share an in-flight request; None uses a fresh one."""
 
 
 def fit_feeds(path: Path, feeds: dict[str, np.ndarray], dtypes: dict[str, np.dtype],
@@ -98,7 +100,7 @@ def fit_feeds(path: Path, feeds: dict[str, np.ndarray], dtypes: dict[str, np.dty
 def check_names(path: Path, spec: GraphSpec, inputs: set[str], outputs: set[str], exporter_hint: str) -> list[str]:
     """The spec's outputs this graph has, in spec order; raise if the graph does not match the spec."""
     missing = [n for n in spec.input_names if n not in inputs]
-    missing += [n for n in spec.output_names[:1] if n not in outputs]
+    missing += [n for n in spec.output_names[:spec.required_outputs] if n not in outputs]
     extra = sorted(inputs - set(spec.input_names))
     if missing or extra:
         raise EdgesdError(f"{path}: graph does not match the {spec.component} description "

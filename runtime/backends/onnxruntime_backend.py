@@ -94,7 +94,8 @@ class OrtGraph:
             raise EdgesdError(f"{self.path}: input '{name}' has unsupported type {onnx_type}")
         return np.dtype(ONNX_TO_NUMPY[onnx_type])
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
+        """InferenceSession.run may be called from several threads at once; no per-caller state is needed."""
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         try:

@@ -7,6 +7,7 @@ compiles again. A cache folder keeps compiled models, so the next start skips co
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -69,18 +70,26 @@ class OvGraph:
                                     "export it with `edgesd export --format openvino` or `optimum-cli export openvino`")
         self._ranks = {name: p.get_partial_shape().rank.get_length() for name, p in inputs.items()}
         self._dtypes = {name: np.dtype(p.get_element_type().to_dtype()) for name, p in inputs.items()}
+        # The compiled model for the latest shapes; each caller keeps its own infer request on it (`local`).
         self._compiled: ov.CompiledModel | None = None
-        self._request = None
         self._ports: dict = {}  # output name -> the compiled model's output port
         self._shapes: dict[str, tuple[int, ...]] | None = None
-        self.compile_seconds = 0.0  # total time spent compiling, for benchmarks and timings
+        self._compiling = threading.Lock()  # reshape + compile change the shared model
+        self.compile_seconds = 0.0  # total time spent compiling, for benchmarks
 
     def input_dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]
 
-    def _compile(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def _compiled_for(self, shapes: dict[str, tuple[int, ...]]) -> tuple[ov.CompiledModel, dict, float]:
+        """The compiled model for these input shapes (compiling if needed), its output ports, seconds spent."""
+        with self._compiling:
+            if self._compiled is not None and (not self._static or shapes == self._shapes):
+                return self._compiled, self._ports, 0.0
+            return (*self._compile(shapes),)
+
+    def _compile(self, shapes: dict[str, tuple[int, ...]]) -> tuple[ov.CompiledModel, dict, float]:
         start = time.perf_counter()
-        self._request = self._compiled = None  # release the old compiled model before building the next
+        self._compiled = None  # release the old compiled model before building the next
         try:
             if self._static:
                 self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
@@ -89,25 +98,32 @@ class OvGraph:
             raise EdgesdError(f"{self.path}: OpenVINO cannot compile it for {self._device} with inputs "
                               f"{shapes} ({_first_reason(e)})", "check the size and batch, or use --device CPU"
                               ) from None
-        self._request = self._compiled.create_infer_request()
         self._ports = {name: self._compiled.output(name) for name in self._outputs}
         self._shapes = shapes
-        self.compile_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        return self._compiled, self._ports, seconds
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
+        """`local` keeps this caller's infer request (and the compiled model it belongs to) between calls, and
+        adds compile time to local["compile_s"]."""
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         shapes = {name: tuple(v.shape) for name, v in cast.items()}
-        if self._request is None or (self._static and shapes != self._shapes):
-            self._compile(shapes)
+        local = {} if local is None else local
+        if local.get("shapes") != shapes or "request" not in local:
+            compiled, ports, seconds = self._compiled_for(shapes)
+            local.update(request=compiled.create_infer_request(), ports=ports, shapes=shapes,
+                         compile_s=local.get("compile_s", 0.0) + seconds)
+        request, ports = local["request"], local["ports"]
         try:
-            result = self._request.infer(cast)
+            result = request.infer(cast)
         except Exception as e:
             raise EdgesdError(f"{self.path} failed on inputs {shapes} ({_first_reason(e)})",
                               "check the requested size and batch, or re-export the model") from None
         # Copies: the request reuses its output buffers on the next call.
         return {name: np.array(result[port], dtype=np.float32 if result[port].dtype == np.float16 else None)
-                for name, port in self._ports.items()}
+                for name, port in ports.items()}
 
 
 def _port_name(port, wanted: list[str]) -> str:

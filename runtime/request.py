@@ -1,0 +1,217 @@
+"""What to generate: one frozen, validated request, and what came out of it."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import EdgesdError
+from .noise import NOISE_GENERATORS, NoiseGenerator
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
+    from .model import ModelFolder
+
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Every field of one generation, checked against the model when built (`GenerationRequest.build`).
+
+    The names follow diffusers' pipelines; `prompts` etc. are per prompt, and `batch` images are made
+    (prompts x images_per_prompt).
+    """
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None  # None: not given ("" for SD, zeros for SDXL that force them)
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int
+    images_per_prompt: int = 1
+    guidance_rescale: float = 0.0
+    scheduler: str | dict | None = None  # our name, A1111's, a diffusers config dict, or None: the model's own
+    noise_generator: NoiseGenerator = "numpy"
+    eta: float | None = None
+    # SDXL's second text encoder (None: the same as prompts / negative_prompts)
+    prompts_2: tuple[str, ...] | None = None
+    negative_prompts_2: tuple[str, ...] | None = None
+    # SDXL's micro-conditioning, (height, width) and (top, left) as diffusers takes them
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    # img2img / inpainting
+    image: Any = field(default=None, compare=False)  # a PIL image or (H, W, 3) uint8 array
+    mask_image: Any = field(default=None, compare=False)  # white = repaint; PIL or (H, W) / (H, W, C) uint8
+    strength: float | None = None  # None: 0.8 for img2img, 1.0 for inpainting (diffusers' defaults)
+    latents: np.ndarray | None = field(default=None, compare=False)  # initial noise (N, C, H/f, W/f)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask_image is not None else "img2img" if self.image is not None else "txt2img"
+
+    @property
+    def denoising_strength(self) -> float:
+        if self.strength is not None:
+            return self.strength
+        return 1.0 if self.mask_image is not None else 0.8
+
+    def time_ids(self) -> list[int]:
+        """SDXL's add_time_ids: original size + crop top-left + target size, each (height, width)."""
+        size = (self.height, self.width)
+        return [*(self.original_size or size), *self.crops_coords_top_left, *(self.target_size or size)]
+
+    @classmethod
+    def build(cls, folder: "ModelFolder", family: "ModelFamily", prompt, negative_prompt=None,
+              num_inference_steps=None, guidance_scale=None, width=None, height=None, seed=None,
+              num_images_per_prompt=1, prompt_2=None, negative_prompt_2=None, image=None, mask_image=None,
+              **rest) -> "GenerationRequest":
+        """A request from diffusers' argument names, with the model's defaults filled in; bad input raises."""
+        prompts = _texts("prompt", prompt)
+        if prompts is None:
+            raise EdgesdError("prompt must be a string or a non-empty list of strings")
+        negatives = _matching("negative_prompt", negative_prompt, prompts)
+        if (prompt_2 is not None or negative_prompt_2 is not None) and len(family.text_encoders) < 2:
+            raise EdgesdError(f"prompt_2 / negative_prompt_2 need a model with a second text encoder; "
+                              f"'{folder.root.name}' is {family.title}", "drop --prompt-2 / --negative-2")
+        if mask_image is not None and image is None:
+            raise EdgesdError("mask_image needs image (the picture to repaint)", "pass --image with --mask")
+        defaults = folder.defaults
+        steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        if image is not None and (width is None or height is None):
+            native = _picture_size(image, "image")
+            width, height = width or native[0], height or native[1]
+        size = folder.constants.default_image_size
+        req = cls(prompts=prompts, negative_prompts=negatives, steps=steps, guidance_scale=guidance,
+                  width=size if width is None else width, height=size if height is None else height,
+                  seed=secrets.randbelow(2**32) if seed is None else seed,
+                  images_per_prompt=num_images_per_prompt,
+                  prompts_2=_matching("prompt_2", prompt_2, prompts),
+                  negative_prompts_2=_matching("negative_prompt_2", negative_prompt_2, prompts),
+                  image=image, mask_image=mask_image, **rest)
+        req.check(folder, family)
+        return req
+
+    def check(self, folder: "ModelFolder", family: "ModelFamily") -> None:
+        """Raise EdgesdError naming the first field that does not fit the model."""
+        if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) \
+                or not 1 <= self.steps <= MAX_STEPS:
+            raise EdgesdError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}", "use e.g. 20")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise EdgesdError(f"eta must be between 0 and 1, got {self.eta}", "use 0 for deterministic DDIM")
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0 \
+                or not np.isfinite(self.guidance_scale):
+            raise EdgesdError(f"guidance scale must be >= 0, got {self.guidance_scale}",
+                              "use e.g. 7.5, or 1 for no guidance")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise EdgesdError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale}",
+                              "use e.g. 0.7")
+        if not isinstance(self.images_per_prompt, (int, np.integer)) or self.images_per_prompt < 1:
+            raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
+        if self.noise_generator not in NOISE_GENERATORS:
+            raise EdgesdError(f"unknown noise generator {self.noise_generator!r}",
+                              f"use one of: {', '.join(NOISE_GENERATORS)}")
+        multiple, size = folder.constants.image_size_multiple, folder.constants.default_image_size
+        for name, value in (("width", self.width), ("height", self.height)):
+            if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
+                raise EdgesdError(f"{name} {value} is not a positive multiple of {multiple}",
+                                  f"this model needs sizes in steps of {multiple}, e.g. {size}")
+        if self.image is not None:
+            _picture_size(self.image, "image")
+            if not 0.0 < self.denoising_strength <= 1.0:
+                raise EdgesdError(f"strength must be in (0, 1], got {self.strength}", "use e.g. 0.75")
+        if self.mask_image is not None:
+            mask_size = _picture_size(self.mask_image, "mask_image", mask=True)
+            image_size = _picture_size(self.image, "image")
+            if mask_size != image_size:
+                raise EdgesdError(f"mask_image is {mask_size[0]}x{mask_size[1]} but image is "
+                                  f"{image_size[0]}x{image_size[1]}", "give a mask of the picture's size")
+        elif family.inpaint_unet:
+            raise EdgesdError(f"'{folder.root.name}' is an inpainting model: it needs image and mask_image",
+                              "pass --image and --mask (white = repaint)")
+
+    def parameters(self, sampler: str, model: str, backend: dict) -> dict:
+        """What the result and the PNG's text chunks record (the A1111 'parameters' fields and ours)."""
+        def one(texts):  # one text when all are the same (or none was given)
+            return "" if not texts else texts[0] if len(set(texts)) == 1 else list(texts)
+
+        params = {"prompt": self.prompts[0] if len(self.prompts) == 1 else list(self.prompts),
+                  "negative_prompt": one(self.negative_prompts),
+                  "steps": self.steps, "scheduler": sampler, "guidance_scale": self.guidance_scale}
+        if self.guidance_rescale:
+            params["guidance_rescale"] = self.guidance_rescale
+        params.update({"seed": self.seed, "width": self.width, "height": self.height})
+        if self.noise_generator != "numpy":
+            params["noise_generator"] = self.noise_generator
+        for name in ("prompts_2", "negative_prompts_2"):
+            if getattr(self, name) is not None:
+                params[name[:-1].replace("prompts", "prompt")] = one(getattr(self, name))
+        params.update({"model": model, **backend})
+        if self.image is not None:
+            params["strength"] = self.denoising_strength
+        if self.mask_image is not None:
+            params["inpainting"] = True
+        return params
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seed: int
+    parameters: dict = field(default_factory=dict)
+    latents: np.ndarray | None = None  # final denoised latents (N, C, H/f, W/f), before the VAE
+    timings: dict = field(default_factory=dict)  # seconds per graph, U-Net calls, total
+    warnings: list[str] = field(default_factory=list)  # e.g. prompts cut to the text encoder's length
+    request: GenerationRequest | None = None
+
+
+def _texts(name: str, value) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    texts = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise EdgesdError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")
+    return texts
+
+
+def _matching(name: str, value, prompts: tuple[str, ...]) -> tuple[str, ...] | None:
+    """One text per prompt (a single one is repeated), or None when not given."""
+    texts = _texts(name, value)
+    if texts is None:
+        return None
+    if len(texts) == 1:
+        return texts * len(prompts)
+    if len(texts) != len(prompts):
+        label = {"negative_prompt": "negative prompts", "prompt_2": "second prompts",
+                 "negative_prompt_2": "second negative prompts"}[name]
+        raise EdgesdError(f"{len(texts)} {label} for {len(prompts)} prompts",
+                          f"give one {name} per prompt, or a single one")
+    return texts
+
+
+def _picture_size(picture, name: str, mask: bool = False) -> tuple[int, int]:
+    """(width, height) of a PIL image or uint8 array; anything else is an error naming `name`."""
+    if isinstance(picture, Image.Image):
+        return picture.size
+    if not isinstance(picture, np.ndarray):
+        raise EdgesdError(f"{name} must be a PIL image or an (H, W, 3) uint8 array, got {type(picture).__name__}")
+    ok_ndim = picture.ndim in ((2, 3) if mask else (3,))
+    if not ok_ndim or (picture.ndim == 3 and picture.shape[2] not in ((1, 3, 4) if mask else (3, 4))) \
+            or picture.dtype != np.uint8:
+        want = "an (H, W) or (H, W, C) uint8 array" if mask else "an (H, W, 3) uint8 array"
+        raise EdgesdError(f"{name} array has shape {picture.shape} and dtype {picture.dtype}",
+                          f"pass {want} or a PIL image")
+    return picture.shape[1], picture.shape[0]
+
+
