@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from edgesd.tokenizer import ClipTokenizer
+from edgesd.tokenizer import ClipTokenizer, packaged_vocab
 
 TINY_UNET = dict(
     sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -66,5 +66,79 @@ def build_random_sd(out: Path, seed: int = 0, reference_config: Path | None = No
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=unet.eval(),
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+# --- the other families, for the family tests: each a diffusers folder its own pipeline class loads -------
+
+TINY_SDXL_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+    cross_attention_dim=64, norm_num_groups=8,
+)  # 80 = 6 time ids x 8 + the second encoder's 32-wide projection; 64 = 32 + 32 (both encoders' widths)
+TINY_SD2 = dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+FamilyKind = Literal["sd2", "turbo", "lcm", "inpaint", "sdxl", "sdxl-turbo"]
+
+
+def build_random_family(out: Path, kind: FamilyKind, seed: int = 0) -> Path:
+    """Write a tiny diffusers folder of another family with random weights: SD 2.x (v-prediction, OpenCLIP-style
+    gelu text encoder, "!" as pad token), SD-Turbo (trailing Euler), LCM (guidance embedding), 9-channel
+    inpainting, SDXL (two text encoders) or SDXL-Turbo."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    sdxl = kind.startswith("sdxl")
+
+    def tokenizer(folder: str, pad: str):
+        vocab, merges = packaged_vocab()
+        ClipTokenizer(vocab, merges, pad_token=pad).write_folder(out / folder)
+        return CLIPTokenizer.from_pretrained(out / folder)
+
+    text_config = dict(TINY_TEXT, hidden_act="quick_gelu" if kind in ("lcm", "inpaint") else "gelu")
+    vae = AutoencoderKL(**{**TINY_VAE, **({"scaling_factor": 0.13025, "force_upcast": True} if sdxl else {})})
+    parts = dict(vae=vae)
+    if sdxl:
+        parts["unet"] = UNet2DConditionModel(**TINY_SDXL_UNET)
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(**text_config, projection_dim=32)).eval()
+        parts["tokenizer"], parts["tokenizer_2"] = tokenizer("tokenizer", "<|endoftext|>"), tokenizer("tokenizer_2", "!")
+    else:
+        unet = {**TINY_UNET, **(TINY_SD2 if kind in ("sd2", "turbo") else {})}
+        if kind == "lcm":
+            unet["time_cond_proj_dim"] = 32
+        if kind == "inpaint":
+            unet["in_channels"] = 9
+        parts["unet"] = UNet2DConditionModel(**unet)
+        parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
+        parts["tokenizer"] = tokenizer("tokenizer", "!" if kind in ("sd2", "turbo") else "<|endoftext|>")
+    base = {k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"}
+    scheduler = {
+        "sd2": ("DDIMScheduler", {"prediction_type": "v_prediction"}),
+        "turbo": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+        "sdxl-turbo": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+        "lcm": ("LCMScheduler", {"steps_offset": 0}),
+        "inpaint": ("DDIMScheduler", {}),
+        "sdxl": ("EulerDiscreteScheduler", {}),
+    }[kind]
+    parts["scheduler"] = getattr(diffusers, scheduler[0]).from_config({**base, **scheduler[1]})
+    pipeline = {"sd2": "StableDiffusionPipeline", "turbo": "StableDiffusionPipeline",
+                "lcm": "LatentConsistencyModelPipeline", "inpaint": "StableDiffusionInpaintPipeline",
+                "sdxl": "StableDiffusionXLPipeline", "sdxl-turbo": "StableDiffusionXLPipeline"}[kind]
+    if sdxl:
+        pipe = getattr(diffusers, pipeline)(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        pipe = getattr(diffusers, pipeline)(**parts, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False)
+    for module in ("unet", "text_encoder", "text_encoder_2"):
+        if module in parts:
+            parts[module].eval()
     pipe.save_pretrained(out)
     return out

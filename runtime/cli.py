@@ -165,6 +165,8 @@ def _scheduler_choice(value: str | None):
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder (default: the embedded model).")
 @click.option("--negative", default=None, help="Negative prompt.")
+@click.option("--prompt-2", "prompt_2", default=None, help="SDXL: the prompt for the second text encoder.")
+@click.option("--negative-2", "negative_2", default=None, help="SDXL: the negative prompt for the second encoder.")
 @click.option("--steps", default=None, type=int, help="Denoising steps (default: the model's, usually 20).")
 @click.option("--guidance", default=None, type=float,
               help="Classifier-free guidance scale (default: the model's, usually 7.5).")
@@ -180,8 +182,10 @@ def _scheduler_choice(value: str | None):
               help="DDIM's noise level, 0 (default) to 1; TCD's gamma (default 0.3).")
 @click.option("--image", "image_path", type=click.Path(path_type=Path), default=None,
               help="img2img: start from this picture (PNG, JPEG, ...).")
-@click.option("--strength", default=0.8, show_default=True, type=float,
-              help="img2img: how much of the schedule to run, (0, 1]; 1 ignores the picture.")
+@click.option("--strength", default=None, type=float,
+              help="img2img / inpainting: how much of the schedule to run, (0, 1] (default 0.8; inpainting 1).")
+@click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
+              help="Inpainting (with --image): white repaints, black keeps.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
               help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime.")
 @click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core).")
@@ -203,9 +207,9 @@ def _scheduler_choice(value: str | None):
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, seed, width, height, scheduler,
-             noise_generator, eta,
-             image_path, strength, count, output, **runtime_options):
+def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed, width,
+             height, scheduler, noise_generator, eta, image_path, strength, mask_path, count, output,
+             **runtime_options):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -229,6 +233,7 @@ def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, see
 
     choice = _scheduler_choice(scheduler)
     image = _open_image(image_path) if image_path is not None else None
+    mask = _open_image(mask_path) if mask_path is not None else None
     pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options))
     bar_length = steps or pipe.defaults.num_inference_steps
     with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
@@ -240,7 +245,7 @@ def generate(prompt, model_dir, negative, steps, guidance, guidance_rescale, see
                       guidance_rescale=guidance_rescale,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
-                      strength=strength)
+                      strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]
@@ -271,6 +276,7 @@ def info(model: Path, as_json: bool):
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"model      {summary['path']}")
+    click.echo(f"family     {summary['family']}: {summary['family_title']}")
     click.echo(f"written by {summary['written_by']}")
     click.echo(f"formats    {', '.join(summary['formats'])}")
     for key, value in summary["constants"].items():

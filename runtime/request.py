@@ -154,9 +154,9 @@ class GenerationRequest:
         params.update({"seed": self.seed, "width": self.width, "height": self.height})
         if self.noise_generator != "numpy":
             params["noise_generator"] = self.noise_generator
-        for name in ("prompts_2", "negative_prompts_2"):
+        for name, key in (("prompts_2", "prompt_2"), ("negative_prompts_2", "negative_prompt_2")):
             if getattr(self, name) is not None:
-                params[name[:-1].replace("prompts", "prompt")] = one(getattr(self, name))
+                params[key] = one(getattr(self, name))
         params.update({"model": model, **backend})
         if self.image is not None:
             params["strength"] = self.denoising_strength

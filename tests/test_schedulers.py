@@ -189,7 +189,7 @@ def test_clipping_thresholding_and_eta_equal_diffusers(name, extra, eta, steps):
 
 @pytest.mark.parametrize("config, needle", [
     ({"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "sideways"}, "timestep_spacing='sideways'"),
-    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "solver_order=3 is not supported"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 4}, "solver_order=4 is not supported"),
     ({"_class_name": "HeunDiscreteScheduler", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr.*euler-a"),
     ({"_class_name": "PNDMScheduler", "skip_prk_steps": False}, "skip_prk_steps=False"),
     ({"_class_name": "FlowMatchHeunDiscreteScheduler"}, "FlowMatchHeunDiscreteScheduler"),
@@ -519,3 +519,27 @@ def test_dpmpp_2s_ancestral_starts_part_way(steps, first):
     got = _run_sampler(sched, denoiser, start, steps, lambda s: torch.randn(s, generator=gen2).numpy(), None,
                        start=first, x0=clean)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("karras", [False, True])
+def test_dpmpp_third_order_loop_equals_diffusers(steps, spacing, karras):
+    """DPM-Solver++ with solver_order=3 (diffusers' third-order multistep update), stand-in model."""
+    config = {**SD, "_class_name": "DPMSolverMultistepScheduler", "solver_order": 3, "timestep_spacing": spacing,
+              "use_karras_sigmas": karras}
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    start = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(start) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        eps = torch.from_numpy(stand_in_eps(ref.scale_model_input(x, t).numpy(), float(t)))
+        x = ref.step(eps, t, x).prev_sample
+    sched = resolve_scheduler(config, {})
+    assert sched.name == "dpm++2m-karras" if karras else sched.name == "dpm++2m"
+    got = _run_sampler(sched, stand_in_denoiser(sched, "epsilon"), start, steps, None, None)
+    np.testing.assert_allclose(got, x.numpy(), atol=1e-5 * np.abs(x.numpy()).max())
+    if steps >= 15:  # the third-order update ran (under 15 steps the last two are order 1 and 2)
+        second = resolve_scheduler({**config, "solver_order": 2}, {})
+        other = _run_sampler(second, stand_in_denoiser(second, "epsilon"), start, steps, None, None)
+        assert np.abs(other - got).max() > 1e-4 * np.abs(got).max()

@@ -29,12 +29,15 @@ def test_packaged_vocabulary_matches_clip():
     assert (ids[0, 7:] == 49407).all()  # SD 1.x pads with <|endoftext|>
 
 
-@pytest.mark.parametrize("prompt", TRICKY)
-def test_matches_transformers_clip_tokenizer(prompt, tmp_path_factory):
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])  # SD 1.x; SD 2.x and SDXL's second tokenizer
+@pytest.mark.parametrize("prompt", TRICKY + ["dogs!! and cats!", "wow! ! !!!", "!start and end!"])
+def test_matches_transformers_clip_tokenizer(prompt, pad, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    folder = tmp_path_factory.getbasetemp() / "clip-tokenizer"
+    from edgesd.tokenizer import packaged_vocab
+
+    folder = tmp_path_factory.getbasetemp() / f"clip-tokenizer-{pad != '!'}"
     if not folder.exists():
-        ClipTokenizer.packaged().write_folder(folder)
+        ClipTokenizer(*packaged_vocab(), pad_token=pad).write_folder(folder)
     ours = ClipTokenizer.from_folder(folder)
     theirs = transformers.CLIPTokenizer.from_pretrained(folder)
     expected = theirs([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="np")
@@ -59,3 +62,13 @@ def test_reads_tokenizer_json_only_folders(tmp_path):
         (five / name).unlink(missing_ok=True)
     assert (five / "tokenizer.json").is_file()
     assert ClipTokenizer.from_folder(five).tokenize("a photo of a cat") == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_exclamation_pad_token_is_split_out_as_transformers_does(tmp_path):
+    """Where "!" pads (SD 2.x), every "!" is that special token: "dogs!!" -> dogs</w> ! !, not the merged !!."""
+    from edgesd.tokenizer import packaged_vocab
+
+    ClipTokenizer(*packaged_vocab(), pad_token="!").write_folder(tmp_path)
+    tok = ClipTokenizer.from_folder(tmp_path)
+    assert tok.tokenize("dogs!!")[1:-1] == [tok.tokenize("dogs")[1], 0, 0]
+    assert ClipTokenizer.packaged().tokenize("dogs!!")[2] == 748  # "!!</w>" where "!" is not the pad token
