@@ -83,7 +83,15 @@ TINY_SD2 = dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_at
 FamilyKind = Literal["sd2", "turbo", "lcm", "inpaint", "sdxl", "sdxl-turbo"]
 
 
-def build_random_family(out: Path, kind: FamilyKind, seed: int = 0) -> Path:
+# Smaller still, for the committed optimum fixtures of the families.
+MICRO_FAMILY = {"text": dict(hidden_size=8, intermediate_size=16, num_attention_heads=2),
+                "unet": dict(block_out_channels=(16, 32), cross_attention_dim=8, attention_head_dim=4),
+                "sdxl_unet": dict(block_out_channels=(16, 32), cross_attention_dim=16,
+                                  projection_class_embeddings_input_dim=56),  # 6 x 8 + 8
+                "vae": dict(block_out_channels=(8, 16)), "projection_dim": 8}
+
+
+def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Literal["tiny", "micro"] = "tiny") -> Path:
     """Write a tiny diffusers folder of another family with random weights: SD 2.x (v-prediction, OpenCLIP-style
     gelu text encoder, "!" as pad token), SD-Turbo (trailing Euler), LCM (guidance embedding), 9-channel
     inpainting, SDXL (two text encoders) or SDXL-Turbo."""
@@ -101,17 +109,20 @@ def build_random_family(out: Path, kind: FamilyKind, seed: int = 0) -> Path:
         ClipTokenizer(vocab, merges, pad_token=pad).write_folder(out / folder)
         return CLIPTokenizer.from_pretrained(out / folder)
 
-    text_config = dict(TINY_TEXT, hidden_act="quick_gelu" if kind in ("lcm", "inpaint") else "gelu")
-    vae = AutoencoderKL(**{**TINY_VAE, **({"scaling_factor": 0.13025, "force_upcast": True} if sdxl else {})})
+    micro = MICRO_FAMILY if size == "micro" else {"text": {}, "unet": {}, "sdxl_unet": {}, "vae": {},
+                                                  "projection_dim": 32}
+    text_config = dict(TINY_TEXT, hidden_act="quick_gelu" if kind in ("lcm", "inpaint") else "gelu", **micro["text"])
+    vae = AutoencoderKL(**{**TINY_VAE, **micro["vae"],
+                           **({"scaling_factor": 0.13025, "force_upcast": True} if sdxl else {})})
     parts = dict(vae=vae)
     if sdxl:
-        parts["unet"] = UNet2DConditionModel(**TINY_SDXL_UNET)
+        parts["unet"] = UNet2DConditionModel(**{**TINY_SDXL_UNET, **micro["sdxl_unet"]})
         parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
         parts["text_encoder_2"] = CLIPTextModelWithProjection(
-            CLIPTextConfig(**text_config, projection_dim=32)).eval()
+            CLIPTextConfig(**text_config, projection_dim=micro["projection_dim"])).eval()
         parts["tokenizer"], parts["tokenizer_2"] = tokenizer("tokenizer", "<|endoftext|>"), tokenizer("tokenizer_2", "!")
     else:
-        unet = {**TINY_UNET, **(TINY_SD2 if kind in ("sd2", "turbo") else {})}
+        unet = {**TINY_UNET, **(TINY_SD2 if kind in ("sd2", "turbo") else {}), **micro["unet"]}
         if kind == "lcm":
             unet["time_cond_proj_dim"] = 32
         if kind == "inpaint":

@@ -114,5 +114,5 @@ def run_sampler(sched: SchedulerConfig, model: sampling.Model, noise_x: np.ndarr
                        after_step=after_step(s) if after_step is not None else None)
     x = sampler.run(model, x, s, args)
     if sampler.vp_output and isinstance(s, sampling.SigmaSchedule):
-        x = (x / np.sqrt(1.0 + float(s.sigmas[-1]) ** 2)).astype(np.float32)
-    return x
+        x = x / np.sqrt(1.0 + float(s.sigmas[-1]) ** 2)
+    return x.astype(np.float32)

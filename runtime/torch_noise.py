@@ -13,10 +13,11 @@ How torch draws them (ATen `normal_kernel`, CPU, float32), which this module fol
   Box-Muller transform in float32, value j paired with j + 8: `r = sqrt(-2 log(1 - u[j]))`,
   `theta = 2 pi u[j + 8]`, `out[j] = r cos(theta)`, `out[j + 8] = r sin(theta)`. If the size is not a multiple
   of 16, 16 fresh uniforms redo the last 16 values.
-  The float32 log / sin / cos depend on the CPU kernel torch picks: on x86 with AVX2 (and no AVX-512) they are
+  The float32 log / sin / cos depend on the CPU kernel torch picks: on x86 with AVX2 and FMA they are
   the Cephes polynomials of `avx_mathfun.h` (`MATH_AVX2`, emulated below operation by operation,
-  with the FMAs torch's compiler made of them); elsewhere
-  (AVX-512 machines, ARM) they are the C library's `logf` / `cosf` / `sinf` (`MATH_LIBM`, called through ctypes).
+  with the FMAs torch's compiler made of them); torch's AVX-512 kernels run the same AVX2 fill (measured on an
+  AVX-512 Xeon, torch 2.13). Elsewhere (x86 without AVX2, ARM, or ATEN_CPU_CAPABILITY=default) they are the
+  C library's `logf` / `cosf` / `sinf` (`MATH_LIBM`, called through ctypes).
 - Tensors of < 16 values: one double Box-Muller pair per two values (`r = sqrt(-2 log1p(-u2))`,
   `theta = 2 pi u1`, cosine first), the sine kept for the next value, even across calls.
 """
@@ -115,21 +116,21 @@ def _resolve_math(choice: TorchMath) -> TorchMath:
     if choice != "auto":
         raise EdgesdError(f"unknown torch math {choice!r}", "use auto, avx2 or libm")
     forced = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
-    if forced == "avx2":
+    if forced in ("avx2", "avx512"):  # torch's AVX-512 kernels fill normals with the AVX2 code
         return MATH_AVX2
-    if forced in ("default", "avx512", "zvector", "vsx"):
+    if forced in ("default", "zvector", "vsx"):
         return MATH_LIBM
     return MATH_AVX2 if _torch_picks_avx2() else MATH_LIBM
 
 
 def _torch_picks_avx2() -> bool:
-    """torch runs its AVX2 kernels on x86 CPUs with AVX2 and FMA but not the AVX-512 set it wants."""
+    """torch runs its AVX2 normal fill on x86 CPUs with AVX2 and FMA (its AVX-512 kernels included)."""
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:  # numpy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as features
     has = lambda *names: all(features.get(n, False) for n in names)  # noqa: E731
-    return has("AVX2", "FMA3") and not has("AVX512VL", "AVX512BW", "AVX512DQ")
+    return has("AVX2", "FMA3")
 
 
 # --- the Cephes single-precision polynomials, as torch's build of avx_mathfun.h evaluates them ---

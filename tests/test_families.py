@@ -308,3 +308,49 @@ def test_family_recipes_pass_their_fidelity_gates(family_model, tmp_path, kind, 
     assert report.fidelity.passed and report.fidelity.image_psnr_db
     pipe = edgesd.Pipeline.load(tmp_path / "q")
     assert pipe.family.name == CASES.get(kind, ("sd-inpaint",))[0]
+
+
+@pytest.mark.parametrize("scheduler, cls", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")])
+def test_sdxl_img2img_equals_diffusers(family_model, picture_and_mask, scheduler, cls):
+    """StableDiffusionXLImg2ImgPipeline given our clean latents, and the same noise."""
+    src, onnx = family_model("sdxl")
+    ours = edgesd.Pipeline.load(onnx)
+    picture, _ = picture_and_mask
+    x0 = ours.encode_image(picture, SIZE, SIZE)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(7))
+    ref = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(src, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = getattr(diffusers, cls).from_config(ref.scheduler.config)
+    want = ref(PROMPT, image=torch.from_numpy(x0), strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(7), output_type="np").images[0] * 255
+    got = ours(PROMPT, image=picture, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
+               latents=noise.numpy(), scheduler=scheduler)
+    assert psnr(want, np.asarray(got.images[0], np.float64)) >= MIN_PSNR_DB
+    assert got.timings["unet_calls"] == 6
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "lcm"])
+def test_optimum_family_folders_match_our_export(tmp_path, kind):
+    """optimum-cli's SDXL (text_encoder_2/, text_embeds, time_ids, hidden_states.N) and LCM (timestep_cond)
+    exports run, and agree with our export of the same checkpoint."""
+    import shutil
+    from pathlib import Path
+
+    from edgesd.export import ExportOptions, export_model
+    from edgesd.tokenizer import ClipTokenizer, packaged_vocab
+
+    fixtures = Path(__file__).parent / "fixtures"
+    folders = {}
+    for name in (f"{kind}-micro", f"optimum-onnx-{kind}-micro"):  # the tokenizers are left out of the fixtures
+        folders[name] = tmp_path / name
+        shutil.copytree(fixtures / name, folders[name])
+        for tokenizer, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+            if tokenizer == "tokenizer" or kind == "sdxl":
+                ClipTokenizer(*packaged_vocab(), pad_token=pad).write_folder(folders[name] / tokenizer)
+    export_model(folders[f"{kind}-micro"], tmp_path / "ours", ExportOptions(with_vae_encoder=False))
+    optimum = edgesd.Pipeline.load(folders[f"optimum-onnx-{kind}-micro"])
+    ours = edgesd.Pipeline.load(tmp_path / "ours")
+    assert optimum.folder.manifest is None and optimum.family.name == ours.family.name == kind
+    args = dict(num_inference_steps=3, seed=9, width=SIZE, height=SIZE, negative_prompt="blurry")
+    a, b = optimum("a red circle!", **args).latents, ours("a red circle!", **args).latents
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())

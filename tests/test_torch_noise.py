@@ -63,12 +63,13 @@ def test_matches_torch_on_this_machine():
 
 @pytest.mark.skipif(not _torch_picks_avx2(), reason="torch's AVX2 kernel needs an AVX2 + FMA CPU")
 def test_matches_torchs_avx2_kernel(tmp_path):
-    """x86 laptops without AVX-512: the Cephes polynomials of avx_mathfun.h, with the compiler's FMAs."""
+    """x86 with AVX2 and FMA (with or without AVX-512): the Cephes polynomials of avx_mathfun.h, with the
+    compiler's FMAs."""
     _check_against(_torch_in_subprocess("avx2", tmp_path), "avx2")
 
 
 def test_matches_torchs_scalar_kernel(tmp_path):
-    """AVX-512 machines and ARM: the C library's logf / sinf / cosf."""
+    """x86 without AVX2, ARM, ATEN_CPU_CAPABILITY=default: the C library's logf / sinf / cosf."""
     _check_against(_torch_in_subprocess("default", tmp_path), "libm")
 
 
@@ -102,3 +103,13 @@ def test_bad_arguments():
         TorchCpuGenerator(-1)
     with pytest.raises(EdgesdError, match="unknown torch math 'sse'"):
         TorchCpuGenerator(1, "sse")
+
+
+@pytest.mark.skipif(not _torch_picks_avx2(), reason="torch's AVX2 kernel needs an AVX2 + FMA CPU")
+def test_avx512_kernel_fills_like_avx2(tmp_path):
+    """torch's AVX-512 build of the normal fill is the AVX2 code (where the CPU has AVX-512)."""
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    if not all(features.get(n) for n in ("AVX512F", "AVX512VL", "AVX512BW", "AVX512DQ")):
+        pytest.skip("no AVX-512 on this CPU")
+    _check_against(_torch_in_subprocess("avx512", tmp_path), "avx2")

@@ -80,7 +80,7 @@ class Graph(Protocol):
 
     def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
         """Run the graph. `local`: the caller's own state for this graph (one per generation), so callers in
-        several threads never share an in-flight request; None uses a fresh one."""
+        several threads never share an in-flight request; None: the graph's own (for one thread at a time)."""
 
 
 def fit_feeds(path: Path, feeds: dict[str, np.ndarray], dtypes: dict[str, np.dtype],

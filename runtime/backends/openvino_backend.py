@@ -75,6 +75,7 @@ class OvGraph:
         self._ports: dict = {}  # output name -> the compiled model's output port
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._compiling = threading.Lock()  # reshape + compile change the shared model
+        self._own: dict = {}  # the state of callers that pass no `local` (one thread at a time)
         self.compile_seconds = 0.0  # total time spent compiling, for benchmarks
 
     def input_dtype(self, name: str) -> np.dtype:
@@ -106,11 +107,11 @@ class OvGraph:
 
     def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
         """`local` keeps this caller's infer request (and the compiled model it belongs to) between calls, and
-        adds compile time to local["compile_s"]."""
+        adds compile time to local["compile_s"]; without it the graph's own is used (one thread at a time)."""
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         shapes = {name: tuple(v.shape) for name, v in cast.items()}
-        local = {} if local is None else local
+        local = self._own if local is None else local
         if local.get("shapes") != shapes or "request" not in local:
             compiled, ports, seconds = self._compiled_for(shapes)
             local.update(request=compiled.create_infer_request(), ports=ports, shapes=shapes,
