@@ -131,14 +131,11 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         latent = max(PARITY_LATENT_SIZE, constants.latent_size_multiple)
         threshold = options.parity_threshold_db
         parity: list[ParityResult] = []
-        vae = None
-        for component in recipes:  # one network in memory at a time (the VAE serves both of its graphs)
+        for component in recipes:  # one network in memory at a time, freed before its parity check
             stage(component)
-            module = vae if component == "vae_encoder" and vae is not None else model.load(component)
             sizes = _sample_sizes(component, cfg, tokenizers, latent, constants.vae_scale_factor)
-            parity += export_graph(module, specs[component], sizes, tmp / component, threshold)
-            vae = module if component == "vae_decoder" else None
-            del module
+            parity += export_graph(lambda: model.load(component), specs[component], sizes, tmp / component,
+                                   threshold)
         report = ExportReport(out, parity, time.perf_counter() - started)
         if not report.passed:
             failed = ", ".join(f"{r.component}.{r.output} {r.psnr_db:.1f} dB" for r in parity if not r.passed)
