@@ -20,6 +20,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from torch_timing import ModuleTimer  # bench/ is on sys.path when a script of it runs
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 SRC = WORK / "sd15-random"
@@ -90,23 +92,11 @@ def phase_diffusers() -> dict:
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - start
-    seconds = {"text_encoder": 0.0, "unet": 0.0, "vae_decoder": 0.0}
-    calls = {"unet": 0}
-
-    def timed(module, name):
-        def pre(*_):
-            module._bench_start = time.perf_counter()
-
-        def post(*_):
-            seconds[name] += time.perf_counter() - module._bench_start
-            calls[name] = calls.get(name, 0) + 1
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
-
-    timed(pipe.text_encoder, "text_encoder")
-    timed(pipe.unet, "unet")
-    timed(pipe.vae.decoder, "vae_decoder")
+    timer = ModuleTimer()
+    timer.watch(pipe.text_encoder, "text_encoder")
+    timer.watch(pipe.unet, "unet")
+    timer.watch(pipe.vae.decoder, "vae_decoder")
+    seconds, calls = timer.seconds, timer.calls
     latents = torch.from_numpy(np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 8, SIZE // 8))
                                .astype(np.float32))
     start = time.perf_counter()

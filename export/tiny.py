@@ -80,7 +80,7 @@ TINY_SDXL_UNET = dict(
     cross_attention_dim=64, norm_num_groups=8,
 )  # 80 = 6 time ids x 8 + the second encoder's 32-wide projection; 64 = 32 + 32 (both encoders' widths)
 TINY_SD2 = dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
-FamilyKind = Literal["sd2", "turbo", "lcm", "inpaint", "sdxl", "sdxl-turbo"]
+FamilyKind = Literal["sd2", "turbo", "lcm", "inpaint", "sdxl", "sdxl-turbo", "sdxl-inpaint"]
 
 
 # Smaller still, for the committed optimum fixtures of the families.
@@ -94,7 +94,7 @@ MICRO_FAMILY = {"text": dict(hidden_size=8, intermediate_size=16, num_attention_
 def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Literal["tiny", "micro"] = "tiny") -> Path:
     """Write a tiny diffusers folder of another family with random weights: SD 2.x (v-prediction, OpenCLIP-style
     gelu text encoder, "!" as pad token), SD-Turbo (trailing Euler), LCM (guidance embedding), 9-channel
-    inpainting, SDXL (two text encoders) or SDXL-Turbo."""
+    inpainting, SDXL (two text encoders), SDXL-Turbo or SDXL inpainting."""
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -116,7 +116,8 @@ def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Litera
                            **({"scaling_factor": 0.13025, "force_upcast": True} if sdxl else {})})
     parts = dict(vae=vae)
     if sdxl:
-        parts["unet"] = UNet2DConditionModel(**{**TINY_SDXL_UNET, **micro["sdxl_unet"]})
+        parts["unet"] = UNet2DConditionModel(**{**TINY_SDXL_UNET, **micro["sdxl_unet"],
+                                                 **({"in_channels": 9} if kind == "sdxl-inpaint" else {})})
         parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
         parts["text_encoder_2"] = CLIPTextModelWithProjection(
             CLIPTextConfig(**text_config, projection_dim=micro["projection_dim"])).eval()
@@ -138,11 +139,13 @@ def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Litera
         "lcm": ("LCMScheduler", {"steps_offset": 0}),
         "inpaint": ("DDIMScheduler", {}),
         "sdxl": ("EulerDiscreteScheduler", {}),
+        "sdxl-inpaint": ("EulerDiscreteScheduler", {}),
     }[kind]
     parts["scheduler"] = getattr(diffusers, scheduler[0]).from_config({**base, **scheduler[1]})
     pipeline = {"sd2": "StableDiffusionPipeline", "turbo": "StableDiffusionPipeline",
                 "lcm": "LatentConsistencyModelPipeline", "inpaint": "StableDiffusionInpaintPipeline",
-                "sdxl": "StableDiffusionXLPipeline", "sdxl-turbo": "StableDiffusionXLPipeline"}[kind]
+                "sdxl": "StableDiffusionXLPipeline", "sdxl-turbo": "StableDiffusionXLPipeline",
+                "sdxl-inpaint": "StableDiffusionXLInpaintPipeline"}[kind]
     if sdxl:
         pipe = getattr(diffusers, pipeline)(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
     else:

@@ -57,6 +57,7 @@ class ModelFamily:
     classifier_free: bool = True  # False (LCM): guidance goes in through the w embedding, no uncond batch
     default_steps: int = 20
     default_guidance: float = 7.5
+    inpaint_strength: float = 1.0  # the strength a mask gets when none is given (diffusers' default)
 
     @property
     def text_components(self) -> tuple[str, ...]:
@@ -100,10 +101,13 @@ class ModelFamily:
             embeds["text_embeds"] = pooled
         return embeds
 
-    def conditioning(self, request: "GenerationRequest", tokenizers: dict[str, "ClipTokenizer"],
-                     specs: dict[str, GraphSpec], unet_config: dict, force_zeros: bool, run: RunFn) -> Conditioning:
-        """Text (and SDXL's micro-conditioning, LCM's w embedding) for every image of the request."""
+    def conditioning(self, request: "GenerationRequest", configs: dict[str, dict],
+                     tokenizers: dict[str, "ClipTokenizer"], run: RunFn) -> Conditioning:
+        """Text (and SDXL's micro-conditioning, LCM's w embedding) for every image of the request; `configs`
+        are the model folder's (model_index, unet, text encoders)."""
         repeat = request.images_per_prompt
+        specs, unet_config = self.graph_specs(configs), configs.get("unet", {})
+        force_zeros = bool(configs.get("model_index", {}).get("force_zeros_for_empty_prompt"))
 
         def per_image(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: np.repeat(v, repeat, 0) for k, v in arrays.items()}
@@ -167,7 +171,7 @@ FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (
     ModelFamily("sdxl-inpaint", "SDXL inpainting (9-channel U-Net)",
                 ("StableDiffusionXLInpaintPipeline", "ORTStableDiffusionXLInpaintPipeline",
                  "OVStableDiffusionXLInpaintPipeline"), _SDXL_ENCODERS, micro_conditioning=True, inpaint_unet=True,
-                default_guidance=7.5),
+                default_guidance=7.5, inpaint_strength=0.9999),
 )}
 
 # Pipelines users may hold that edgesd does not run, with what they are.

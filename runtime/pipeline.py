@@ -192,9 +192,7 @@ class Pipeline:
         start = _Start()
         if request.image is not None:
             start = self._picture_start(request, ctx, noise_x)
-        cond = self.family.conditioning(request, self.tokenizers, self.specs, self.folder.configs.get("unet", {}),
-                                        bool(self.folder.configs.get("model_index", {}).get(
-                                            "force_zeros_for_empty_prompt")), ctx.run)
+        cond = self.family.conditioning(request, self.folder.configs, self.tokenizers, ctx.run)
         denoiser = Denoiser(
             unet=ctx.unet, cond=cond.stacked(),
             guidance_scale=request.guidance_scale if self.family.classifier_free else 1.0,

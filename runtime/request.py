@@ -86,6 +86,8 @@ class GenerationRequest:
                               f"'{folder.root.name}' is {family.title}", "drop --prompt-2 / --negative-2")
         if mask_image is not None and image is None:
             raise EdgesdError("mask_image needs image (the picture to repaint)", "pass --image with --mask")
+        if mask_image is not None and rest.get("strength") is None:
+            rest["strength"] = family.inpaint_strength
         defaults = folder.defaults
         steps = defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale

@@ -41,7 +41,9 @@ def family_model(tmp_path_factory):
 
 
 def _reference(src, kind):
-    if kind.startswith("sdxl"):
+    if kind == "sdxl-inpaint":
+        pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(src, add_watermarker=False)
+    elif kind.startswith("sdxl"):
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, add_watermarker=False)
     else:
         pipe = diffusers.DiffusionPipeline.from_pretrained(src, safety_checker=None)
@@ -151,16 +153,19 @@ def _inpaint_reference_inputs(ours, picture, mask):
     return dict(image=torch.from_numpy(x0), mask_image=mask, masked_image_latents=torch.from_numpy(masked))
 
 
-@pytest.mark.parametrize("scheduler, cls, strength", [
-    ("ddim", "DDIMScheduler", 1.0), ("euler", "EulerDiscreteScheduler", 1.0),
-    ("dpm++2m", "DPMSolverMultistepScheduler", 0.6),
+@pytest.mark.parametrize("kind, scheduler, cls, strength", [
+    ("inpaint", "ddim", "DDIMScheduler", 1.0), ("inpaint", "euler", "EulerDiscreteScheduler", 1.0),
+    ("inpaint", "dpm++2m", "DPMSolverMultistepScheduler", 0.6),
+    ("sdxl-inpaint", "euler", "EulerDiscreteScheduler", 1.0),
+    ("sdxl-inpaint", "dpm++2m", "DPMSolverMultistepScheduler", 0.6),
 ])
-def test_inpainting_unet_equals_diffusers(family_model, picture_and_mask, scheduler, cls, strength):
-    """The 9-channel U-Net (mask + masked-picture latents), StableDiffusionInpaintPipeline."""
-    src, onnx = family_model("inpaint")
+def test_inpainting_unet_equals_diffusers(family_model, picture_and_mask, kind, scheduler, cls, strength):
+    """The 9-channel U-Net (mask + masked-picture latents): StableDiffusionInpaintPipeline and
+    StableDiffusionXLInpaintPipeline."""
+    src, onnx = family_model(kind)
     ours = edgesd.Pipeline.load(onnx)
-    assert ours.family.name == "sd-inpaint"
-    ref = _reference(src, "inpaint")
+    assert ours.family.name == {"inpaint": "sd-inpaint", "sdxl-inpaint": "sdxl-inpaint"}[kind]
+    ref = _reference(src, kind)
     ref.scheduler = getattr(diffusers, cls).from_config(ref.scheduler.config)
     picture, mask = picture_and_mask
     drawn = strength < 1  # diffusers noises the picture only for latents it draws itself
