@@ -133,7 +133,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         parity: list[ParityResult] = []
         for component in recipes:  # one network in memory at a time, freed before its parity check
             stage(component)
-            sizes = _sample_sizes(component, cfg, tokenizers, latent, constants.vae_scale_factor)
+            sizes = family.sample_sizes(component, cfg, latent)
             parity += export_graph(lambda: model.load(component), specs[component], sizes, tmp / component,
                                    threshold)
         report = ExportReport(out, parity, time.perf_counter() - started)
@@ -209,28 +209,6 @@ class ExportFidelityError(EdgesdError):
                          f"the threshold of {f.threshold_db:.1f} dB; the export was not written",
                          "use a less lossy recipe (e.g. --vae fp16), or pass --allow-lossy to keep it anyway")
         self.report = report
-
-
-def _sample_sizes(component: str, cfg: dict, tokenizers: dict, latent: int, vae_factor: int) -> dict[str, int]:
-    """The sizes of the symbolic dims of `component`'s sample inputs (export tracing and parity)."""
-    if component.startswith("text_encoder"):
-        text = cfg[component]
-        tok = tokenizers["tokenizer_2" if component == "text_encoder_2" else "tokenizer"]
-        return {"batch": 2, "sequence": tok.max_length, "vocab": int(text["vocab_size"]),
-                "bos": int(text.get("bos_token_id", tok.bos_id)), "eos": int(text.get("eos_token_id", tok.eos_id))}
-    if component == "unet":
-        u = cfg["unet"]
-        sizes = {"batch": 2, "channels": int(u.get("in_channels", 4)), "height": latent, "width": latent,
-                 "sequence": tokenizers["tokenizer"].max_length, "hidden": int(u.get("cross_attention_dim", 768))}
-        if u.get("addition_embed_type") == "text_time":  # pooled = what the add embedding takes beyond 6 ids
-            sizes["pooled"] = int(u["projection_class_embeddings_input_dim"]) - 6 * int(u["addition_time_embed_dim"])
-        if u.get("time_cond_proj_dim"):
-            sizes["guidance_embedding"] = int(u["time_cond_proj_dim"])
-        return sizes
-    if component == "vae_decoder":
-        return {"batch": 1, "channels": int(cfg["vae"].get("latent_channels", 4)), "latent_height": latent,
-                "latent_width": latent}
-    return {"batch": 1, "height": latent * vae_factor, "width": latent * vae_factor}
 
 
 def _write_side_files(src: Path, out: Path, tokenizers: dict[str, ClipTokenizer], cfg: dict, family) -> None:

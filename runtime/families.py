@@ -82,6 +82,32 @@ class ModelFamily:
         specs["vae_encoder"] = VAE_ENCODER
         return specs
 
+    def sample_sizes(self, component: str, configs: dict[str, dict], latent: int) -> dict[str, int]:
+        """Sizes of the symbolic dims of `component`'s sample inputs (GraphSpec.sample_inputs): what export
+        tracing, parity checks and tests feed, at `latent` latent pixels a side."""
+        unet = configs.get("unet", {})
+        if component in self.text_components:
+            text = configs.get(component, {})
+            return {"batch": 2, "sequence": int(text.get("max_position_embeddings", 77)),
+                    "vocab": int(text.get("vocab_size", 49408)), "bos": int(text.get("bos_token_id", 49406)),
+                    "eos": int(text.get("eos_token_id", 49407))}
+        if component == "unet":
+            sequence = int(configs.get("text_encoder", {}).get("max_position_embeddings", 77))
+            sizes = {"batch": 2, "channels": int(unet.get("in_channels", 4)), "height": latent, "width": latent,
+                     "sequence": sequence, "hidden": int(unet.get("cross_attention_dim", 768))}
+            if self.micro_conditioning:  # pooled = what the add embedding takes beyond the 6 time ids
+                sizes["pooled"] = (int(unet["projection_class_embeddings_input_dim"])
+                                   - 6 * int(unet["addition_time_embed_dim"]))
+            if unet.get("time_cond_proj_dim"):
+                sizes["guidance_embedding"] = int(unet["time_cond_proj_dim"])
+            return sizes
+        vae = configs.get("vae", {})
+        if component == "vae_decoder":
+            return {"batch": 1, "channels": int(vae.get("latent_channels", 4)), "latent_height": latent,
+                    "latent_width": latent}
+        factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        return {"batch": 1, "height": latent * factor, "width": latent * factor}
+
     # --- conditioning ----------------------------------------------------------------------------------
 
     def guided(self, request: "GenerationRequest") -> bool:

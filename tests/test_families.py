@@ -100,6 +100,18 @@ def test_family_equals_diffusers(family_model, kind):
         assert result.timings["unet_calls"] == 4
 
 
+@pytest.mark.parametrize("kind", ["sd2", "lcm", "inpaint", "sdxl"])
+def test_every_graph_runs_its_description_sample_inputs(family_model, kind):
+    """The family's graph descriptions (names, dims, sample inputs) fit the graphs its export wrote."""
+    _, onnx = family_model(kind)
+    pipe = edgesd.Pipeline.load(onnx)
+    for component, spec in pipe.specs.items():
+        feeds = spec.sample_inputs(pipe.family.sample_sizes(component, pipe.folder.configs, 16))
+        out = pipe.graph(component).run(feeds)
+        assert set(out) == set(spec.output_names)
+        assert all(out[t.name].ndim == len(t.dims) for t in spec.outputs)
+
+
 def test_lcm_guidance_goes_in_through_its_embedding(family_model):
     """LCM's guidance scale changes the picture without an unconditional branch (w = scale - 1)."""
     _, onnx = family_model("lcm")

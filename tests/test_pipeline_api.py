@@ -90,3 +90,23 @@ def test_long_prompt_is_reported(pipe):
     assert pipe("a red circle", num_inference_steps=1, seed=0).warnings == []
     warnings = pipe("red " * 80, num_inference_steps=1, seed=0).warnings
     assert len(warnings) == 1 and "first 75 tokens (80 given)" in warnings[0]
+
+
+def test_generation_request_runs_and_is_recorded(pipe):
+    """pipe(...) builds a frozen GenerationRequest, checked once; pipe.run(request) gives the same pictures."""
+    from dataclasses import FrozenInstanceError
+
+    request = edgesd.GenerationRequest.build(pipe.folder, pipe.family, "a red circle", num_inference_steps=2,
+                                             seed=5, scheduler="euler")
+    with pytest.raises(FrozenInstanceError):
+        request.steps = 3
+    by_run = pipe.run(request)
+    by_call = pipe("a red circle", num_inference_steps=2, seed=5, scheduler="euler")
+    np.testing.assert_array_equal(by_run.latents, by_call.latents)
+    assert by_call.request == request and by_call.parameters == by_run.parameters
+    assert by_call.parameters["steps"] == 2 and by_call.parameters["scheduler"] == "euler"
+
+
+def test_unknown_argument_is_an_edgesd_error(pipe):
+    with pytest.raises(EdgesdError, match="unexpected keyword argument 'num_steps'"):
+        pipe("x", num_steps=3)
