@@ -20,7 +20,8 @@ from edgesd.model import GRAPH_FILE, GRAPH_FILES, GenerationDefaults, constants_
 from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
-from .recipes import CALIBRATED, MIN_IMAGE_PSNR_DB, Format, Recipe, component_recipes
+from .recipes import (CALIBRATED, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Format, Recipe,
+                      component_recipes)
 
 if TYPE_CHECKING:
     from .fidelity import FidelityReport
@@ -152,7 +153,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             write_manifest(final, constants, _graph_entries(recipes, options.format), source, specs, family.name,
                            options.defaults)
         stage("fidelity")
-        report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes))
+        report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes, options.format))
         report.seconds = time.perf_counter() - started
         (final / "parity.json").write_text(json.dumps({r.component + "." + r.output: r.to_json() for r in parity},
                                                       indent=2) + "\n")
@@ -168,9 +169,11 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         shutil.rmtree(final, ignore_errors=True)
 
 
-def _threshold(recipes: dict[str, Recipe]) -> float:
+def _threshold(recipes: dict[str, Recipe], fmt: Format) -> float:
     """The loosest threshold among the recipes used (the image reflects all of them)."""
-    return min(MIN_IMAGE_PSNR_DB[r] for r in recipes.values())
+    def one(recipe: Recipe) -> float:
+        return MIN_IMAGE_PSNR_DB_CONVERTED_FP32 if recipe == "fp32" and fmt != "onnx" else MIN_IMAGE_PSNR_DB[recipe]
+    return min(one(r) for r in recipes.values())
 
 
 def _graph_entries(recipes: dict[str, Recipe], fmt: Format) -> dict[str, dict]:

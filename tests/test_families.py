@@ -371,3 +371,18 @@ def test_optimum_family_folders_match_our_export(tmp_path, kind):
     args = dict(num_inference_steps=3, seed=9, width=SIZE, height=SIZE, negative_prompt="blurry")
     a, b = optimum("a red circle!", **args).latents, ours("a red circle!", **args).latents
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "lcm", "inpaint"])
+def test_family_ir_export_runs_on_openvino_like_onnx_runtime(family_model, picture_and_mask, tmp_path, kind):
+    from edgesd.export import ExportOptions, export_model
+
+    pytest.importorskip("openvino")
+    src, onnx = family_model(kind)
+    export_model(src, tmp_path / "ir", ExportOptions(format="openvino"))
+    extra = dict(zip(("image", "mask_image"), picture_and_mask)) if kind == "inpaint" else {}
+    args = dict(num_inference_steps=3, seed=4, width=SIZE, height=SIZE, **extra)
+    ov = edgesd.Pipeline.load(tmp_path / "ir")
+    assert ov.options.backend == "openvino" and ov.family.name == edgesd.Pipeline.load(onnx).family.name
+    a, b = ov(PROMPT, **args).latents, edgesd.Pipeline.load(onnx)(PROMPT, **args).latents
+    np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
