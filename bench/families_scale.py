@@ -147,7 +147,8 @@ def diffusers_run(model: str) -> dict:
     size, steps, guidance, sampler = generation(model)
     start = time.perf_counter()
     kwargs = {"add_watermarker": False} if model == "sdxl" else {"safety_checker": None}
-    pipe = getattr(diffusers, MODELS[model][1]).from_pretrained(src(model), **kwargs)
+    # fp32 as edgesd computes (the SDXL configs say float16, which transformers 5 would load them as)
+    pipe = getattr(diffusers, MODELS[model][1]).from_pretrained(src(model), torch_dtype=torch.float32, **kwargs)
     if sampler == "euler":
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from .images import from_pil, mask_from_picture, to_pil
 from .model import ModelFolder
 from .models_path import default_model_path
 from .noise import noise_source
-from .request import MAX_STEPS, GenerationRequest, GenerationResult  # noqa: F401  (MAX_STEPS re-exported)
+from .request import GenerationRequest, GenerationResult
 from .samplers import noise_at, run_sampler
 from .schedulers import alphas_cumprod, resolve_scheduler
 from .tokenizer import ClipTokenizer
@@ -262,12 +262,15 @@ class Pipeline:
         return _Start(first, start_x0, after_step=blend)
 
 
+@dataclass(frozen=True)
 class _Start:
-    """How a picture-based generation enters the sampler."""
+    """How a generation enters the sampler: at which step, from which clean latents (img2img), with which extra
+    U-Net channels (an inpainting U-Net's) and which hook after each step (an ordinary model's mask blend)."""
 
-    def __init__(self, step: int = 0, x0: np.ndarray | None = None, concat: np.ndarray | None = None,
-                 after_step=None):
-        self.step, self.x0, self.concat, self.after_step = step, x0, concat, after_step
+    step: int = 0
+    x0: np.ndarray | None = None  # (B, C, h, w)
+    concat: np.ndarray | None = None  # (B, 1 + C, h, w): mask and masked-picture latents
+    after_step: Callable | None = None  # schedule -> StepHook
 
 
 def resolve_backend(folder: ModelFolder, backend: str) -> str:
