@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -120,14 +121,14 @@ def generation(model: str) -> tuple[int, int, float, str]:
     return (1024, ARGS.sdxl_steps, 5.0, "euler") if model == "sdxl" else (512, 4, 8.5, "lcm")
 
 
-def ours(model: str, recipe: str) -> dict:
+def ours(model: str, recipe: str, backend: str = "auto") -> dict:
     import numpy as np
 
     import edgesd
 
     size, steps, guidance, sampler = generation(model)
     start = time.perf_counter()
-    pipe = edgesd.Pipeline.load(export_dir(model, recipe))
+    pipe = edgesd.Pipeline.load(export_dir(model, recipe), backend=backend)
     load_s = time.perf_counter() - start
     latents = np.random.default_rng(0).standard_normal((1, 4, size // 8, size // 8)).astype(np.float32)
     result = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size,
@@ -176,7 +177,10 @@ PHASES = {
     "sdxl-build": lambda: build("sdxl"),
     "sdxl-export": lambda: export("sdxl", "fp32"),
     "sdxl-export-int8": lambda: export("sdxl", "int8"),
+    "sdxl-export-int8-weights": lambda: export("sdxl", "int8-weights"),
     "sdxl-ours": lambda: ours("sdxl", ARGS.sdxl_recipe),
+    "sdxl-ours-openvino": lambda: ours("sdxl", "fp32", backend="openvino"),  # OpenVINO on the ONNX files
+    "sdxl-ours-int8-weights": lambda: ours("sdxl", "int8-weights"),
     "sdxl-diffusers": lambda: diffusers_run("sdxl"),
     "lcm-build": lambda: build("lcm"),
     "lcm-export": lambda: export("lcm", "fp32"),
@@ -209,6 +213,7 @@ def report(results: dict) -> str:
     lines += ["## Export", "", "| model | recipe | time s | peak RSS GB | graphs on disk GB | parity (min dB) |",
               "|---|---|---:|---:|---:|---:|"]
     for phase, model, recipe in (("sdxl-export", "SDXL", "fp32"), ("sdxl-export-int8", "SDXL", "int8"),
+                                 ("sdxl-export-int8-weights", "SDXL", "int8-weights"),
                                  ("lcm-export", "LCM (SD 1.5)", "fp32"), ("lcm-export-int8", "LCM (SD 1.5)", "int8")):
         r = results.get(phase)
         if r and "error" not in r:
@@ -219,8 +224,11 @@ def report(results: dict) -> str:
     lines += ["", "## Generation", "",
               "| model | runtime | size | steps timed | U-Net s/call | VAE decode s | total s (timed) | "
               f"{STEPS} steps s | peak RSS GB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for phase, label in (("sdxl-ours", f"edgesd {ARGS.sdxl_recipe}"), ("sdxl-diffusers", "diffusers fp32"),
-                         ("lcm-ours", "edgesd int8"), ("lcm-ours-fp32", "edgesd fp32"),
+    for phase, label in (("sdxl-ours", f"edgesd onnxruntime {ARGS.sdxl_recipe}"),
+                         ("sdxl-ours-openvino", "edgesd openvino fp32 (f32)"),
+                         ("sdxl-ours-int8-weights", "edgesd onnxruntime int8-weights"),
+                         ("sdxl-diffusers", "diffusers fp32"),
+                         ("lcm-ours", "edgesd onnxruntime int8"), ("lcm-ours-fp32", "edgesd onnxruntime fp32"),
                          ("lcm-diffusers", "diffusers fp32")):
         r = results.get(phase)
         if not r or "error" in r:
@@ -259,6 +267,12 @@ def main() -> None:
             results[phase] = json.loads(run.stdout.strip().splitlines()[-1])
         else:
             reason = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1][:200]
+            if run.returncode == -9:  # the kernel's OOM killer (nothing else here sends SIGKILL)
+                reason = "killed by the kernel's out-of-memory killer (SIGKILL)"
+                for partial in WORK.glob(".*.partial-*"):  # what the killed export could not clean up
+                    shutil.rmtree(partial, ignore_errors=True)
+                for partial in WORK.glob(".*.recipe-*"):
+                    shutil.rmtree(partial, ignore_errors=True)
             results[phase] = {"error": reason, "returncode": run.returncode,
                               "seconds": round(time.perf_counter() - started, 1)}
         print(json.dumps(results[phase]), flush=True)

@@ -168,6 +168,7 @@ def measure(reference: Path, candidate: Path, recipes: dict[str, str], threshold
                                ({"sample": from_pil(im, size, size)} for im in reference_images)]
     step = max(1, len(runs["unet"]) // MAX_UNET_FEEDS)
     runs["unet"] = runs["unet"][::step][:MAX_UNET_FEEDS]
+    del fp32  # one pipeline in memory at a time (an SDXL fp32 one holds 12 GB)
     pipe = Pipeline.load(candidate)
     graphs = []
     for component, recipe in recipes.items():

@@ -386,3 +386,19 @@ def test_family_ir_export_runs_on_openvino_like_onnx_runtime(family_model, pictu
     assert ov.options.backend == "openvino" and ov.family.name == edgesd.Pipeline.load(onnx).family.name
     a, b = ov(PROMPT, **args).latents, edgesd.Pipeline.load(onnx)(PROMPT, **args).latents
     np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
+
+
+def test_export_refuses_a_family_it_does_not_run(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from edgesd.export import export_model
+
+    src = tmp_path / "flux"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "sd-micro-transformers4", src)
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                      "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    with pytest.raises(EdgesdError, match="Flux .*which edgesd does not run"):
+        export_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
