@@ -210,8 +210,12 @@ def test_ordinary_model_inpaints_by_latent_blending(tiny_src, tiny_onnx, picture
                                                                           out[~keep])
 
 
-def test_two_threads_on_one_pipeline_equal_sequential_calls(tiny_onnx):
-    pipe = edgesd.Pipeline.load(tiny_onnx)
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_two_threads_on_one_pipeline_equal_sequential_calls(tiny_onnx, backend):
+    """Each call keeps its state in its own run context (OpenVINO: its own infer requests, sizes differing)."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    pipe = edgesd.Pipeline.load(tiny_onnx, backend=backend)
     args = [dict(prompt="a red circle", seed=1, num_inference_steps=4, scheduler="euler-a"),
             dict(prompt="a blue square", seed=2, num_inference_steps=4, width=96, scheduler="dpm++2m")]
     sequential = [pipe(**a) for a in args]
