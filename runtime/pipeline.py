@@ -294,6 +294,8 @@ def resolve_backend(folder: ModelFolder, backend: str) -> str:
 def _checked(callback: ProgressCallback | None) -> sampling.StepCallback | None:
     if callback is None:
         return None
+    if not callable(callback):
+        raise EdgesdError(f"callback must be a function callback(step, total), got {type(callback).__name__}")
 
     def step(i: int, n: int) -> None:
         if callback(i, n) is False:

@@ -110,16 +110,30 @@ class GenerationRequest:
         if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) \
                 or not 1 <= self.steps <= MAX_STEPS:
             raise EdgesdError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}", "use e.g. 20")
+        for name in ("eta", "strength", "guidance_rescale"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not np.isfinite(value)):
+                raise EdgesdError(f"{name} must be a number, got {value!r}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise EdgesdError(f"eta must be between 0 and 1, got {self.eta}", "use 0 for deterministic DDIM")
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0 \
-                or not np.isfinite(self.guidance_scale):
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise EdgesdError(f"seed must be a whole number from 0 to 2**63 - 1, got {self.seed!r}",
+                              "leave it out for a random seed")
+        if self.scheduler is not None and not isinstance(self.scheduler, (str, dict)):
+            raise EdgesdError(f"scheduler must be a name or a diffusers config dict, got {type(self.scheduler).__name__}",
+                              "e.g. scheduler=\"euler\"")
+        if self.latents is not None and (not isinstance(self.latents, np.ndarray)
+                                         or not np.issubdtype(self.latents.dtype, np.floating)):
+            raise EdgesdError(f"latents must be a floating-point NumPy array, got {type(self.latents).__name__}",
+                              "pass standard-normal noise of shape (N, C, H/f, W/f)")
+        if not _is_number(self.guidance_scale) or self.guidance_scale < 0 or not np.isfinite(self.guidance_scale):
             raise EdgesdError(f"guidance scale must be >= 0, got {self.guidance_scale}",
                               "use e.g. 7.5, or 1 for no guidance")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise EdgesdError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale}",
                               "use e.g. 0.7")
-        if not isinstance(self.images_per_prompt, (int, np.integer)) or self.images_per_prompt < 1:
+        if not isinstance(self.images_per_prompt, (int, np.integer)) or isinstance(self.images_per_prompt, bool) \
+                or self.images_per_prompt < 1:
             raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
         if self.noise_generator not in NOISE_GENERATORS:
             raise EdgesdError(f"unknown noise generator {self.noise_generator!r}",
@@ -127,7 +141,7 @@ class GenerationRequest:
         multiple, size = folder.constants.image_size_multiple, folder.constants.default_image_size
         for name, value in (("width", self.width), ("height", self.height)):
             if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
-                raise EdgesdError(f"{name} {value} is not a positive multiple of {multiple}",
+                raise EdgesdError(f"{name} {value!r} is not a positive multiple of {multiple}",
                                   f"this model needs sizes in steps of {multiple}, e.g. {size}")
         if self.image is not None:
             _picture_size(self.image, "image")
@@ -176,6 +190,10 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)  # seconds per graph, U-Net calls, total
     warnings: list[str] = field(default_factory=list)  # e.g. prompts cut to the text encoder's length
     request: GenerationRequest | None = None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _texts(name: str, value) -> tuple[str, ...] | None:
