@@ -142,14 +142,18 @@ class ModelFamily:
             return self.encode_text(first, second, tokenizers, specs, run)
 
         prompts = list(request.prompts)
-        cond = per_image(encode(prompts, list(request.prompts_2 or prompts)))
+        prompts_2 = list(request.prompts_2 or prompts)
         uncond = None
-        if self.guided(request):
-            if force_zeros and request.negative_prompts is None:  # SDXL's force_zeros_for_empty_prompt
+        if self.guided(request) and not (force_zeros and request.negative_prompts is None):
+            negatives = list(request.negative_prompts or [""] * len(prompts))
+            negatives_2 = list(request.negative_prompts_2 or negatives)
+            both = encode(negatives + prompts, negatives_2 + prompts_2)  # one call per encoder: [uncond; cond]
+            uncond = per_image({k: v[: len(prompts)] for k, v in both.items()})
+            cond = per_image({k: v[len(prompts):] for k, v in both.items()})
+        else:
+            cond = per_image(encode(prompts, prompts_2))
+            if self.guided(request):  # SDXL's force_zeros_for_empty_prompt: no negative given, zeros
                 uncond = {k: np.zeros_like(v) for k, v in cond.items()}
-            else:
-                negatives = list(request.negative_prompts or [""] * len(prompts))
-                uncond = per_image(encode(negatives, list(request.negative_prompts_2 or negatives)))
         batch = request.batch
         extra = {}
         if self.micro_conditioning:

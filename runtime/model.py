@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from .errors import EdgesdError
@@ -99,9 +100,9 @@ class ModelFolder:
     configs: dict[str, dict] = field(default_factory=dict)  # CONFIG_FILES that exist, by key
     family: ModelFamily | None = None
 
-    @property
+    @cached_property
     def specs(self) -> dict[str, GraphSpec]:
-        """Every graph of this model's family, described from its configs."""
+        """Every graph of this model's family, described from its configs (computed once)."""
         return self.family.graph_specs(self.configs)
 
     @classmethod

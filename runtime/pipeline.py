@@ -44,7 +44,7 @@ class RunContext:
         self.started = time.perf_counter()
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        graph = self.pipe.graph(name)
+        graph = self.pipe.graphs.get(name) or self.pipe.graph(name)  # loaded graphs without the loading lock
         start = time.perf_counter()
         out = graph.run(feeds, self.local.setdefault(name, {}))
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

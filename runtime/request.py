@@ -57,10 +57,6 @@ class GenerationRequest:
         return len(self.prompts) * self.images_per_prompt
 
     @property
-    def mode(self) -> str:
-        return "inpaint" if self.mask_image is not None else "img2img" if self.image is not None else "txt2img"
-
-    @property
     def denoising_strength(self) -> float:
         if self.strength is not None:
             return self.strength
@@ -93,7 +89,7 @@ class GenerationRequest:
         guidance = defaults.guidance_scale if guidance_scale is None else guidance_scale
         if image is not None and (width is None or height is None):
             native = _picture_size(image, "image")
-            width, height = width or native[0], height or native[1]
+            width, height = native[0] if width is None else width, native[1] if height is None else height
         size = folder.constants.default_image_size
         req = cls(prompts=prompts, negative_prompts=negatives, steps=steps, guidance_scale=guidance,
                   width=size if width is None else width, height=size if height is None else height,

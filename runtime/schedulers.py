@@ -188,24 +188,15 @@ A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "eul
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
-_CLASS_TO_NAME = {
-    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "pndm", "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms",
-    "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc",
-    "KDPM2DiscreteScheduler": "dpm2", "KDPM2AncestralDiscreteScheduler": "dpm2-a",
-    "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverSDEScheduler": "dpm++sde",
-    "DEISMultistepScheduler": "deis", "DPMSolverSinglestepScheduler": "dpm++2s",
-}
-
-
-# The algorithm (samplers.SAMPLER_TABLE key) each diffusers class runs.
-_CLASS_ALGORITHMS = {
-    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "plms", "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral", "HeunDiscreteScheduler": "heun",
-    "LMSDiscreteScheduler": "lms", "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc",
-    "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
-    "LCMScheduler": "lcm", "TCDScheduler": "tcd", "DPMSolverSDEScheduler": "dpmpp_sde",
-    "DEISMultistepScheduler": "deis", "DPMSolverSinglestepScheduler": "dpmpp_2s",
+# Per diffusers class: our short name for it, and the algorithm (samplers.SAMPLER_TABLE key) that runs it.
+_CLASS_SAMPLERS: dict[str, tuple[str, str]] = {
+    "DDIMScheduler": ("ddim", "ddim"), "DDPMScheduler": ("ddpm", "ddpm"), "PNDMScheduler": ("pndm", "plms"),
+    "EulerDiscreteScheduler": ("euler", "euler"), "EulerAncestralDiscreteScheduler": ("euler-a", "euler_ancestral"),
+    "HeunDiscreteScheduler": ("heun", "heun"), "LMSDiscreteScheduler": ("lms", "lms"),
+    "DPMSolverMultistepScheduler": ("dpm++2m", "dpmpp_2m"), "UniPCMultistepScheduler": ("unipc", "unipc"),
+    "KDPM2DiscreteScheduler": ("dpm2", "dpm_2"), "KDPM2AncestralDiscreteScheduler": ("dpm2-a", "dpm_2_ancestral"),
+    "LCMScheduler": ("lcm", "lcm"), "TCDScheduler": ("tcd", "tcd"), "DPMSolverSDEScheduler": ("dpm++sde", "dpmpp_sde"),
+    "DEISMultistepScheduler": ("deis", "deis"), "DPMSolverSinglestepScheduler": ("dpm++2s", "dpmpp_2s"),
 }
 
 
@@ -238,7 +229,7 @@ class SchedulerConfig:
             return self.k_sampler
         if self.class_name == "DPMSolverMultistepScheduler" and self.config["algorithm_type"] == "sde-dpmsolver++":
             return "dpmpp_2m_sde"
-        return _CLASS_ALGORITHMS[self.class_name]
+        return _CLASS_SAMPLERS[self.class_name][1]
 
     @property
     def is_sigma_space(self) -> bool:
@@ -248,7 +239,7 @@ class SchedulerConfig:
 
     @property
     def name(self) -> str:
-        name = _K_SAMPLER_NAMES[self.k_sampler] if self.k_sampler else _CLASS_TO_NAME[self.class_name]
+        name = _K_SAMPLER_NAMES[self.k_sampler] if self.k_sampler else _CLASS_SAMPLERS[self.class_name][0]
         if self.config.get("algorithm_type") == "sde-dpmsolver++":
             name += "-sde"
         if self.config.get("use_karras_sigmas"):

@@ -86,7 +86,7 @@ class OvGraph:
         with self._compiling:
             if self._compiled is not None and (not self._static or shapes == self._shapes):
                 return self._compiled, self._ports, 0.0
-            return (*self._compile(shapes),)
+            return self._compile(shapes)
 
     def _compile(self, shapes: dict[str, tuple[int, ...]]) -> tuple[ov.CompiledModel, dict, float]:
         start = time.perf_counter()
