@@ -20,6 +20,7 @@ from edgesd.model import GRAPH_FILE, GRAPH_FILES, GenerationDefaults, constants_
 from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
+from .single_file import PredictionType
 from .recipes import (CALIBRATED, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Format, Recipe,
                       component_recipes)
 
@@ -47,6 +48,11 @@ class ExportOptions:
     calibration_prompts: tuple[str, ...] | None = None
     calibration_size: int = 4
     defaults: GenerationDefaults | None = None  # the model's own default steps / guidance, if it has them
+    # A single-file source: the diffusers folder whose configs describe it (None: the family's shipped configs),
+    # and the prediction type where the file cannot say (SD 2.x 768-v: v_prediction).
+    config: Path | None = None
+    prediction_type: PredictionType | None = None
+    vae: Path | None = None  # another VAE than the source's own: a .safetensors file or a diffusers vae/ folder
 
     def __post_init__(self):
         component_recipes(self.recipe, self.component_overrides, self.format)  # raises on unknown names
@@ -75,6 +81,7 @@ class ExportReport:
     parity: list[ParityResult]
     seconds: float
     fidelity: "FidelityReport | None" = None
+    notes: tuple[str, ...] = ()  # what was assumed about the source (e.g. an SD 2.x file's prediction type)
 
     @property
     def passed(self) -> bool:
@@ -98,10 +105,10 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
 
     from .components import export_graph
     from .fidelity import measure as measure_fidelity
-    from .loading import load_source, source_checksum
+    from .loading import source_checksum
 
     src, out = Path(src), Path(out)
-    model = load_source(src)  # checks the folder and finds its family; no weights read yet
+    model = open_source(src, options)  # checks the source and finds its family; no weights read yet
     if out.exists() and not out.is_dir():
         raise EdgesdError(f"output '{out}' exists and is not a folder", "choose a folder path for OUT")
     if out.exists() and any(out.iterdir()) and not options.overwrite:
@@ -127,7 +134,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         stage("load")
         torch.manual_seed(0)
         constants = constants_from_configs(cfg["unet"], cfg["vae"], cfg["text_encoder"], cfg["scheduler"])
-        tokenizers = {e.tokenizer: ClipTokenizer.from_folder(src / e.tokenizer) for e in family.text_encoders}
+        tokenizers = model.tokenizers
         specs = family.graph_specs(cfg)
         latent = max(PARITY_LATENT_SIZE, constants.latent_size_multiple)
         threshold = options.parity_threshold_db
@@ -137,12 +144,14 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             sizes = family.sample_sizes(component, cfg, latent)
             parity += export_graph(lambda: model.load(component), specs[component], sizes, tmp / component,
                                    threshold)
-        report = ExportReport(out, parity, time.perf_counter() - started)
+        report = ExportReport(out, parity, time.perf_counter() - started, notes=model.notes)
         if not report.passed:
             failed = ", ".join(f"{r.component}.{r.output} {r.psnr_db:.1f} dB" for r in parity if not r.passed)
             raise ExportParityError(report, f"parity check failed: {failed} (need >= {threshold} dB)")
-        _write_side_files(src, tmp, tokenizers, cfg, family)
+        _write_side_files(tmp, tokenizers, cfg, family)
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
+        if options.vae is not None:
+            source["vae"] = {"path": str(Path(options.vae).resolve()), "sha256": source_checksum(Path(options.vae))}
         write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32"), "onnx"), source,
                        specs, family.name, options.defaults)
         if converted:
@@ -210,16 +219,36 @@ class ExportFidelityError(EdgesdError):
         f = report.fidelity
         super().__init__(f"a recipe image is {f.worst_image_psnr_db:.1f} dB PSNR from the fp32 export's, below "
                          f"the threshold of {f.threshold_db:.1f} dB; the export was not written",
-                         "use a less lossy recipe (e.g. --vae fp16), or pass --allow-lossy to keep it anyway")
+                         "use a less lossy recipe (e.g. --vae-recipe fp16), or pass --allow-lossy to keep it anyway")
         self.report = report
 
 
-def _write_side_files(src: Path, out: Path, tokenizers: dict[str, ClipTokenizer], cfg: dict, family) -> None:
+def open_source(src: Path, options: ExportOptions):
+    """The SourceModel of a diffusers folder or a single-file checkpoint, with the options' VAE."""
+    from .loading import load_source
+    from .single_file import load_single_file, refuse_pickle, vae_override
+
+    if not src.exists():
+        raise EdgesdError(f"source '{src}' does not exist", "pass a diffusers folder or a .safetensors checkpoint")
+    if src.is_file():
+        model = load_single_file(src, options.config, options.prediction_type)
+    else:
+        refuse_pickle(src)
+        if options.config is not None or options.prediction_type is not None:
+            raise EdgesdError("--config and --prediction-type are for single-file checkpoints",
+                              "a diffusers folder has its own configs; edit its scheduler_config.json instead")
+        model = load_source(src)
+    if options.vae is not None:
+        model.vae, model.configs["vae"] = vae_override(Path(options.vae), model.configs["vae"])
+    return model
+
+
+def _write_side_files(out: Path, tokenizers: dict[str, ClipTokenizer], cfg: dict, family) -> None:
     """Tokenizers, scheduler, component configs and model_index.json, as optimum's layout has them."""
     for folder, tokenizer in tokenizers.items():
         tokenizer.write_folder(out / folder)
     (out / "scheduler").mkdir()
-    shutil.copy(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2) + "\n")
     configs = {c: c for c in family.text_components} | {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
     for component, config in configs.items():
         if (out / component).is_dir():

@@ -7,9 +7,8 @@ libraries may otherwise fill a layer with random values and only log it.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
+from typing import Callable, Protocol
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from edgesd.errors import EdgesdError
 from edgesd.families import ModelFamily, detect_family
 from edgesd.model import read_json
+from edgesd.tokenizer import ClipTokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Buffers older transformers saved that current CLIP recomputes; harmless if present.
@@ -26,26 +26,78 @@ SOURCE_FOLDER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder
                  "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
+class WeightSource(Protocol):
+    """Where a model's weights are read: a diffusers folder, or one single-file checkpoint."""
+
+    def state(self, folder: str, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """The weights of the component in `folder` (unet, vae, text_encoder, text_encoder_2), named as the
+        diffusers / transformers module expects (`expected`: its state-dict keys and shapes)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FolderWeights:
+    root: Path
+
+    def state(self, folder: str, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+        state = _read_state_dict(self.root / folder)
+        return _text_key_map(state, set(expected)) if folder.startswith("text_encoder") else state
+
+
 @dataclass
 class SourceModel:
-    """A diffusers folder's family and configs; each network is loaded when asked for (one at a time)."""
+    """A model's family, configs and tokenizers; each network is loaded when asked for (one at a time)."""
 
-    root: Path
+    root: Path  # the diffusers folder or the single file
     family: ModelFamily
     configs: dict[str, dict]  # unet, vae, text_encoder(_2), scheduler, model_index
+    tokenizers: dict[str, ClipTokenizer]
+    weights: WeightSource
+    vae: WeightSource | None = None  # --vae: another VAE than the model's own
+    notes: tuple[str, ...] = ()  # what the loader assumed (shown to the user)
+    transforms: tuple[Callable[[str, torch.nn.Module], None], ...] = ()  # e.g. LoRA merges, per component
 
     def load(self, component: str) -> torch.nn.Module:
         """The fp32 PyTorch module of `component` (the VAE for vae_decoder / vae_encoder)."""
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-
-        folder = self.root / SOURCE_FOLDER[component]
+        folder = SOURCE_FOLDER[component]
+        weights = self.vae if folder == "vae" and self.vae is not None else self.weights
         with torch.no_grad():
-            if component.startswith("text_encoder"):
-                encoder = next(e for e in self.family.text_encoders if e.component == component)
-                return load_text_encoder(folder, projected=encoder.pooled == "text_embeds").float()
-            if component == "unet":
-                return load_diffusers_component(UNet2DConditionModel, folder, "unet").float()
-            return load_diffusers_component(AutoencoderKL, folder, "vae").float()
+            model = build_module(folder, self.configs[folder], weights, self._projected(folder))
+            for transform in self.transforms:
+                transform(folder, model)
+        return model
+
+    def _projected(self, folder: str) -> bool:
+        return any(e.component == folder and e.pooled == "text_embeds" for e in self.family.text_encoders)
+
+
+def build_module(folder: str, config: dict, weights: WeightSource, projected: bool = False) -> torch.nn.Module:
+    """The fp32 module of a component from its diffusers / transformers config and `weights`; a weight missing,
+    unexpected or of the wrong shape is an error naming it."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if folder.startswith("text_encoder"):
+        cls = CLIPTextModelWithProjection if projected else CLIPTextModel
+        model = cls(CLIPTextConfig.from_dict(config)).eval()
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = weights.state(folder, expected)
+        _check_keys(folder, model, state, _IGNORABLE_TEXT_KEYS)
+        model.load_state_dict({k: v.float() for k, v in state.items() if not k.endswith(_IGNORABLE_TEXT_KEYS)},
+                              strict=False)
+        return model.float()
+    cls = UNet2DConditionModel if folder == "unet" else AutoencoderKL
+    if folder == "vae" and config.get("_class_name") == "AutoencoderTiny":  # TAESD
+        cls = AutoencoderTiny
+    with torch.device("meta"):  # no time or memory spent on random initial weights
+        model = cls.from_config(config).eval()
+    state = weights.state(folder, {k: v.shape for k, v in model.state_dict().items()})
+    _check_keys(folder, model, state)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a buffer not in the checkpoint
+        model = cls.from_config(config).eval()
+        model.load_state_dict(state, strict=True)
+    return model.float()
 
 
 def source_dirs(family: ModelFamily) -> tuple[str, ...]:
@@ -129,49 +181,33 @@ def _text_key_map(state: dict[str, torch.Tensor], expected: set[str]) -> dict[st
     return out
 
 
-def load_text_encoder(folder: Path, projected: bool = False) -> torch.nn.Module:
-    """CLIPTextModel, or with `projected` CLIPTextModelWithProjection (SDXL's second encoder)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig.from_pretrained(folder)
-    model = (CLIPTextModelWithProjection if projected else CLIPTextModel)(config).eval()
-    state = _text_key_map(_read_state_dict(folder), set(model.state_dict()))
-    _check_keys("text_encoder", model, state, _IGNORABLE_TEXT_KEYS)
-    model.load_state_dict({k: v for k, v in state.items() if not k.endswith(_IGNORABLE_TEXT_KEYS)}, strict=False)
-    return model
+def folder_tokenizers(src: Path, family: ModelFamily) -> dict[str, ClipTokenizer]:
+    return {e.tokenizer: ClipTokenizer.from_folder(src / e.tokenizer) for e in family.text_encoders}
 
 
-def load_diffusers_component(cls, folder: Path, component: str) -> torch.nn.Module:
-    config = cls.load_config(folder)
-    with torch.device("meta"):  # no time or memory spent on random initial weights
-        model = cls.from_config(config).eval()
-    state = _read_state_dict(folder)
-    _check_keys(component, model, state)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # a buffer not in the checkpoint
-        model = cls.from_config(config).eval()
-        model.load_state_dict(state, strict=True)
-    return model
-
-
-def load_source(src: Path) -> SourceModel:
-    """The family and configs of a diffusers folder; its networks load one at a time (`SourceModel.load`)."""
-    family = check_source_folder(src)
-    configs = {
+def read_configs(src: Path, family: ModelFamily) -> dict[str, dict]:
+    """model_index, unet, vae, scheduler and text encoder configs of a diffusers folder."""
+    return {
         "model_index": read_json(src / "model_index.json", "source model"),
         "unet": read_json(src / "unet" / "config.json", "U-Net"),
         "vae": read_json(src / "vae" / "config.json", "VAE"),
         "scheduler": read_json(src / "scheduler" / "scheduler_config.json", "scheduler"),
         **{c: read_json(src / c / "config.json", "text encoder") for c in family.text_components},
     }
-    return SourceModel(src, family, configs)
+
+
+def load_source(src: Path) -> SourceModel:
+    """The family and configs of a diffusers folder; its networks load one at a time (`SourceModel.load`)."""
+    family = check_source_folder(src)
+    return SourceModel(src, family, read_configs(src, family), folder_tokenizers(src, family), FolderWeights(src))
 
 
 def source_checksum(src: Path) -> str:
-    """sha256 over every config and weight file of the source, in path order."""
+    """sha256 over every config and weight file of the source folder in path order (or of the single file)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(src)).encode())
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    for path in files:
+        digest.update(str(path.relative_to(src) if path != src else path.name).encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)

@@ -10,7 +10,7 @@
 
 A recipe names what each component gets (`component_recipes`): "int8" (the U-Net's activations too)
 and "int4-weights" apply to the U-Net, the other graphs get int8 weights; any component can be overridden
-(`--recipe int8 --vae fp16`). Every graph also gets the lossless `dedupe_gather_tables` pass: an
+(`--recipe int8 --vae-recipe fp16`). Every graph also gets the lossless `dedupe_gather_tables` pass: an
 embedding table whose rows repeat (the embedded model's text encoder ties all tokens it never saw to
 one row) is stored once per distinct row, with an index map in front.
 """

@@ -91,7 +91,8 @@ MICRO_FAMILY = {"text": dict(hidden_size=8, intermediate_size=16, num_attention_
                 "vae": dict(block_out_channels=(8, 16)), "projection_dim": 8}
 
 
-def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Literal["tiny", "micro"] = "tiny") -> Path:
+def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Literal["tiny", "micro"] = "tiny",
+                        second_encoder_width: int | None = None) -> Path:
     """Write a tiny diffusers folder of another family with random weights: SD 2.x (v-prediction, OpenCLIP-style
     gelu text encoder, "!" as pad token), SD-Turbo (trailing Euler), LCM (guidance embedding), 9-channel
     inpainting, SDXL (two text encoders), SDXL-Turbo or SDXL inpainting."""
@@ -116,11 +117,15 @@ def build_random_family(out: Path, kind: FamilyKind, seed: int = 0, size: Litera
                            **({"scaling_factor": 0.13025, "force_upcast": True} if sdxl else {})})
     parts = dict(vae=vae)
     if sdxl:
-        parts["unet"] = UNet2DConditionModel(**{**TINY_SDXL_UNET, **micro["sdxl_unet"],
-                                                 **({"in_channels": 9} if kind == "sdxl-inpaint" else {})})
+        unet = {**TINY_SDXL_UNET, **micro["sdxl_unet"], **({"in_channels": 9} if kind == "sdxl-inpaint" else {})}
+        second = dict(text_config)
+        if second_encoder_width is not None:
+            second.update(hidden_size=second_encoder_width, intermediate_size=2 * second_encoder_width)
+            unet["cross_attention_dim"] = text_config["hidden_size"] + second_encoder_width
+        parts["unet"] = UNet2DConditionModel(**unet)
         parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
         parts["text_encoder_2"] = CLIPTextModelWithProjection(
-            CLIPTextConfig(**text_config, projection_dim=micro["projection_dim"])).eval()
+            CLIPTextConfig(**second, projection_dim=micro["projection_dim"])).eval()
         parts["tokenizer"], parts["tokenizer_2"] = tokenizer("tokenizer", "<|endoftext|>"), tokenizer("tokenizer_2", "!")
     else:
         unet = {**TINY_UNET, **(TINY_SD2 if kind in ("sd2", "turbo") else {}), **micro["unet"]}

@@ -47,9 +47,16 @@ def main():
                    "int8-hybrid (openvino only: U-Net MatMul weights int8, convolutions static int8).")
 @click.option("--format", "fmt", default="onnx", show_default=True, type=click.Choice(["onnx", "openvino"]),
               help="Graph format: ONNX, or OpenVINO IR (openvino_model.xml + .bin, written with NNCF).")
-@click.option("--text-encoder", "text_encoder_recipe", default=None, help="Recipe for the text encoder only.")
-@click.option("--unet", "unet_recipe", default=None, help="Recipe for the U-Net only.")
-@click.option("--vae", "vae_recipe", default=None, help="Recipe for the VAE decoder and encoder only.")
+@click.option("--text-encoder-recipe", "text_encoder_recipe", default=None, help="Recipe for the text encoders only.")
+@click.option("--unet-recipe", "unet_recipe", default=None, help="Recipe for the U-Net only.")
+@click.option("--vae-recipe", "vae_recipe", default=None, help="Recipe for the VAE decoder and encoder only.")
+@click.option("--vae", "vae", type=click.Path(path_type=Path), default=None,
+              help="Replace the model's VAE: a VAE .safetensors file (diffusers or LDM names) or a diffusers vae/ folder.")
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+              help="Single-file SRC: a diffusers folder whose configs describe it (default: the shipped ones of "
+                   "its family, found from its keys).")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="Single-file SRC: what the U-Net predicts where the file cannot say (SD 2.x 768-v: v_prediction).")
 @click.option("--calibration-prompts", type=click.Path(path_type=Path), default=None,
               help="int8: a text file of calibration prompts, one per line (default: built-in ones).")
 @click.option("--calibration-size", type=int, default=4, show_default=True,
@@ -58,12 +65,14 @@ def main():
 @click.option("--default-steps", type=int, default=None, help="Record the model's own default step count.")
 @click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
 def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, fmt: str,
-           text_encoder_recipe: str | None,
-           unet_recipe: str | None, vae_recipe: str | None, calibration_prompts: Path | None, calibration_size: int,
-           allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
-    """Export the diffusers-layout SD folder SRC to ONNX graphs (or OpenVINO IR) in OUT."""
+           text_encoder_recipe: str | None, unet_recipe: str | None, vae_recipe: str | None, vae: Path | None,
+           config: Path | None, prediction_type: str | None, calibration_prompts: Path | None,
+           calibration_size: int, allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
+    """Export SRC, a diffusers-layout SD folder or a single-file .safetensors checkpoint, to ONNX graphs (or
+    OpenVINO IR) in OUT."""
     try:
         from edgesd.export import STAGES, ExportFidelityError, ExportOptions, ExportParityError, export_model
+        from edgesd.export.recipes import RECIPES
     except ImportError as e:
         raise EdgesdError(f"the exporter needs the 'export' extra ({e.name} is not installed)",
                           "pip install 'edgesd[export]' -c constraints.txt") from None
@@ -80,12 +89,15 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
         base = GenerationDefaults()
         defaults = GenerationDefaults(default_steps or base.num_inference_steps,
                                       base.guidance_scale if default_guidance is None else default_guidance)
+    if vae is not None and not vae.exists() and str(vae) in RECIPES:
+        raise EdgesdError(f"--vae takes a VAE file or folder; '{vae}' is a recipe", f"use --vae-recipe {vae}")
     overrides = {c: r for c, r in (("text_encoder", text_encoder_recipe), ("unet", unet_recipe),
                                    ("vae_decoder", vae_recipe), ("vae_encoder", vae_recipe)) if r is not None}
     options = ExportOptions(overwrite=overwrite, with_vae_encoder=not no_vae_encoder, recipe=recipe, format=fmt,
                             component_overrides=overrides, allow_lossy=allow_lossy,
                             calibration_prompts=_read_prompts(calibration_prompts) if calibration_prompts else None,
-                            calibration_size=calibration_size, defaults=defaults)
+                            calibration_size=calibration_size, defaults=defaults, config=config,
+                            prediction_type=prediction_type, vae=vae)
     with click.progressbar(length=len(stages), label="export", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:
         def on_stage(name: str) -> None:
@@ -103,6 +115,8 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
             _print_fidelity(e.report.fidelity)
             raise
         bar.update(1, "done")
+    for note in report.notes:
+        click.echo(f"note: {note}")
     _print_parity(report.parity)
     _print_fidelity(report.fidelity)
     click.echo(f"wrote {out} in {report.seconds:.1f} s")

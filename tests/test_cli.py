@@ -96,7 +96,7 @@ def test_export_prints_parity_table(tiny_src, tmp_path):
 
 def test_export_with_a_recipe_and_a_component_override_prints_fidelity(tiny_src, tmp_path):
     proc = edgesd("export", tiny_src, tmp_path / "out", "--no-vae-encoder", "--recipe", "int8-weights",
-                  "--vae", "fp16", "--allow-lossy")
+                  "--vae-recipe", "fp16", "--allow-lossy")
     assert proc.returncode == 0, proc.stderr
     assert "images vs fp32: PSNR" in proc.stdout and "int8-weights" in proc.stdout
     manifest = json.loads((tmp_path / "out" / "edgesd.json").read_text())
@@ -108,7 +108,7 @@ def test_export_with_a_recipe_and_a_component_override_prints_fidelity(tiny_src,
 @pytest.mark.parametrize("args, needle", [
     (["--recipe", "int3"], "unknown recipe 'int3'"),
     (["--unet", "bf8"], "unknown recipe 'bf8'"),
-    (["--recipe", "int8", "--vae", "int8"], "is for the U-Net"),
+    (["--recipe", "int8", "--vae-recipe", "int8"], "is for the U-Net"),
     (["--recipe", "int8", "--calibration-prompts", "missing.txt"], "calibration prompts file 'missing.txt' does not"),
     (["--recipe", "int8", "--calibration-prompts", "empty.txt"], "has no prompts"),
 ])
