@@ -230,6 +230,8 @@ def open_source(src: Path, options: ExportOptions):
 
     if not src.exists():
         raise EdgesdError(f"source '{src}' does not exist", "pass a diffusers folder or a .safetensors checkpoint")
+    if options.vae is not None and not Path(options.vae).exists():
+        raise EdgesdError(f"--vae '{options.vae}' does not exist", "pass a VAE .safetensors file or a diffusers vae/ folder")
     if src.is_file():
         model = load_single_file(src, options.config, options.prediction_type)
     else:

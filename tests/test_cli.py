@@ -107,7 +107,7 @@ def test_export_with_a_recipe_and_a_component_override_prints_fidelity(tiny_src,
 
 @pytest.mark.parametrize("args, needle", [
     (["--recipe", "int3"], "unknown recipe 'int3'"),
-    (["--unet", "bf8"], "unknown recipe 'bf8'"),
+    (["--unet-recipe", "bf8"], "unknown recipe 'bf8'"),
     (["--recipe", "int8", "--vae-recipe", "int8"], "is for the U-Net"),
     (["--recipe", "int8", "--calibration-prompts", "missing.txt"], "calibration prompts file 'missing.txt' does not"),
     (["--recipe", "int8", "--calibration-prompts", "empty.txt"], "has no prompts"),
@@ -178,7 +178,7 @@ def test_bad_export_sources(tiny_src, tmp_path):
     assert_clean_error(edgesd("export", tiny_src, tmp_path / "no" / "out"), "does not exist")
     (tmp_path / "file").write_text("x")
     assert_clean_error(edgesd("export", tiny_src, tmp_path / "file"), "is not a folder")
-    assert_clean_error(edgesd("export", tmp_path / "file", tmp_path / "out"), "is not a folder")
+    assert_clean_error(edgesd("export", tmp_path / "file", tmp_path / "out"), "is not a .safetensors file")
 
 
 def test_generate_with_the_default_model(tmp_path):
