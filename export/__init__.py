@@ -106,17 +106,15 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     from .components import export_graph
     from .fidelity import measure as measure_fidelity
     from .loading import source_checksum
+    from .vae import export_vae, vae_folder
 
     src, out = Path(src), Path(out)
+    if src.is_dir() and vae_folder(src) is not None:  # TAESD or another VAE on its own: its decoder
+        _check_output(src, out, options)
+        started = time.perf_counter()
+        return ExportReport(out, export_vae(src, out, options), time.perf_counter() - started)
     model = open_source(src, options)  # checks the source and finds its family; no weights read yet
-    if out.exists() and not out.is_dir():
-        raise EdgesdError(f"output '{out}' exists and is not a folder", "choose a folder path for OUT")
-    if out.exists() and any(out.iterdir()) and not options.overwrite:
-        raise EdgesdError(f"output folder '{out}' exists and is not empty", "pass --overwrite or choose another")
-    if not out.parent.exists():
-        raise EdgesdError(f"the folder '{out.parent}' for the output does not exist", "create it first")
-    if out.resolve() == src.resolve():
-        raise EdgesdError("the output folder is the source folder", "choose another output folder")
+    _check_output(src, out, options)
 
     started = time.perf_counter()
     stage = on_stage or (lambda name: None)
@@ -221,6 +219,17 @@ class ExportFidelityError(EdgesdError):
                          f"the threshold of {f.threshold_db:.1f} dB; the export was not written",
                          "use a less lossy recipe (e.g. --vae-recipe fp16), or pass --allow-lossy to keep it anyway")
         self.report = report
+
+
+def _check_output(src: Path, out: Path, options: ExportOptions) -> None:
+    if out.exists() and not out.is_dir():
+        raise EdgesdError(f"output '{out}' exists and is not a folder", "choose a folder path for OUT")
+    if out.exists() and any(out.iterdir()) and not options.overwrite:
+        raise EdgesdError(f"output folder '{out}' exists and is not empty", "pass --overwrite or choose another")
+    if not out.parent.exists():
+        raise EdgesdError(f"the folder '{out.parent}' for the output does not exist", "create it first")
+    if out.resolve() == src.resolve():
+        raise EdgesdError("the output folder is the source folder", "choose another output folder")
 
 
 def open_source(src: Path, options: ExportOptions):

@@ -157,7 +157,6 @@ def _read_config_folder(root: Path) -> dict[str, dict]:
 def _shipped_configs(layout: Layout, inpaint: bool, prediction_type: PredictionType | None
                      ) -> tuple[dict[str, dict], list[str]]:
     """The configs of the real architecture of `layout`, adjusted to inpainting and the prediction type."""
-    from .loading import read_configs
 
     root = CONFIGS / layout.configs
     if inpaint and layout.name == "sd1":

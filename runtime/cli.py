@@ -11,6 +11,7 @@ import click
 from .backends.base import BACKENDS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES, RuntimeOptions
 from .errors import Cancelled, EdgesdError
 from .noise import NOISE_GENERATORS
+from .tiling import TILING_MODES
 
 
 class _Command(click.Group):
@@ -118,7 +119,8 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
     for note in report.notes:
         click.echo(f"note: {note}")
     _print_parity(report.parity)
-    _print_fidelity(report.fidelity)
+    if report.fidelity is not None:  # a VAE exported on its own has no pictures to compare
+        _print_fidelity(report.fidelity)
     click.echo(f"wrote {out} in {report.seconds:.1f} s")
 
 
@@ -200,6 +202,10 @@ def _scheduler_choice(value: str | None):
               help="img2img / inpainting: how much of the schedule to run, (0, 1] (default 0.8; inpainting 1).")
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
               help="Inpainting (with --image): white repaints, black keeps.")
+@click.option("--vae-decoder", type=click.Path(path_type=Path), default=None,
+              help="Decode with this exported decoder (TAESD: edgesd export TAESD_DIR OUT) instead of the model's VAE.")
+@click.option("--vae-tiling", default="auto", show_default=True, type=click.Choice(TILING_MODES),
+              help="Decode/encode in overlapping tiles; auto: pictures of at least 4x the VAE's sample size in area.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
               help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime.")
 @click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core).")
@@ -222,8 +228,8 @@ def _scheduler_choice(value: str | None):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
 def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed, width,
-             height, scheduler, noise_generator, eta, image_path, strength, mask_path, count, output,
-             **runtime_options):
+             height, scheduler, noise_generator, eta, image_path, strength, mask_path, vae_decoder, vae_tiling, count,
+             output, **runtime_options):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -248,7 +254,7 @@ def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance,
     choice = _scheduler_choice(scheduler)
     image = _open_image(image_path) if image_path is not None else None
     mask = _open_image(mask_path) if mask_path is not None else None
-    pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options))
+    pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options), vae_decoder=vae_decoder)
     bar_length = steps or pipe.defaults.num_inference_steps
     with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
         def on_step(i: int, n: int) -> None:
@@ -259,7 +265,8 @@ def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance,
                       guidance_rescale=guidance_rescale,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
-                      strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2)
+                      strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2,
+                      vae_tiling=vae_tiling)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]

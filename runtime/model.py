@@ -186,3 +186,51 @@ def write_manifest(root: Path, constants: ModelConstants, graphs: dict[str, dict
     if defaults is not None:
         manifest["defaults"] = asdict(defaults)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class VaeSettings:
+    """How latents are scaled for a VAE and the tile size its pictures are cut into (its config's
+    sample_size, as diffusers' tiling takes it)."""
+
+    scaling_factor: float  # latents = VAE latents * scaling_factor (TAESD: 1, it decodes scaled latents)
+    sample_size: int  # pixels per tile side when tiled
+    latent_channels: int
+
+    @classmethod
+    def from_config(cls, config: dict, fallback_size: int) -> "VaeSettings":
+        size = config.get("sample_size", fallback_size)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return cls(float(config.get("scaling_factor", 0.18215)), int(size), int(config.get("latent_channels", 4)))
+
+
+# TAESD's config names no sample size; its tiles are SD 1.x's.
+TINY_VAE_TILE = 512
+
+
+@dataclass(frozen=True)
+class DecoderFolder:
+    """A VAE decoder exported on its own (`edgesd export TAESD_DIR OUT`), to decode another model's latents."""
+
+    root: Path
+    config: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> "DecoderFolder":
+        root = Path(path)
+        if not root.is_dir():
+            raise EdgesdError(f"VAE decoder folder '{root}' does not exist", "pass the folder `edgesd export` wrote "
+                              "from a diffusers AutoencoderTiny / AutoencoderKL folder")
+        if graph_format(root, "vae_decoder") is None:
+            if (root / "config.json").is_file():
+                raise EdgesdError(f"'{root}' is a diffusers VAE folder, not an exported decoder",
+                                  f"export it first: edgesd export {root} OUT, then pass OUT")
+            raise EdgesdError(f"'{root}' has no vae_decoder/{GRAPH_FILE} or vae_decoder/{IR_FILE}",
+                              "pass the folder `edgesd export` wrote from a VAE folder")
+        return cls(root, read_json(root / "vae_decoder" / "config.json", "VAE decoder"))
+
+    def graph_path(self) -> Path:
+        return self.root / "vae_decoder" / GRAPH_FILES[graph_format(self.root, "vae_decoder")]
+
+    def settings(self) -> VaeSettings:
+        return VaeSettings.from_config(self.config, TINY_VAE_TILE)

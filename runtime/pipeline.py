@@ -21,12 +21,13 @@ from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .families import ModelFamily
 from .images import from_pil, mask_from_picture, to_pil
-from .model import ModelFolder
+from .model import DecoderFolder, ModelFolder, VaeSettings
 from .models_path import default_model_path
 from .noise import noise_source
 from .request import GenerationRequest, GenerationResult
 from .samplers import noise_at, run_sampler
 from .schedulers import alphas_cumprod, resolve_scheduler
+from .tiling import Tiles, TilingMode, should_tile, tiled
 from .tokenizer import ClipTokenizer
 
 # callback(step, total) after each U-Net evaluation (PLMS makes steps + 1); returning False cancels.
@@ -68,22 +69,25 @@ class Pipeline:
     """A loaded model: `Pipeline.load(path)(prompt, ...)` -> GenerationResult."""
 
     def __init__(self, folder: ModelFolder, graphs: dict[str, Graph], tokenizers: dict[str, ClipTokenizer],
-                 options: RuntimeOptions):
+                 options: RuntimeOptions, decoder: VaeSettings | None = None):
         self.folder = folder
         self.family: ModelFamily = folder.family
         self.specs = folder.specs
         self.graphs = graphs
         self.tokenizers = tokenizers
         self.options = options  # backend resolved: "onnxruntime" or "openvino"
+        self.vae = VaeSettings.from_config(folder.configs.get("vae", {}), folder.constants.default_image_size)
+        self.decoder = decoder or self.vae  # another decoder than the model's own VAE (TAESD)
         self._loading = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path | None = None, options: RuntimeOptions | None = None,
-             **option_values) -> "Pipeline":
+             vae_decoder: str | Path | None = None, **option_values) -> "Pipeline":
         """Load a model folder (default: the embedded model).
 
         `options` (or its fields as keywords: `provider="cpu"`, `threads=2`, `backend="openvino"`, ...) choose
-        the backend and tune it; see RuntimeOptions.
+        the backend and tune it; see RuntimeOptions. `vae_decoder`: a decoder exported on its own (TAESD:
+        `edgesd export TAESD_DIR OUT`) that decodes in place of the model's VAE.
         """
         try:
             options = replace(options or RuntimeOptions(), **option_values)
@@ -93,7 +97,15 @@ class Pipeline:
         options = options.for_backend(resolve_backend(folder, options.backend))
         tokenizers = {enc.tokenizer: ClipTokenizer.from_folder(folder.root / enc.tokenizer)
                       for enc in folder.family.text_encoders}
-        pipe = cls(folder, {}, tokenizers, options)
+        graphs, decoder = {}, None
+        if vae_decoder is not None:
+            other = DecoderFolder.open(vae_decoder)
+            decoder = other.settings()
+            if decoder.latent_channels != folder.constants.latent_channels:
+                raise EdgesdError(f"the VAE decoder '{other.root}' takes {decoder.latent_channels} latent channels, "
+                                  f"the model makes {folder.constants.latent_channels}", "pass a decoder for this model")
+            graphs["vae_decoder"] = load_graph(other.graph_path(), folder.specs["vae_decoder"], options)
+        pipe = cls(folder, graphs, tokenizers, options, decoder)
         for name in (*folder.family.text_components, "unet", "vae_decoder"):
             pipe.graph(name)
         return pipe
@@ -141,19 +153,35 @@ class Pipeline:
         """A picture -> scaled latents (1, C, H/f, W/f): the VAE posterior's mean (diffusers samples it)."""
         return self._encode_pixels(from_pil(image, width, height), ctx or RunContext(self))
 
-    def _encode_pixels(self, pixels: np.ndarray, ctx: RunContext) -> np.ndarray:
+    def _encode_pixels(self, pixels: np.ndarray, ctx: RunContext, tiling: TilingMode = "auto") -> np.ndarray:
         """(1, 3, H, W) in [-1, 1] -> scaled latents (1, C, H/f, W/f)."""
-        moments = ctx.run("vae_encoder", {"sample": pixels})["latent_parameters"]  # (1, 2C, h, w)
-        mean = moments[:, : moments.shape[1] // 2]
-        return (mean * self.constants.vae_scaling_factor).astype(np.float32)
+        def encode(x: np.ndarray) -> np.ndarray:
+            return ctx.run("vae_encoder", {"sample": x})["latent_parameters"]  # (1, 2C, h, w)
 
-    def decode(self, latents: np.ndarray, ctx: RunContext | None = None) -> list[Image.Image]:
-        """Latents (N, C, h, w) -> images, one VAE call per image to bound peak memory."""
+        size, f = self.vae.sample_size, self.constants.vae_scale_factor
+        if should_tile(tiling, pixels.shape[3], pixels.shape[2], size):
+            moments = tiled(pixels, encode, Tiles(size_in=size, size_out=size // f))
+        else:
+            moments = encode(pixels)
+        mean = moments[:, : moments.shape[1] // 2]
+        return (mean * self.vae.scaling_factor).astype(np.float32)
+
+    def decode(self, latents: np.ndarray, ctx: RunContext | None = None,
+               tiling: TilingMode = "auto") -> list[Image.Image]:
+        """Latents (N, C, h, w) -> images, one VAE call per image (or per tile) to bound peak memory."""
         ctx = ctx or RunContext(self)
+
+        def decode(z: np.ndarray) -> np.ndarray:
+            return ctx.run("vae_decoder", {"latent_sample": z})["sample"]  # (1, 3, H, W)
+
+        size, f = self.decoder.sample_size, self.constants.vae_scale_factor
         images = []
         for z in latents:
-            z = (z[None] / self.constants.vae_scaling_factor).astype(np.float32)
-            images += to_pil(ctx.run("vae_decoder", {"latent_sample": z})["sample"])
+            z = (z[None] / self.decoder.scaling_factor).astype(np.float32)  # (1, C, h, w)
+            if should_tile(tiling, z.shape[3] * f, z.shape[2] * f, size):
+                images += to_pil(tiled(z, decode, Tiles(size_in=size // f, size_out=size)))
+            else:
+                images += to_pil(decode(z))
         return images
 
     # --- generation -------------------------------------------------------------------------
@@ -201,7 +229,7 @@ class Pipeline:
         )
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, _checked(callback), request.eta,
                         start.step, start.x0, start.after_step)
-        images = self.decode(x, ctx)
+        images = self.decode(x, ctx, request.vae_tiling)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())
         return GenerationResult(images=images, seed=request.seed, parameters=params, latents=x,
                                 timings=ctx.timings(), warnings=self._warnings(request), request=request)
@@ -239,7 +267,7 @@ class Pipeline:
         # diffusers starts from pure noise at full strength when it inpaints, from the noised picture otherwise
         pure_noise = request.mask_image is not None and strength >= 1.0
         needs_x0 = not (pure_noise and self.family.inpaint_unet)
-        x0 = np.repeat(self._encode_pixels(pixels, ctx), batch, 0) if needs_x0 else None  # (B, C, h, w)
+        x0 = np.repeat(self._encode_pixels(pixels, ctx, request.vae_tiling), batch, 0) if needs_x0 else None  # (B, C, h, w)
         if request.mask_image is None:
             return _Start(first, x0)
         mask = mask_from_picture(request.mask_image, w, h)  # (1, 1, H, W), 1 = repaint
@@ -247,7 +275,8 @@ class Pipeline:
         mask_latent = np.repeat(mask[:, :, ::f, ::f], batch, 0)  # nearest, as torch's interpolate: (B, 1, h, w)
         start_x0 = None if pure_noise else x0
         if self.family.inpaint_unet:  # the U-Net sees the mask and the picture outside it
-            masked = np.repeat(self._encode_pixels((pixels * (mask < 0.5)).astype(np.float32), ctx), batch, 0)
+            masked = np.repeat(self._encode_pixels((pixels * (mask < 0.5)).astype(np.float32), ctx,
+                                                   request.vae_tiling), batch, 0)
             return _Start(first, start_x0, concat=np.concatenate([mask_latent, masked], axis=1))
 
         def blend(schedule) -> sampling.StepHook:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from .errors import EdgesdError
 from .noise import NOISE_GENERATORS, NoiseGenerator
+from .tiling import TILING_MODES, TilingMode
 
 if TYPE_CHECKING:
     from .families import ModelFamily
@@ -51,6 +52,7 @@ class GenerationRequest:
     mask_image: Any = field(default=None, compare=False)  # white = repaint; PIL or (H, W) / (H, W, C) uint8
     strength: float | None = None  # None: 0.8 for img2img, 1.0 for inpainting (diffusers' defaults)
     latents: np.ndarray | None = field(default=None, compare=False)  # initial noise (N, C, H/f, W/f)
+    vae_tiling: TilingMode = "auto"  # decode/encode in overlapping tiles: auto (large pictures), on, off
 
     @property
     def batch(self) -> int:
@@ -131,6 +133,8 @@ class GenerationRequest:
         if not isinstance(self.images_per_prompt, (int, np.integer)) or isinstance(self.images_per_prompt, bool) \
                 or self.images_per_prompt < 1:
             raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
+        if self.vae_tiling not in TILING_MODES:
+            raise EdgesdError(f"unknown vae_tiling {self.vae_tiling!r}", f"use one of: {', '.join(TILING_MODES)}")
         if self.noise_generator not in NOISE_GENERATORS:
             raise EdgesdError(f"unknown noise generator {self.noise_generator!r}",
                               f"use one of: {', '.join(NOISE_GENERATORS)}")
@@ -166,6 +170,8 @@ class GenerationRequest:
         params.update({"seed": self.seed, "width": self.width, "height": self.height})
         if self.noise_generator != "numpy":
             params["noise_generator"] = self.noise_generator
+        if self.vae_tiling != "auto":
+            params["vae_tiling"] = self.vae_tiling
         for name, key in (("prompts_2", "prompt_2"), ("negative_prompts_2", "negative_prompt_2")):
             if getattr(self, name) is not None:
                 params[key] = one(getattr(self, name))

@@ -1,0 +1,80 @@
+"""Tiled VAE decode and encode: overlapping tiles, each run alone, blended with linear ramps where they overlap.
+
+The geometry is diffusers' `AutoencoderKL.enable_tiling()` (tiles of the VAE's sample size, a quarter of each
+tile overlapping its neighbours; each tile is blended into the one above and the one to its left, then cut to
+the part it owns), so a tiled picture stays close to diffusers' tiled one. Peak memory follows the tile, not
+the picture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+
+TilingMode = Literal["auto", "on", "off"]
+TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
+OVERLAP = 0.25  # share of a tile that overlaps the next one
+AUTO_TILING_AREA = 4  # "auto" tiles pictures of at least this many VAE sample sizes squared (SD 1.x: 1024x1024)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tiles of `size_in` input pixels mapped by `scale` (8 for a decoder, 1/8 for an encoder)."""
+
+    size_in: int  # input pixels per tile side
+    size_out: int  # output pixels per tile side
+
+    @property
+    def stride(self) -> int:  # input pixels from one tile to the next
+        return int(self.size_in * (1 - OVERLAP))
+
+    @property
+    def blend(self) -> int:  # output pixels blended between neighbours
+        return int(self.size_out * OVERLAP)
+
+    @property
+    def keep(self) -> int:  # output pixels each tile owns
+        return self.size_out - self.blend
+
+
+def _blend_rows(above: np.ndarray, tile: np.ndarray, n: int) -> None:
+    """Ramp the first n rows of `tile` from `above`'s last n rows to its own (in place). (B, C, H, W)"""
+    n = min(n, above.shape[2], tile.shape[2])
+    ramp = (np.arange(n, dtype=np.float32) / n)[:, None]  # (n, 1): weight of `tile`
+    tile[:, :, :n] = above[:, :, above.shape[2] - n:] * (1 - ramp) + tile[:, :, :n] * ramp
+
+
+def _blend_columns(left: np.ndarray, tile: np.ndarray, n: int) -> None:
+    n = min(n, left.shape[3], tile.shape[3])
+    ramp = np.arange(n, dtype=np.float32) / n  # (n,)
+    tile[:, :, :, :n] = left[:, :, :, left.shape[3] - n:] * (1 - ramp) + tile[:, :, :, :n] * ramp
+
+
+def tiled(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], tiles: Tiles) -> np.ndarray:
+    """`run` over overlapping tiles of x (B, C, H, W), blended into one output (B, C', H*s, W*s)."""
+    height, width = x.shape[2:]
+    rows: list[list[np.ndarray]] = []
+    for top in range(0, height, tiles.stride):
+        row: list[np.ndarray] = []
+        for left in range(0, width, tiles.stride):
+            tile = np.array(run(x[:, :, top:top + tiles.size_in, left:left + tiles.size_in]), dtype=np.float32)
+            if rows:
+                _blend_rows(rows[-1][len(row)], tile, tiles.blend)
+            if row:
+                _blend_columns(row[-1], tile, tiles.blend)
+            row.append(tile)
+        rows.append(row)
+    scale = tiles.size_out / tiles.size_in
+    out_h, out_w = round(height * scale), round(width * scale)
+    joined = np.concatenate([np.concatenate([t[:, :, :tiles.keep, :tiles.keep] for t in row], axis=3)
+                             for row in rows], axis=2)
+    return joined[:, :, :out_h, :out_w]
+
+
+def should_tile(mode: TilingMode, width: int, height: int, sample_size: int) -> bool:
+    """Whether a picture of width x height is decoded in tiles of the VAE's `sample_size` pixels."""
+    if mode == "auto":
+        return width * height >= AUTO_TILING_AREA * sample_size * sample_size
+    return mode == "on" and max(width, height) > sample_size
