@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from edgesd.errors import EdgesdError
+from edgesd.lora import LoraSpec
 from edgesd.model import GRAPH_FILE, GRAPH_FILES, GenerationDefaults, constants_from_configs, write_manifest
 from edgesd.tokenizer import ClipTokenizer
 
@@ -53,6 +54,7 @@ class ExportOptions:
     config: Path | None = None
     prediction_type: PredictionType | None = None
     vae: Path | None = None  # another VAE than the source's own: a .safetensors file or a diffusers vae/ folder
+    loras: tuple[LoraSpec, ...] = ()  # merged into the weights before tracing (every recipe then takes them)
 
     def __post_init__(self):
         component_recipes(self.recipe, self.component_overrides, self.format)  # raises on unknown names
@@ -150,6 +152,9 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         source = {"path": str(src.resolve()), "sha256": source_checksum(src)}
         if options.vae is not None:
             source["vae"] = {"path": str(Path(options.vae).resolve()), "sha256": source_checksum(Path(options.vae))}
+        if options.loras:
+            source["loras"] = [{"path": str(l.path.resolve()), "scale": l.scale, "sha256": source_checksum(l.path)}
+                               for l in options.loras]
         write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32"), "onnx"), source,
                        specs, family.name, options.defaults)
         if converted:
@@ -194,6 +199,7 @@ def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], opt
     from .fidelity import calibration_feeds
     from .openvino_ir import write_ir_recipe
     from .recipes import write_recipe
+    from .weight_map import recipe_weight_map
 
     shutil.copytree(reference, final, ignore=shutil.ignore_patterns(f"{GRAPH_FILE}*", "edgesd.json"))
     calibrated = any(r in CALIBRATED for r in recipes.values())
@@ -204,6 +210,7 @@ def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], opt
             write_ir_recipe(reference / component / GRAPH_FILE, final / component, recipe, feeds)
         else:
             write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe, feeds)
+        recipe_weight_map(component, reference / component, final / component, recipe, options.format)
 
 
 class ExportParityError(EdgesdError):
@@ -251,7 +258,30 @@ def open_source(src: Path, options: ExportOptions):
         model = load_source(src)
     if options.vae is not None:
         model.vae, model.configs["vae"] = vae_override(Path(options.vae), model.configs["vae"])
+    if options.loras:
+        model.transforms = (*model.transforms, merge_loras(model, options.loras))
     return model
+
+
+def merge_loras(model, loras: tuple[LoraSpec, ...]):
+    """A SourceModel transform adding the LoRAs' deltas to each network as it loads; the files are read and
+    checked against every component now, before any export work."""
+    import torch
+
+    from edgesd.lora import LORA_COMPONENTS, lora_deltas
+
+    from .single_file import _expected_shapes
+
+    components = [c for c in LORA_COMPONENTS if c == "unet" or c in model.family.text_components]
+    targets = {c: {k: s for k, s in _expected_shapes(c, model.configs[c], model._projected(c)).items()
+                   if len(s) in (2, 4)} for c in components}
+    deltas = lora_deltas(loras, targets, model.family.title, model.configs["unet"])
+
+    def merge(folder: str, module: torch.nn.Module) -> None:
+        params = dict(module.named_parameters())
+        for name, delta in deltas.get(folder, {}).items():
+            params[name].data += torch.from_numpy(delta)
+    return merge
 
 
 def _write_side_files(out: Path, tokenizers: dict[str, ClipTokenizer], cfg: dict, family) -> None:

@@ -17,9 +17,11 @@ import torch
 from edgesd.backends import RuntimeOptions
 from edgesd.backends.onnxruntime_backend import OrtGraph
 from edgesd.graphs import GraphSpec
+from edgesd.lora import LORA_COMPONENTS, write_weight_map
 
 from .parity import ParityResult, compare
 from .recipes import dedupe_in_place
+from .weight_map import traced_weight_map
 
 OPSET = 17
 EXTERNAL_DATA_FILE = "model.onnx_data"
@@ -217,6 +219,8 @@ def export_graph(load: Callable[[], torch.nn.Module], spec: GraphSpec, sizes: di
     module = WRAPPERS[spec.component](load(), spec).eval()
     reference = _torch_outputs(module, args, spec)
     path = _write_graph(module, args, spec, out_dir)
+    if spec.component in LORA_COMPONENTS:  # where each weight went, for LoRA at load time
+        write_weight_map(out_dir, traced_weight_map(module, path))
     del module
     gc.collect()
     return _parity(path, spec, reference, feeds, threshold_db)

@@ -22,8 +22,8 @@ from edgesd.errors import EdgesdError
 from edgesd.families import ModelFamily, detect_family
 from edgesd.tokenizer import EOS, ClipTokenizer, packaged_vocab
 
-from . import ldm_layout
-from .ldm_layout import Stored
+from edgesd import ldm_layout
+from edgesd.ldm_layout import Stored
 
 CONFIGS = Path(__file__).parent / "configs"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")

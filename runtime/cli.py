@@ -10,6 +10,7 @@ import click
 
 from .backends.base import BACKENDS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES, RuntimeOptions
 from .errors import Cancelled, EdgesdError
+from .lora import LoraSpec
 from .noise import NOISE_GENERATORS
 from .tiling import TILING_MODES
 
@@ -56,6 +57,8 @@ def main():
 @click.option("--config", "config", type=click.Path(path_type=Path), default=None,
               help="Single-file SRC: a diffusers folder whose configs describe it (default: the shipped ones of "
                    "its family, found from its keys).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Merge a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) into the weights; repeatable.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="Single-file SRC: what the U-Net predicts where the file cannot say (SD 2.x 768-v: v_prediction).")
 @click.option("--calibration-prompts", type=click.Path(path_type=Path), default=None,
@@ -67,7 +70,7 @@ def main():
 @click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
 def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, fmt: str,
            text_encoder_recipe: str | None, unet_recipe: str | None, vae_recipe: str | None, vae: Path | None,
-           config: Path | None, prediction_type: str | None, calibration_prompts: Path | None,
+           config: Path | None, loras: tuple[str, ...], prediction_type: str | None, calibration_prompts: Path | None,
            calibration_size: int, allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
     """Export SRC, a diffusers-layout SD folder or a single-file .safetensors checkpoint, to ONNX graphs (or
     OpenVINO IR) in OUT."""
@@ -98,7 +101,8 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
                             component_overrides=overrides, allow_lossy=allow_lossy,
                             calibration_prompts=_read_prompts(calibration_prompts) if calibration_prompts else None,
                             calibration_size=calibration_size, defaults=defaults, config=config,
-                            prediction_type=prediction_type, vae=vae)
+                            prediction_type=prediction_type, vae=vae,
+                            loras=tuple(LoraSpec.parse(text) for text in loras))
     with click.progressbar(length=len(stages), label="export", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:
         def on_stage(name: str) -> None:
@@ -202,10 +206,12 @@ def _scheduler_choice(value: str | None):
               help="img2img / inpainting: how much of the schedule to run, (0, 1] (default 0.8; inpainting 1).")
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
               help="Inpainting (with --image): white repaints, black keeps.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Add a LoRA to the fp32/fp16 graphs' weights as they load (no re-export); repeatable.")
 @click.option("--vae-decoder", type=click.Path(path_type=Path), default=None,
               help="Decode with this exported decoder (TAESD: edgesd export TAESD_DIR OUT) instead of the model's VAE.")
 @click.option("--vae-tiling", default="auto", show_default=True, type=click.Choice(TILING_MODES),
-              help="Decode/encode in overlapping tiles; auto: pictures of at least 4x the VAE's sample size in area.")
+              help="Decode/encode in overlapping tiles of the VAE's sample size; auto: from 4 tiles and 1024x1024 pixels.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
               help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime.")
 @click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core).")
@@ -228,8 +234,8 @@ def _scheduler_choice(value: str | None):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
 def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed, width,
-             height, scheduler, noise_generator, eta, image_path, strength, mask_path, vae_decoder, vae_tiling, count,
-             output, **runtime_options):
+             height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder, vae_tiling,
+             count, output, **runtime_options):
     """Generate an image from PROMPT."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -254,7 +260,8 @@ def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance,
     choice = _scheduler_choice(scheduler)
     image = _open_image(image_path) if image_path is not None else None
     mask = _open_image(mask_path) if mask_path is not None else None
-    pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options), vae_decoder=vae_decoder)
+    pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options), vae_decoder=vae_decoder,
+                         loras=[LoraSpec.parse(text) for text in loras])
     bar_length = steps or pipe.defaults.num_inference_steps
     with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
         def on_step(i: int, n: int) -> None:

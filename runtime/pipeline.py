@@ -21,6 +21,7 @@ from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .families import ModelFamily
 from .images import from_pil, mask_from_picture, to_pil
+from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
 from .model import DecoderFolder, ModelFolder, VaeSettings
 from .models_path import default_model_path
 from .noise import noise_source
@@ -69,7 +70,8 @@ class Pipeline:
     """A loaded model: `Pipeline.load(path)(prompt, ...)` -> GenerationResult."""
 
     def __init__(self, folder: ModelFolder, graphs: dict[str, Graph], tokenizers: dict[str, ClipTokenizer],
-                 options: RuntimeOptions, decoder: VaeSettings | None = None):
+                 options: RuntimeOptions, decoder: VaeSettings | None = None, loras: tuple[LoraSpec, ...] = (),
+                 weight_deltas: dict[str, dict[str, np.ndarray]] | None = None):
         self.folder = folder
         self.family: ModelFamily = folder.family
         self.specs = folder.specs
@@ -78,16 +80,19 @@ class Pipeline:
         self.options = options  # backend resolved: "onnxruntime" or "openvino"
         self.vae = VaeSettings.from_config(folder.configs.get("vae", {}), folder.constants.default_image_size)
         self.decoder = decoder or self.vae  # another decoder than the model's own VAE (TAESD)
+        self.loras = loras
+        self._weight_deltas = weight_deltas or {}  # component -> graph constant -> LoRA delta
         self._loading = threading.Lock()
 
     @classmethod
     def load(cls, path: str | Path | None = None, options: RuntimeOptions | None = None,
-             vae_decoder: str | Path | None = None, **option_values) -> "Pipeline":
+             vae_decoder: str | Path | None = None, loras=(), **option_values) -> "Pipeline":
         """Load a model folder (default: the embedded model).
 
         `options` (or its fields as keywords: `provider="cpu"`, `threads=2`, `backend="openvino"`, ...) choose
         the backend and tune it; see RuntimeOptions. `vae_decoder`: a decoder exported on its own (TAESD:
-        `edgesd export TAESD_DIR OUT`) that decodes in place of the model's VAE.
+        `edgesd export TAESD_DIR OUT`) that decodes in place of the model's VAE. `loras`: (FILE, SCALE) pairs
+        (or LoraSpec) added to the fp32 / fp16 graphs' weights as they load; the files on disk are unchanged.
         """
         try:
             options = replace(options or RuntimeOptions(), **option_values)
@@ -105,8 +110,21 @@ class Pipeline:
                 raise EdgesdError(f"the VAE decoder '{other.root}' takes {decoder.latent_channels} latent channels, "
                                   f"the model makes {folder.constants.latent_channels}", "pass a decoder for this model")
             graphs["vae_decoder"] = load_graph(other.graph_path(), folder.specs["vae_decoder"], options)
-        pipe = cls(folder, graphs, tokenizers, options, decoder)
+        specs = _lora_specs(loras)
+        pipe = cls(folder, graphs, tokenizers, options, decoder, specs, _lora_constants(folder, specs))
         for name in (*folder.family.text_components, "unet", "vae_decoder"):
+            pipe.graph(name)
+        return pipe
+
+    def with_loras(self, loras) -> "Pipeline":
+        """This model with other LoRAs (none: its own weights): only the graphs they change are loaded again."""
+        specs = _lora_specs(loras)
+        deltas = _lora_constants(self.folder, specs)
+        changed = set(deltas) | set(self._weight_deltas)
+        kept = {name: graph for name, graph in self.graphs.items() if name not in changed}
+        pipe = Pipeline(self.folder, kept, self.tokenizers, self.options, self.decoder if self.decoder is not
+                        self.vae else None, specs, deltas)
+        for name in (*self.family.text_components, "unet"):
             pipe.graph(name)
         return pipe
 
@@ -117,7 +135,8 @@ class Pipeline:
                 if not self.folder.has(name):
                     fix = "re-export the model" + (" without --no-vae-encoder" if name == "vae_encoder" else "")
                     raise EdgesdError(f"model '{self.folder.root}' has no {name}", fix)
-                self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name], self.options)
+                self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name], self.options,
+                                               self._weight_deltas.get(name))
             return self.graphs[name]
 
     @property
@@ -136,9 +155,13 @@ class Pipeline:
 
     def _backend_parameters(self) -> dict:
         """What ran the graphs, for the image's parameters."""
-        if self.options.backend == "openvino":
-            return {"backend": "openvino", "device": self.options.device}
-        return {"provider": self.options.provider}
+        run = ({"backend": "openvino", "device": self.options.device} if self.options.backend == "openvino"
+               else {"provider": self.options.provider})
+        if self.loras:
+            run["loras"] = [str(spec) for spec in self.loras]
+        if self.decoder is not self.vae:
+            run["vae_decoder"] = "other"
+        return run
 
     # --- the stages -------------------------------------------------------------------------
 
@@ -300,6 +323,41 @@ class _Start:
     x0: np.ndarray | None = None  # (B, C, h, w)
     concat: np.ndarray | None = None  # (B, 1 + C, h, w): mask and masked-picture latents
     after_step: Callable | None = None  # schedule -> StepHook
+
+
+def _lora_specs(loras) -> tuple[LoraSpec, ...]:
+    """LoraSpec, (FILE, SCALE) pairs or "FILE:SCALE" texts -> LoraSpecs."""
+    specs = []
+    for item in loras or ():
+        if isinstance(item, LoraSpec):
+            specs.append(item)
+        elif isinstance(item, (str, Path)):
+            specs.append(LoraSpec.parse(str(item)))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], (int, float)):
+            specs.append(LoraSpec(Path(item[0]), float(item[1])))
+        else:
+            raise EdgesdError(f"a LoRA must be (FILE, SCALE) or 'FILE:SCALE', got {item!r}",
+                              "e.g. loras=[(\"style.safetensors\", 0.8)]")
+    return tuple(specs)
+
+
+def _lora_constants(folder: ModelFolder, loras: tuple[LoraSpec, ...]) -> dict[str, dict[str, np.ndarray]]:
+    """component -> graph constant -> the LoRAs' summed delta, from each graph's weights.json."""
+    if not loras:
+        return {}
+    maps, unavailable = {}, {}
+    for component in (*folder.family.text_components, "unet"):
+        weights = read_weight_map(folder.root / component)
+        if weights is not None:
+            maps[component] = weights
+            continue
+        precision = ((folder.manifest or {}).get("graphs", {}).get(component) or {}).get("precision")
+        unavailable[component] = (f"its {precision} graph holds quantized weights, which a LoRA cannot be added to"
+                                  if precision not in (None, "fp32", "fp16") else
+                                  "the folder has no weights.json for it (written by edgesd export)")
+    targets = {c: {name: t.shape for name, t in m.items()} for c, m in maps.items()}
+    deltas = lora_deltas(loras, targets, folder.family.title, folder.configs.get("unet"), unavailable)
+    return {c: constant_deltas(d, maps[c]) for c, d in deltas.items()}
 
 
 def resolve_backend(folder: ModelFolder, backend: str) -> str:

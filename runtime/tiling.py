@@ -16,7 +16,10 @@ import numpy as np
 TilingMode = Literal["auto", "on", "off"]
 TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
 OVERLAP = 0.25  # share of a tile that overlaps the next one
-AUTO_TILING_AREA = 4  # "auto" tiles pictures of at least this many VAE sample sizes squared (SD 1.x: 1024x1024)
+# "auto" tiles pictures of at least 4 tiles and at least 1024 x 1024 pixels (SD 1.x: from 1024 x 1024, SDXL: from
+# 2048 x 2048); smaller ones decode whole, as diffusers does by default.
+AUTO_TILES = 4
+AUTO_MIN_PIXELS = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,5 +79,5 @@ def tiled(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], tiles: Tiles) 
 def should_tile(mode: TilingMode, width: int, height: int, sample_size: int) -> bool:
     """Whether a picture of width x height is decoded in tiles of the VAE's `sample_size` pixels."""
     if mode == "auto":
-        return width * height >= AUTO_TILING_AREA * sample_size * sample_size
+        return width * height >= max(AUTO_TILES * sample_size * sample_size, AUTO_MIN_PIXELS)
     return mode == "on" and max(width, height) > sample_size

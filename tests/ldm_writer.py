@@ -1,4 +1,4 @@
-"""The tests' own diffusers -> LDM/SGM single-file writer (written apart from export/ldm_layout.py, which reads
+"""The tests' own diffusers -> LDM/SGM single-file writer (written apart from runtime/ldm_layout.py, which reads
 the other way). diffusers' `from_single_file` checks the files it writes are the real layout."""
 
 from __future__ import annotations

@@ -67,9 +67,11 @@ def test_tiled_decode_and_encode_are_close_to_diffusers_tiling(tiny_src, tiny_on
     assert psnr(mean, encoded) >= 35
 
 
-def test_tiling_switches_on_from_four_times_the_sample_size():
+def test_tiling_switches_on_from_four_tiles_and_a_megapixel():
     assert not should_tile("auto", 768, 768, 512) and should_tile("auto", 1024, 1024, 512)
     assert should_tile("auto", 2048, 512, 512) and not should_tile("off", 4096, 4096, 512)
+    assert not should_tile("auto", 1024, 1024, 1024) and should_tile("auto", 2048, 2048, 1024)  # SDXL
+    assert not should_tile("auto", 256, 256, 32)  # a tiny test VAE: never by default
     assert should_tile("on", 768, 512, 512) and not should_tile("on", 512, 512, 512)
 
 

@@ -70,6 +70,14 @@ _BACKEND_FIELDS = {"onnxruntime": ("provider", "provider_options", "ort_optimiza
                    "openvino": ("device", "ov_hint", "ov_precision", "ov_shapes")}
 
 
+def add_delta(base: np.ndarray, delta: np.ndarray, where: str) -> np.ndarray:
+    """base + delta in base's dtype and shape (a graph may keep a weight reshaped)."""
+    if base.size != delta.size:
+        raise EdgesdError(f"{where}: the graph's weight has {base.size} values, the change {delta.size}",
+                          "re-export the model")
+    return (base.astype(np.float32) + delta.reshape(base.shape)).astype(base.dtype)
+
+
 class Graph(Protocol):
     """One loaded graph. Inputs/outputs are addressed by name, never by position."""
 
@@ -114,14 +122,16 @@ def provider_names() -> list[str]:
     return onnxruntime_backend.provider_names()
 
 
-def load_graph(path: Path, spec: GraphSpec, options: RuntimeOptions) -> Graph:
-    """Load `path` with the backend `options` names (already resolved from "auto")."""
+def load_graph(path: Path, spec: GraphSpec, options: RuntimeOptions,
+               weight_deltas: dict[str, np.ndarray] | None = None) -> Graph:
+    """Load `path` with the backend `options` names (already resolved from "auto"). `weight_deltas`: graph
+    constant name -> what to add to it (a LoRA), applied to the loaded graph, never to the file."""
     if options.backend == "openvino":
         from . import openvino_backend
 
-        return openvino_backend.OvGraph(path, spec, options)
+        return openvino_backend.OvGraph(path, spec, options, weight_deltas)
     if options.backend == "onnxruntime":
         from . import onnxruntime_backend
 
-        return onnxruntime_backend.OrtGraph(path, spec, options)
+        return onnxruntime_backend.OrtGraph(path, spec, options, weight_deltas)
     raise ValueError(f"backend {options.backend!r} is not resolved")  # a caller bug: resolve "auto" first

@@ -13,7 +13,8 @@ import onnxruntime as ort
 
 from ..errors import EdgesdError
 from ..graphs import ONNX_TO_NUMPY, GraphSpec, check_feed
-from .base import RuntimeOptions, check_names, fit_feeds
+from ..tensor_files import onnx_initializers
+from .base import RuntimeOptions, add_delta, check_names, fit_feeds
 
 # Short provider names users type; full ONNX Runtime names work too.
 SHORT_NAMES = {
@@ -56,7 +57,8 @@ def resolve_providers(options: RuntimeOptions) -> list:
 
 
 class OrtGraph:
-    def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions):
+    def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions,
+                 weight_deltas: dict[str, np.ndarray] | None = None):
         self.path = Path(path)
         self.spec = spec
         providers = resolve_providers(options)
@@ -68,9 +70,13 @@ class OrtGraph:
         session_options.graph_optimization_level = OPTIMIZATION_LEVELS[options.ort_optimization]
         if options.threads:
             session_options.intra_op_num_threads = options.threads
+        # A LoRA: the changed weights go into the session, never into the file (and not through the cache).
+        source, self._overrides = str(self.path), []
+        if weight_deltas:
+            source, self._overrides = _changed_model(self.path, weight_deltas, session_options)
         try:
-            if options.cache_dir is None:
-                self._session = ort.InferenceSession(str(self.path), session_options, providers=providers)
+            if options.cache_dir is None or weight_deltas:
+                self._session = ort.InferenceSession(source, session_options, providers=providers)
             else:
                 self._session = _cached_session(self.path, Path(options.cache_dir), session_options, providers,
                                                  options)
@@ -107,6 +113,33 @@ class OrtGraph:
                               "check the requested size and batch, or re-export the model") from None
         return {name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
                 for name, v in zip(self._outputs, values)}
+
+
+def _changed_model(path: Path, deltas: dict[str, np.ndarray], session_options) -> tuple[str | bytes, list]:
+    """The graph with each initializer in `deltas` changed by it: weights kept in the external data file are
+    given as external initializers, those inside the graph file are patched into a copy of its bytes (ONNX
+    Runtime's add_initializer is not seen by its NCHWc layout pass, so a changed convolution would keep its old
+    weights). Returns (what InferenceSession loads, the values it must keep alive)."""
+    found = onnx_initializers(path, set(deltas))
+    missing = sorted(set(deltas) - set(found))
+    if missing:
+        raise EdgesdError(f"{path} has no weight {missing[0]} (its weights.json is out of date)", "re-export the model")
+    changed = {name: add_delta(found[name].read(), delta, f"{path}: {name}") for name, delta in deltas.items()}
+    external = [name for name in changed if found[name].file != path]
+    values = [ort.OrtValue.ortvalue_from_numpy(changed[name]) for name in external]
+    if external:
+        session_options.add_external_initializers(external, values)
+    inline = [name for name in changed if found[name].file == path]
+    if not inline:
+        return str(path), values
+    data = bytearray(path.read_bytes())
+    for name in inline:
+        init = found[name]
+        data[init.offset:init.offset + init.length] = changed[name].tobytes()
+    # loaded from bytes, the graph's other external weights are found beside the file
+    session_options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                             str(path.parent))
+    return bytes(data), values
 
 
 def _cache_key(path: Path, providers: list, options: RuntimeOptions) -> str:

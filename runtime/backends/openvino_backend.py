@@ -16,7 +16,7 @@ import openvino as ov
 
 from ..errors import EdgesdError
 from ..graphs import GraphSpec, check_feed
-from .base import RuntimeOptions, check_names, fit_feeds
+from .base import RuntimeOptions, add_delta, check_names, fit_feeds
 
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
 
@@ -33,6 +33,20 @@ def check_device(core: ov.Core, device: str) -> None:
                           f"this machine has: {', '.join(available + ['AUTO'])}")
 
 
+def _change_constants(model: ov.Model, deltas: dict[str, np.ndarray], path: Path) -> None:
+    """Replace each Constant named in `deltas` by itself plus its delta (a LoRA), in the model read from `path`."""
+    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    missing = sorted(set(deltas) - set(constants))
+    if missing:
+        raise EdgesdError(f"{path} has no weight {missing[0]} (its weights.json is out of date)", "re-export the model")
+    for name, delta in deltas.items():
+        old = constants[name]
+        new = ov.op.Constant(add_delta(old.get_data(), delta, f"{path}: {name}"))
+        new.set_friendly_name(name)
+        for target in list(old.output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+
+
 def compile_config(options: RuntimeOptions) -> dict[str, str]:
     config = {"PERFORMANCE_HINT": options.ov_hint.upper()}
     if options.ov_precision != "device-default":
@@ -45,7 +59,8 @@ def compile_config(options: RuntimeOptions) -> dict[str, str]:
 
 
 class OvGraph:
-    def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions):
+    def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions,
+                 weight_deltas: dict[str, np.ndarray] | None = None):
         self.path = Path(path)
         self.spec = spec
         self._core = ov.Core()
@@ -64,6 +79,8 @@ class OvGraph:
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line trace
             raise EdgesdError(f"{self.path} is not a readable OpenVINO graph ({_first_reason(e)})",
                               "re-export the model with `edgesd export --format openvino`") from None
+        if weight_deltas:
+            _change_constants(self._model, weight_deltas, self.path)
         inputs = {_port_name(p, spec.input_names): p for p in self._model.inputs}
         outputs = {name for p in self._model.outputs for name in p.get_names()}
         self._outputs = check_names(self.path, spec, set(inputs), outputs,

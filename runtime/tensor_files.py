@@ -1,0 +1,156 @@
+"""Reading tensors without torch or onnx: safetensors files (LoRA), and the initializers of an ONNX graph.
+
+safetensors: 8 bytes of header length, a JSON header (name -> dtype, shape, byte range), then the data.
+ONNX: a protobuf ModelProto; `onnx_initializers` walks only the fields on the path to each initializer
+(ModelProto.graph = 7, GraphProto.initializer = 5; TensorProto dims = 1, data_type = 2, float_data = 4, name = 8,
+raw_data = 9, external_data = 13, data_location = 14) and maps their bytes, in the graph file or its data file.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgesdError
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bf16", "I64": np.int64,
+                       "I32": np.int32}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(tensors as float32 / int arrays, the header's __metadata__)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        length = int.from_bytes(data[:8], "little")
+        if not 2 <= length <= len(data) - 8:
+            raise ValueError("bad header length")
+        header = json.loads(data[8:8 + length])
+        body = memoryview(data)[8 + length:]
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {name} has unsupported dtype {entry['dtype']}")
+            if dtype == "bf16":  # the upper half of a float32
+                raw = np.frombuffer(body[start:end], np.uint16).astype(np.uint32) << 16
+                array = raw.view(np.float32)
+            else:
+                array = np.frombuffer(body[start:end], dtype)
+            tensors[name] = array.reshape(entry["shape"]).astype(np.float32 if array.dtype.kind == "f" else array.dtype)
+        return tensors, dict(header.get("__metadata__") or {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EdgesdError(f"cannot read '{path}' as safetensors ({str(e)[:100]})",
+                          "the file is corrupt or not a .safetensors file") from None
+
+
+# ONNX TensorProto.DataType -> NumPy
+_ONNX_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64}
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, value or (start, end) of a length-delimited field) of one message."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            yield number, wire, (pos, pos + length)
+            pos += length
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+
+
+@dataclass(frozen=True)
+class Initializer:
+    name: str
+    dims: tuple[int, ...]
+    dtype: np.dtype
+    file: Path  # where the bytes are: the graph file or its external data file
+    offset: int
+    length: int
+
+    def read(self) -> np.ndarray:
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.length)
+        return np.frombuffer(data, self.dtype).reshape(self.dims).copy()
+
+
+def onnx_initializers(path: Path, names: set[str] | None = None) -> dict[str, Initializer]:
+    """Where each initializer's bytes are (only `names`, when given)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graph = next(((s, e) for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2
+                          for s, e in [v]), None)
+            if graph is None:
+                raise ValueError("no graph")
+            found = {}
+            for number, wire, value in _fields(buf, *graph):
+                if number != 5 or wire != 2:
+                    continue
+                init = _initializer(buf, *value, path)
+                if init is not None and (names is None or init.name in names):
+                    found[init.name] = init
+            return found
+    except (OSError, ValueError, IndexError) as e:
+        raise EdgesdError(f"cannot read the weights of {path} ({e})", "re-export the model") from None
+
+
+def _initializer(buf, start: int, end: int, path: Path) -> Initializer | None:
+    dims, dtype, name, data, external, location = [], None, "", None, {}, 0
+    for number, wire, value in _fields(buf, start, end):
+        if number == 1 and wire == 0:
+            dims.append(value)
+        elif number == 1 and wire == 2:  # packed dims
+            pos, stop = value
+            while pos < stop:
+                dim, pos = _varint(buf, pos)
+                dims.append(dim)
+        elif number == 2:
+            dtype = value
+        elif number == 8:
+            name = bytes(buf[value[0]:value[1]]).decode()
+        elif number in (9, 4) and wire == 2:  # raw_data, or packed float_data (little-endian float32 too)
+            data = value
+        elif number == 13:
+            entry = dict((n, bytes(buf[s:e]).decode()) for n, _, (s, e) in _fields(buf, *value))
+            external[entry.get(1)] = entry.get(2)
+        elif number == 14:
+            location = value
+    if dtype not in _ONNX_DTYPES:
+        return None
+    if location == 1:  # external data
+        file = path.parent / external["location"]
+        length = int(external.get("length", 0)) or int(np.prod(dims)) * np.dtype(_ONNX_DTYPES[dtype]).itemsize
+        return Initializer(name, tuple(dims), np.dtype(_ONNX_DTYPES[dtype]), file, int(external.get("offset", 0)), length)
+    if data is None:
+        return None
+    return Initializer(name, tuple(dims), np.dtype(_ONNX_DTYPES[dtype]), path, data[0], data[1] - data[0])
