@@ -29,7 +29,7 @@ _PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "lora_A.weight": "
           "lora.down.weight": "down", "lora.up.weight": "up", "alpha": "alpha"}
 # LyCORIS kinds that are not a plain low-rank pair; named in the error.
 _OTHER_KINDS = {"hada_": "LoHa", "lokr_": "LoKr", "lora_mid": "LoCon with a Tucker core", "dora_scale": "DoRA",
-                "oft_": "OFT", ".diff": "a full weight difference"}
+                "oft_": "OFT", "diff": "a full weight difference"}  # how the key's last part begins
 WEIGHT_MAP = "weights.json"  # per graph folder: diffusers weight name -> the graph constant holding it
 
 
@@ -80,8 +80,10 @@ def _group(tensors: dict[str, np.ndarray], where: str) -> dict[tuple[str, str], 
     """(component, module key) -> {down, up, alpha}."""
     groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
+        parts = key.split(".")
+        last = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]  # hada_w1_a, lora_mid, ...
         for marker, kind in _OTHER_KINDS.items():
-            if marker in key:
+            if last.startswith(marker):
                 raise EdgesdError(f"LoRA '{where}' is {kind} ({key}); edgesd applies plain LoRA / LoCon pairs",
                                   "use a LoRA / LoCon file, or merge this one into the checkpoint with its tool")
         part = next((p for p in _PARTS if key.endswith("." + p)), None)
@@ -116,8 +118,14 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
         if config.get(f"{component}.alpha_pattern") or config.get(f"{component}.rank_pattern"):
             raise EdgesdError("the LoRA's PEFT config has per-layer alpha or rank patterns",
                               "save it with one lora_alpha and r per component")
+        if config.get(f"{component}.use_dora"):
+            raise EdgesdError("the LoRA is DoRA (use_dora in its PEFT config); edgesd applies plain LoRA",
+                              "use a plain LoRA, or merge this one into the checkpoint with its tool")
         if f"{component}.lora_alpha" in config:
-            alphas[component] = float(config[f"{component}.lora_alpha"])
+            alpha = float(config[f"{component}.lora_alpha"])
+            if config.get(f"{component}.use_rslora"):  # rank-stabilized: alpha / sqrt(r) instead of alpha / r
+                alpha *= float(config[f"{component}.r"]) ** 0.5
+            alphas[component] = alpha
     return alphas
 
 

@@ -66,19 +66,25 @@ def write_peft_lora(folder: Path, pipe, rank: int = 4, alpha: float = 8.0, seed:
     torch.manual_seed(seed)
     unet_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
                              target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    text_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
     pipe.unet.add_adapter(unet_config)
     layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet),
               "unet_lora_adapter_metadata": unet_config.to_dict()}
+    pipe.unet.delete_adapters("default")
+    gen = torch.Generator().manual_seed(seed + 1)
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            encoder.add_adapter(text_config)
-            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(encoder)
-            layers[f"{name}_lora_adapter_metadata"] = text_config.to_dict()
+        if encoder is None:
+            continue
+        # PEFT's names for a CLIP text model (this transformers needs a newer peft than PyPI has to add one)
+        tensors = {}
+        for module, param in encoder.named_parameters():
+            module = module.removesuffix(".weight")
+            if module.endswith(("q_proj", "k_proj", "v_proj", "out_proj")):
+                key = "text_model." + module.removeprefix("text_model.")
+                tensors[f"{key}.lora_A.weight"] = torch.randn((rank, param.shape[1]), generator=gen) * 0.3
+                tensors[f"{key}.lora_B.weight"] = torch.randn((param.shape[0], rank), generator=gen) * 0.3
+        layers[f"{name}_lora_layers"] = tensors
+        layers[f"{name}_lora_adapter_metadata"] = {**unet_config.to_dict(),
+                                                   "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj"]}
     type(pipe).save_lora_weights(folder, **layers, weight_name="lora.safetensors")
-    for module in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
-        if module is not None:
-            module.delete_adapters("default")
     return Path(folder) / "lora.safetensors"

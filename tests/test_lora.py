@@ -1,0 +1,186 @@
+"""LoRA against diffusers' load_lora_weights + fuse_lora(lora_scale=...): kohya / A1111 files (LoRA and LoCon,
+SDXL's SGM names, both text encoders) and diffusers / PEFT files, merged at export or added at load on both
+backends (fp32 and fp16 graphs); bad LoRAs get one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgesd
+from edgesd.errors import EdgesdError
+from edgesd.export.parity import psnr
+
+from .lora_files import write_kohya_lora, write_peft_lora
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+PROMPT = "a red circle on a blue square"
+MIN_PSNR_DB = 40.0
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """kind -> (diffusers folder, fp32 export, fp16 export, fp16 IR export)."""
+    from edgesd.export import ExportOptions, export_model
+    from edgesd.export.tiny import build_random_family, build_random_sd
+
+    root = tmp_path_factory.mktemp("lora")
+    out = {}
+    for kind in ("sd", "sdxl"):
+        src = build_random_sd(root / kind, seed=21) if kind == "sd" else \
+            build_random_family(root / kind, "sdxl", seed=22, second_encoder_width=48)
+        exports = [root / f"{kind}-{name}" for name in ("fp32", "fp16", "ir-fp16")]
+        export_model(src, exports[0])
+        export_model(src, exports[1], ExportOptions(recipe="fp16"))
+        export_model(src, exports[2], ExportOptions(recipe="fp16", format="openvino"))
+        out[kind] = (src, *exports)
+    return out
+
+
+def _pipeline(kind: str, src: Path):
+    if kind == "sd":
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(src, safety_checker=None)
+    else:
+        pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _lora(kind: str, fmt: str, models, folder: Path) -> Path:
+    pipe = _pipeline(kind, models[kind][0])
+    if fmt == "peft":
+        return write_peft_lora(folder, pipe)
+    encoders = {"lora_te": pipe.text_encoder} if kind == "sd" else \
+        {"lora_te1": pipe.text_encoder, "lora_te2": pipe.text_encoder_2}
+    return write_kohya_lora(folder / "kohya.safetensors", pipe.unet, encoders, sgm_names=kind == "sdxl",
+                            unet_config=dict(pipe.unet.config))
+
+
+def _latents(seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, SIZE // 2, SIZE // 2)).astype(np.float32)
+
+
+ARGS = dict(num_inference_steps=4, height=SIZE, width=SIZE, guidance_scale=5.0)
+
+
+def _diffusers_image(kind, src, loras: list[tuple[Path, float]]) -> np.ndarray:
+    pipe = _pipeline(kind, src)
+    if len(loras) == 1:
+        pipe.load_lora_weights(str(loras[0][0]))
+        pipe.fuse_lora(lora_scale=loras[0][1])
+    elif loras:  # several: each adapter weighted, then fused together
+        for i, (path, _) in enumerate(loras):
+            pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
+        pipe.set_adapters([f"l{i}" for i in range(len(loras))], adapter_weights=[s for _, s in loras])
+        pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return pipe(PROMPT, latents=torch.from_numpy(_latents()), output_type="np", **ARGS).images[0] * 255
+
+
+def _ours(pipe) -> np.ndarray:
+    return np.asarray(pipe(PROMPT, latents=_latents(), **ARGS).images[0], np.float64)
+
+
+@pytest.mark.parametrize("kind, fmt", [("sd", "kohya"), ("sd", "peft"), ("sdxl", "kohya"), ("sdxl", "peft")])
+def test_lora_at_load_equals_diffusers_fuse_lora(models, kind, fmt, tmp_path):
+    src, fp32, fp16, ir16 = models[kind]
+    path = _lora(kind, fmt, models, tmp_path)
+    expected = _diffusers_image(kind, src, [(path, 0.8)])
+    plain = _diffusers_image(kind, src, [])
+    assert psnr(expected, plain) < 35  # the LoRA changes the picture
+    for folder, backend in ((fp32, "onnxruntime"), (fp32, "openvino"), (fp16, "onnxruntime"), (ir16, "openvino")):
+        got = _ours(edgesd.Pipeline.load(folder, loras=[(path, 0.8)], backend=backend))
+        assert psnr(expected, got) >= MIN_PSNR_DB, (folder.name, backend)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_lora_merged_at_export_equals_diffusers(models, kind, tmp_path):
+    from edgesd.export import ExportOptions, export_model
+    from edgesd.lora import LoraSpec
+
+    src = models[kind][0]
+    path = _lora(kind, "kohya", models, tmp_path)
+    expected = _diffusers_image(kind, src, [(path, 0.6)])
+    export_model(src, tmp_path / "merged", ExportOptions(loras=(LoraSpec(path, 0.6),)))
+    assert psnr(expected, _ours(edgesd.Pipeline.load(tmp_path / "merged"))) >= MIN_PSNR_DB
+    merged_int8 = tmp_path / "merged-int8"  # any recipe: the LoRA is in the weights before quantizing
+    export_model(src, merged_int8, ExportOptions(loras=(LoraSpec(path, 0.6),), recipe="int8-weights"))
+    assert edgesd.Pipeline.load(merged_int8).folder.manifest["source"]["loras"][0]["scale"] == 0.6
+
+
+def test_two_loras_add_and_switching_reloads_only_what_they_change(models, tmp_path):
+    src, fp32 = models["sd"][0], models["sd"][1]
+    kohya = _lora("sd", "kohya", models, tmp_path)
+    peft = _lora("sd", "peft", models, tmp_path)
+    expected = _diffusers_image("sd", src, [(kohya, 0.5), (peft, 0.7)])
+    both = edgesd.Pipeline.load(fp32, loras=[(kohya, 0.5), f"{peft}:0.7"])
+    assert psnr(expected, _ours(both)) >= MIN_PSNR_DB
+    assert both(PROMPT, **ARGS, seed=1).parameters["loras"] == ["kohya.safetensors:0.5", "lora.safetensors:0.7"]
+    plain = edgesd.Pipeline.load(fp32)
+    back = both.with_loras([])
+    assert np.array_equal(_ours(back), _ours(plain))
+    assert back.graphs["vae_decoder"] is both.graphs["vae_decoder"]  # unchanged graphs are kept
+    switched = plain.with_loras([(kohya, 0.5), (peft, 0.7)])
+    assert np.array_equal(_ours(switched), _ours(both))
+    zero = edgesd.Pipeline.load(fp32, loras=[(kohya, 0.0)])
+    np.testing.assert_allclose(_ours(zero), _ours(plain), atol=1)
+
+
+def _write(path: Path, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda t, m: _write(t / "x.safetensors", {"lora_unet_mid_block_attentions_9_proj_in.lora_down.weight":
+                                               torch.zeros(2, 32), "lora_unet_mid_block_attentions_9_proj_in."
+                                               "lora_up.weight": torch.zeros(32, 2)}),
+     "lora_unet_mid_block_attentions_9_proj_in.lora_down.weight matches no layer"),
+    (lambda t, m: _lora("sdxl", "kohya", m, t), "looks made for SDXL"),
+    (lambda t, m: _write(t / "w.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(2, 1024),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(32, 2)}),
+     "looks made for SD 2.x"),
+    (lambda t, m: _write(t / "h.safetensors", {"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}), "is LoHa"),
+    (lambda t, m: _write(t / "k.safetensors", {"model.diffusion_model.x": torch.zeros(2)}), "not a LoRA weight"),
+    (lambda t, m: (t / "l.pt").write_bytes(b"x") and t / "l.pt", "never unpickles"),
+    (lambda t, m: t / "missing.safetensors", "does not exist"),
+])
+def test_bad_loras_are_named(models, tmp_path, make, needle):
+    with pytest.raises(EdgesdError) as e:
+        edgesd.Pipeline.load(models["sd"][1], loras=[(make(tmp_path, models), 1.0)])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_quantized_graphs_refuse_a_load_time_lora(models, tmp_path):
+    from edgesd.export import ExportOptions, export_model
+
+    export_model(models["sd"][0], tmp_path / "int8", ExportOptions(recipe="int8-weights"))
+    path = _lora("sd", "kohya", models, tmp_path)
+    with pytest.raises(EdgesdError, match="int8-weights graph holds quantized weights.*export the model with --lora"):
+        edgesd.Pipeline.load(tmp_path / "int8", loras=[(path, 1.0)])
+
+
+def test_lora_on_the_command_line(models, tmp_path):
+    path = _lora("sd", "kohya", models, tmp_path)
+    base = [sys.executable, "-m", "edgesd.cli"]
+    run = subprocess.run([*base, "generate", PROMPT, "--model", str(models["sd"][1]), "--lora", f"{path}:0.8",
+                          "--steps", "2", "--seed", "4", "-o", str(tmp_path / "a.png")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    run = subprocess.run([*base, "generate", PROMPT, "--model", str(models["sd"][1]), "--lora",
+                          str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "b.png")], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and run.stderr.count("error:") == 1 and "does not exist" in run.stderr
+    run = subprocess.run([*base, "export", str(models["sd"][0]), str(tmp_path / "o"), "--lora",
+                          str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    assert run.returncode == 2 and "does not exist" in run.stderr and not (tmp_path / "o").exists()
