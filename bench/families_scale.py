@@ -34,6 +34,7 @@ STEPS = 20  # the totals are for this many steps
 MODELS = {  # name -> (reference config folder, diffusers pipeline class)
     "sdxl": ("sdxl-base", "StableDiffusionXLPipeline"),
     "lcm": ("lcm-sd15", "LatentConsistencyModelPipeline"),
+    "sd15": ("sd15", "StableDiffusionPipeline"),  # bench/files_scale.py
 }
 
 

@@ -172,13 +172,18 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
         (final / "fidelity.json").write_text(json.dumps(report.fidelity.to_json(), indent=2) + "\n")
         if not report.fidelity.passed and not options.allow_lossy:
             raise ExportFidelityError(report)
-        if out.exists():
-            shutil.rmtree(out)
-        final.rename(out)
+        move_into_place(final, out)
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
+
+
+def move_into_place(final: Path, out: Path) -> None:
+    """The finished export replaces OUT (only now: a failed export leaves OUT as it was)."""
+    if out.exists():
+        shutil.rmtree(out)
+    final.rename(out)
 
 
 def _threshold(recipes: dict[str, Recipe], fmt: Format) -> float:

@@ -130,6 +130,20 @@ def detect_layout(shapes: dict[str, tuple[int, ...]], where: str) -> tuple[Layou
     return layout, channels == 9
 
 
+def yaml_prediction_type(path: Path) -> PredictionType | None:
+    """A1111's convention: `model.yaml` beside `model.safetensors` (the LDM inference config) says
+    `parameterization: "v"` for a v-prediction model. Read as text, only that line."""
+    config = path.with_suffix(".yaml")
+    if not config.is_file():
+        return None
+    try:
+        text = config.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", text, re.MULTILINE)
+    return {"v": "v_prediction", "eps": "epsilon"}.get(m[1]) if m else None
+
+
 def _read_tokenizer(folder: Path) -> ClipTokenizer:
     """A tokenizer folder with a vocabulary, or one with only its special tokens (the shipped configs)."""
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
@@ -312,7 +326,7 @@ def load_single_file(path: Path, config_dir: Path | None = None,
             configs["scheduler"]["prediction_type"] = prediction_type
         tokenizer_root = config_dir
     else:
-        configs, notes = _shipped_configs(layout, inpaint, prediction_type)
+        configs, notes = _shipped_configs(layout, inpaint, prediction_type or yaml_prediction_type(path))
         tokenizer_root = CONFIGS / layout.configs
     family = detect_family(configs["model_index"], configs["unet"], str(config_dir or path))
     if [t.component for t in layout.text] != list(family.text_components):

@@ -32,6 +32,7 @@ def vae_folder(src: Path) -> Path | None:
 
 def export_vae(src: Path, out: Path, options) -> list:
     """Export the VAE folder `src`'s decoder to `out`; returns the parity results."""
+    from . import move_into_place
     from .components import export_graph
     from .loading import build_module, source_checksum
     from .parity import FP32_MIN_PSNR_DB
@@ -74,9 +75,7 @@ def export_vae(src: Path, out: Path, options) -> list:
                                                "precision": options.recipe,
                                                "file": f"vae_decoder/{GRAPH_FILES[options.format]}"}}}
         (final / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        final.rename(out)
+        move_into_place(final, out)
         return parity
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

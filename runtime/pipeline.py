@@ -28,7 +28,7 @@ from .noise import noise_source
 from .request import GenerationRequest, GenerationResult
 from .samplers import noise_at, run_sampler
 from .schedulers import alphas_cumprod, resolve_scheduler
-from .tiling import Tiles, TilingMode, should_tile, tiled
+from .tiling import TilingMode, decode_latents, encode_pixels
 from .tokenizer import ClipTokenizer
 
 # callback(step, total) after each U-Net evaluation (PLMS makes steps + 1); returning False cancels.
@@ -181,11 +181,7 @@ class Pipeline:
         def encode(x: np.ndarray) -> np.ndarray:
             return ctx.run("vae_encoder", {"sample": x})["latent_parameters"]  # (1, 2C, h, w)
 
-        size, f = self.vae.sample_size, self.constants.vae_scale_factor
-        if should_tile(tiling, pixels.shape[3], pixels.shape[2], size):
-            moments = tiled(pixels, encode, Tiles(size_in=size, size_out=size // f))
-        else:
-            moments = encode(pixels)
+        moments = encode_pixels(pixels, encode, self.vae.sample_size, self.constants.vae_scale_factor, tiling)
         mean = moments[:, : moments.shape[1] // 2]
         return (mean * self.vae.scaling_factor).astype(np.float32)
 
@@ -197,14 +193,11 @@ class Pipeline:
         def decode(z: np.ndarray) -> np.ndarray:
             return ctx.run("vae_decoder", {"latent_sample": z})["sample"]  # (1, 3, H, W)
 
-        size, f = self.decoder.sample_size, self.constants.vae_scale_factor
         images = []
         for z in latents:
             z = (z[None] / self.decoder.scaling_factor).astype(np.float32)  # (1, C, h, w)
-            if should_tile(tiling, z.shape[3] * f, z.shape[2] * f, size):
-                images += to_pil(tiled(z, decode, Tiles(size_in=size // f, size_out=size)))
-            else:
-                images += to_pil(decode(z))
+            images += to_pil(decode_latents(z, decode, self.decoder.sample_size, self.constants.vae_scale_factor,
+                                            tiling))
         return images
 
     # --- generation -------------------------------------------------------------------------

@@ -81,3 +81,20 @@ def should_tile(mode: TilingMode, width: int, height: int, sample_size: int) -> 
     if mode == "auto":
         return width * height >= max(AUTO_TILES * sample_size * sample_size, AUTO_MIN_PIXELS)
     return mode == "on" and max(width, height) > sample_size
+
+
+def decode_latents(z: np.ndarray, decode: Callable[[np.ndarray], np.ndarray], sample_size: int, factor: int,
+                   mode: TilingMode) -> np.ndarray:
+    """One picture's latents z (1, C, h, w), already divided by the VAE's scaling factor -> pixels (1, 3, H, W),
+    whole or in tiles of `sample_size` pixels (`factor` pixels per latent pixel)."""
+    if should_tile(mode, z.shape[3] * factor, z.shape[2] * factor, sample_size):
+        return tiled(z, decode, Tiles(size_in=sample_size // factor, size_out=sample_size))
+    return decode(z)
+
+
+def encode_pixels(x: np.ndarray, encode: Callable[[np.ndarray], np.ndarray], sample_size: int, factor: int,
+                  mode: TilingMode) -> np.ndarray:
+    """Pixels x (1, 3, H, W) -> the encoder's output (1, 2C, H/f, W/f), whole or in tiles."""
+    if should_tile(mode, x.shape[3], x.shape[2], sample_size):
+        return tiled(x, encode, Tiles(size_in=sample_size, size_out=sample_size // factor))
+    return encode(x)

@@ -120,6 +120,17 @@ def test_sd2_prediction_type_is_assumed_and_said_or_given():
     assert notes == []
 
 
+def test_a1111_yaml_beside_the_file_names_v_prediction(tmp_path):
+    from edgesd.export.single_file import yaml_prediction_type
+
+    model = tmp_path / "sd21-768.safetensors"
+    assert yaml_prediction_type(model) is None
+    (tmp_path / "sd21-768.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n    linear_start: 0.00085\n")
+    assert yaml_prediction_type(model) == "v_prediction"
+    (tmp_path / "sd21-768.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")  # LDM's default: eps
+    assert yaml_prediction_type(model) is None
+
+
 def test_replacement_vae_from_a_file_or_a_folder(folders, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -81,6 +81,7 @@ class OvGraph:
                               "re-export the model with `edgesd export --format openvino`") from None
         if weight_deltas:
             _change_constants(self._model, weight_deltas, self.path)
+            self._config.pop("CACHE_DIR", None)  # a compiled-model cache would be keyed on the file's weights
         inputs = {_port_name(p, spec.input_names): p for p in self._model.inputs}
         outputs = {name for p in self._model.outputs for name in p.get_names()}
         self._outputs = check_names(self.path, spec, set(inputs), outputs,
