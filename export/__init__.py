@@ -285,7 +285,7 @@ def merge_loras(model, loras: tuple[LoraSpec, ...]):
     def merge(folder: str, module: torch.nn.Module) -> None:
         params = dict(module.named_parameters())
         for name, delta in deltas.get(folder, {}).items():
-            params[name].data += torch.from_numpy(delta)
+            params[name].data += torch.from_numpy(delta.dense())
     return merge
 
 

@@ -19,6 +19,7 @@ from edgesd.model import read_json
 from edgesd.tokenizer import ClipTokenizer
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+STANDARD_WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
 # Buffers older transformers saved that current CLIP recomputes; harmless if present.
 _IGNORABLE_TEXT_KEYS = ("embeddings.position_ids",)
 # Source folder of each exported component.
@@ -139,6 +140,10 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = _weight_files(folder)
+    # diffusers / transformers read only their own names (sharded: NAME-00001-of-00002); a folder may hold
+    # other files beside them (madebyollin/taesd keeps taesd_decoder.safetensors in the original layout)
+    standard = [p for p in files if p.name.split(".")[0].split("-0")[0] in STANDARD_WEIGHT_NAMES]
+    files = standard or files
     plain = [p for p in files if "." not in p.name[: -len(p.suffix)]]
     files = plain or [p for p in files if p.name.split(".")[-2] == files[0].name.split(".")[-2]]
     state: dict[str, torch.Tensor] = {}

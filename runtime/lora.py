@@ -60,6 +60,26 @@ class _Pair:
     alpha: float | None
 
 
+@dataclass(frozen=True)
+class LowRankDelta:
+    """A weight's change as a sum of scaled low-rank products, made dense only when it is added to the weight
+    (so a LoRA over a whole U-Net costs its file's size, not the U-Net's, until then)."""
+
+    shape: tuple[int, ...]  # the weight's, in diffusers' layout
+    terms: tuple[tuple[np.ndarray, np.ndarray, float], ...]  # (up (out, r), down (r, in * kh * kw), factor)
+    transposed: bool = False  # the graph stores the weight transposed
+
+    def __add__(self, other: "LowRankDelta") -> "LowRankDelta":
+        return LowRankDelta(self.shape, self.terms + other.terms, self.transposed)
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros((self.shape[0], int(np.prod(self.shape[1:]))), np.float32)
+        for up, down, factor in self.terms:
+            out += factor * (up @ down)
+        out = out.reshape(self.shape)
+        return np.ascontiguousarray(out.T) if self.transposed else out
+
+
 def _kohya_index(component: str, names: dict[str, tuple], unet_config: dict | None) -> dict[str, str]:
     """kohya's underscored module name -> weight name; the U-Net under diffusers' names and SGM's (SDXL)."""
     index = {}
@@ -131,8 +151,8 @@ def _peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
 
 def read_lora(spec: LoraSpec, targets: dict[str, dict[str, tuple]], family_title: str,
               unet_config: dict | None = None, unavailable: dict[str, str] | None = None
-              ) -> dict[str, dict[str, np.ndarray]]:
-    """The weight deltas of one LoRA (already scaled): component -> weight name -> delta in the weight's shape.
+              ) -> dict[str, dict[str, LowRankDelta]]:
+    """The weight changes of one LoRA (already scaled): component -> weight name -> LowRankDelta.
     `targets`: the weights a LoRA may change (component -> name -> shape); `unavailable`: components whose
     weights cannot change, and why (an error if the LoRA has keys for them)."""
     path = Path(spec.path)
@@ -149,7 +169,7 @@ def read_lora(spec: LoraSpec, targets: dict[str, dict[str, tuple]], family_title
     groups = _group(tensors, path.name)
     peft_alphas = _peft_alphas(metadata)
     indexes = {c: _kohya_index(c, names, unet_config) for c, names in targets.items()}
-    deltas: dict[str, dict[str, np.ndarray]] = {}
+    deltas: dict[str, dict[str, LowRankDelta]] = {}
     for (component, module), parts in groups.items():
         if unavailable and component in unavailable:
             raise EdgesdError(f"LoRA '{path.name}' changes the {component}, but {unavailable[component]}",
@@ -165,9 +185,9 @@ def read_lora(spec: LoraSpec, targets: dict[str, dict[str, tuple]], family_title
                               "the file is incomplete")
         pair = _Pair(parts["down"], parts["up"], float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts
                      else peft_alphas.get(component))
-        delta = _delta(pair, targets[component][name], f"{path.name}: {module}", family_title, groups)
+        delta = _delta(pair, targets[component][name], spec.scale, f"{path.name}: {module}", family_title, groups)
         into = deltas.setdefault(component, {})
-        into[name] = into.get(name, 0) + spec.scale * delta
+        into[name] = into[name] + delta if name in into else delta
     return deltas
 
 
@@ -184,24 +204,24 @@ def _target(component: str, module: str, targets, indexes) -> str | None:
     return indexes[component].get(module)
 
 
-def _delta(pair: _Pair, shape: tuple, where: str, family_title: str, groups) -> np.ndarray:
+def _delta(pair: _Pair, shape: tuple, scale: float, where: str, family_title: str, groups) -> LowRankDelta:
     rank = pair.down.shape[0]
-    if pair.up.shape[1] != rank:
+    if pair.up.ndim < 2 or pair.up.shape[1] != rank:
         raise EdgesdError(f"LoRA {where}: up {pair.up.shape} and down {pair.down.shape} differ in rank",
                           "the file is corrupt")
-    delta = pair.up.reshape(pair.up.shape[0], rank) @ pair.down.reshape(rank, -1)  # (out, in * kh * kw)
-    if delta.size != int(np.prod(shape)) or delta.shape[0] != shape[0]:
-        raise EdgesdError(f"LoRA {where} makes a {tuple(delta.shape)} change, the layer is {tuple(shape)}; it looks "
-                          f"made for {_guess_family(groups)}", f"use a LoRA made for {family_title}")
+    up, down = pair.up.reshape(pair.up.shape[0], rank), pair.down.reshape(rank, -1)  # (out, r), (r, in * kh * kw)
+    if up.shape[0] * down.shape[1] != int(np.prod(shape)) or up.shape[0] != shape[0]:
+        raise EdgesdError(f"LoRA {where} makes a {(up.shape[0], down.shape[1])} change, the layer is {tuple(shape)}; "
+                          f"it looks made for {_guess_family(groups)}", f"use a LoRA made for {family_title}")
     alpha = rank if pair.alpha is None else pair.alpha
-    return (delta * (alpha / rank)).reshape(shape).astype(np.float32)
+    return LowRankDelta(tuple(shape), ((up, down, scale * alpha / rank),))
 
 
 def lora_deltas(loras: list[LoraSpec] | tuple[LoraSpec, ...], targets: dict[str, dict[str, tuple]],
                 family_title: str, unet_config: dict | None = None, unavailable: dict[str, str] | None = None
-                ) -> dict[str, dict[str, np.ndarray]]:
-    """The summed, scaled deltas of several LoRAs: component -> weight name -> delta."""
-    total: dict[str, dict[str, np.ndarray]] = {}
+                ) -> dict[str, dict[str, LowRankDelta]]:
+    """The summed, scaled changes of several LoRAs: component -> weight name -> LowRankDelta."""
+    total: dict[str, dict[str, LowRankDelta]] = {}
     for spec in loras:
         for component, deltas in read_lora(spec, targets, family_title, unet_config, unavailable).items():
             into = total.setdefault(component, {})
@@ -237,11 +257,8 @@ def write_weight_map(folder: Path, targets: dict[str, WeightTarget]) -> None:
     (Path(folder) / WEIGHT_MAP).write_text(json.dumps({"format_version": 1, "weights": entries}, indent=1) + "\n")
 
 
-def constant_deltas(deltas: dict[str, np.ndarray], targets: dict[str, WeightTarget]) -> dict[str, np.ndarray]:
+def constant_deltas(deltas: dict[str, LowRankDelta], targets: dict[str, WeightTarget]) -> dict[str, LowRankDelta]:
     """Weight-name deltas -> deltas of the graph constants, in the layout each constant is stored."""
-    out = {}
-    for name, delta in deltas.items():
-        target = targets[name]
-        out[target.constant] = np.ascontiguousarray(delta.T) if target.transposed else delta
-    return out
+    return {targets[name].constant: LowRankDelta(d.shape, d.terms, targets[name].transposed)
+            for name, d in deltas.items()}
 

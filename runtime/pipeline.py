@@ -71,7 +71,7 @@ class Pipeline:
 
     def __init__(self, folder: ModelFolder, graphs: dict[str, Graph], tokenizers: dict[str, ClipTokenizer],
                  options: RuntimeOptions, decoder: VaeSettings | None = None, loras: tuple[LoraSpec, ...] = (),
-                 weight_deltas: dict[str, dict[str, np.ndarray]] | None = None):
+                 weight_deltas: dict[str, dict] | None = None):
         self.folder = folder
         self.family: ModelFamily = folder.family
         self.specs = folder.specs
@@ -81,7 +81,9 @@ class Pipeline:
         self.vae = VaeSettings.from_config(folder.configs.get("vae", {}), folder.constants.default_image_size)
         self.decoder = decoder or self.vae  # another decoder than the model's own VAE (TAESD)
         self.loras = loras
-        self._weight_deltas = weight_deltas or {}  # component -> graph constant -> LoRA delta
+        # component -> graph constant -> LoRA delta, each taken (and freed) when its graph loads
+        self._weight_deltas = dict(weight_deltas or {})
+        self._lora_components = frozenset(self._weight_deltas)
         self._loading = threading.Lock()
 
     @classmethod
@@ -120,7 +122,7 @@ class Pipeline:
         """This model with other LoRAs (none: its own weights): only the graphs they change are loaded again."""
         specs = _lora_specs(loras)
         deltas = _lora_constants(self.folder, specs)
-        changed = set(deltas) | set(self._weight_deltas)
+        changed = set(deltas) | self._lora_components
         kept = {name: graph for name, graph in self.graphs.items() if name not in changed}
         pipe = Pipeline(self.folder, kept, self.tokenizers, self.options, self.decoder if self.decoder is not
                         self.vae else None, specs, deltas)
@@ -136,7 +138,7 @@ class Pipeline:
                     fix = "re-export the model" + (" without --no-vae-encoder" if name == "vae_encoder" else "")
                     raise EdgesdError(f"model '{self.folder.root}' has no {name}", fix)
                 self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name], self.options,
-                                               self._weight_deltas.get(name))
+                                               self._weight_deltas.pop(name, None))
             return self.graphs[name]
 
     @property
@@ -334,7 +336,7 @@ def _lora_specs(loras) -> tuple[LoraSpec, ...]:
     return tuple(specs)
 
 
-def _lora_constants(folder: ModelFolder, loras: tuple[LoraSpec, ...]) -> dict[str, dict[str, np.ndarray]]:
+def _lora_constants(folder: ModelFolder, loras: tuple[LoraSpec, ...]) -> dict[str, dict]:
     """component -> graph constant -> the LoRAs' summed delta, from each graph's weights.json."""
     if not loras:
         return {}

@@ -97,10 +97,14 @@ class Initializer:
     length: int
 
     def read(self) -> np.ndarray:
+        out = np.empty(self.dims, self.dtype)
+        if out.nbytes != self.length:
+            raise EdgesdError(f"{self.file}: weight {self.name} has {self.length} bytes, its shape needs {out.nbytes}",
+                              "re-export the model")
         with open(self.file, "rb") as f:
             f.seek(self.offset)
-            data = f.read(self.length)
-        return np.frombuffer(data, self.dtype).reshape(self.dims).copy()
+            f.readinto(memoryview(out.reshape(-1)).cast("B"))  # straight into the array: one copy in memory
+        return out
 
 
 def onnx_initializers(path: Path, names: set[str] | None = None) -> dict[str, Initializer]:

@@ -27,6 +27,10 @@ def taesd(tmp_path_factory):
     root = tmp_path_factory.mktemp("taesd")
     torch.manual_seed(7)
     diffusers.AutoencoderTiny(**TAESD_TINY).save_pretrained(root / "taesd")
+    # as in madebyollin/taesd: the original layout's decoder file beside diffusers' (which is what is read)
+    from safetensors.torch import save_file
+
+    save_file({"1.conv.0.weight": torch.zeros(8, 8, 3, 3)}, str(root / "taesd" / "taesd_decoder.safetensors"))
     export_model(root / "taesd", root / "onnx")
     return root / "taesd", root / "onnx"
 

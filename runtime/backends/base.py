@@ -70,12 +70,16 @@ _BACKEND_FIELDS = {"onnxruntime": ("provider", "provider_options", "ort_optimiza
                    "openvino": ("device", "ov_hint", "ov_precision", "ov_shapes")}
 
 
-def add_delta(base: np.ndarray, delta: np.ndarray, where: str) -> np.ndarray:
-    """base + delta in base's dtype and shape (a graph may keep a weight reshaped)."""
-    if base.size != delta.size:
-        raise EdgesdError(f"{where}: the graph's weight has {base.size} values, the change {delta.size}",
+def add_delta(base: np.ndarray, delta, where: str) -> np.ndarray:
+    """base + delta (a LoRA's LowRankDelta, made dense here) in base's dtype and shape (a graph may keep a
+    weight reshaped)."""
+    change = delta.dense()
+    if base.size != change.size:
+        raise EdgesdError(f"{where}: the graph's weight has {base.size} values, the change {change.size}",
                           "re-export the model")
-    return (base.astype(np.float32) + delta.reshape(base.shape)).astype(base.dtype)
+    change = change.reshape(base.shape)
+    change += base  # in place: one weight-sized array at a time
+    return change if base.dtype == np.float32 else change.astype(base.dtype)
 
 
 class Graph(Protocol):
@@ -122,10 +126,9 @@ def provider_names() -> list[str]:
     return onnxruntime_backend.provider_names()
 
 
-def load_graph(path: Path, spec: GraphSpec, options: RuntimeOptions,
-               weight_deltas: dict[str, np.ndarray] | None = None) -> Graph:
+def load_graph(path: Path, spec: GraphSpec, options: RuntimeOptions, weight_deltas: dict | None = None) -> Graph:
     """Load `path` with the backend `options` names (already resolved from "auto"). `weight_deltas`: graph
-    constant name -> what to add to it (a LoRA), applied to the loaded graph, never to the file."""
+    constant name -> what to add to it (a LoRA's LowRankDelta), applied to the loaded graph, never to the file."""
     if options.backend == "openvino":
         from . import openvino_backend
 

@@ -58,7 +58,7 @@ def resolve_providers(options: RuntimeOptions) -> list:
 
 class OrtGraph:
     def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions,
-                 weight_deltas: dict[str, np.ndarray] | None = None):
+                 weight_deltas: dict | None = None):
         self.path = Path(path)
         self.spec = spec
         providers = resolve_providers(options)
@@ -115,7 +115,7 @@ class OrtGraph:
                 for name, v in zip(self._outputs, values)}
 
 
-def _changed_model(path: Path, deltas: dict[str, np.ndarray], session_options) -> tuple[str | bytes, list]:
+def _changed_model(path: Path, deltas: dict, session_options) -> tuple[str | bytes, list]:
     """The graph with each initializer in `deltas` changed by it: weights kept in the external data file are
     given as external initializers, those inside the graph file are patched into a copy of its bytes (ONNX
     Runtime's add_initializer is not seen by its NCHWc layout pass, so a changed convolution would keep its old

@@ -33,7 +33,7 @@ def check_device(core: ov.Core, device: str) -> None:
                           f"this machine has: {', '.join(available + ['AUTO'])}")
 
 
-def _change_constants(model: ov.Model, deltas: dict[str, np.ndarray], path: Path) -> None:
+def _change_constants(model: ov.Model, deltas: dict, path: Path) -> None:
     """Replace each Constant named in `deltas` by itself plus its delta (a LoRA), in the model read from `path`."""
     constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
     missing = sorted(set(deltas) - set(constants))
@@ -60,7 +60,7 @@ def compile_config(options: RuntimeOptions) -> dict[str, str]:
 
 class OvGraph:
     def __init__(self, path: Path, spec: GraphSpec, options: RuntimeOptions,
-                 weight_deltas: dict[str, np.ndarray] | None = None):
+                 weight_deltas: dict | None = None):
         self.path = Path(path)
         self.spec = spec
         self._core = ov.Core()
