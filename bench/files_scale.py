@@ -196,7 +196,7 @@ def report(results: dict) -> str:
                                          ("taesd-512", "TAESD", 512, "off"), ("taesd-1024", "TAESD", 1024, "off")):
         lines.append(f"| {decoder} | {size}x{size} | {tiling} | {get(phase, 'decode_s')} | {get(phase, 'peak_rss_gb')} |")
     lines += ["", f"## LoRA at load (SD 1.5 fp32 export, ONNX Runtime; kohya rank {LORA_RANK} over the U-Net attention, "
-              "feed-forward and resnet conv1 plus the text encoder: 356 weights)", "",
+              "feed-forward and resnet conv1 plus the text encoder: 241 layers, 1.76 GB of weights changed)", "",
               "| what | seconds | peak RSS GB |", "|---|---:|---:|",
               f"| load, no LoRA (peak: with one 512x512 step) | {get('load', 'load_s')} | {get('load', 'peak_rss_gb')} |",
               f"| one 512x512 step (text encoder, U-Net, VAE) | {get('load', 'one_step_512_s')} | |",
