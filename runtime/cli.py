@@ -1,4 +1,4 @@
-"""The `edgesd` command: export, generate, info."""
+"""The `edgesd` command: export, generate, serve, info."""
 
 from __future__ import annotations
 
@@ -181,7 +181,9 @@ def _scheduler_choice(value: str | None):
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--from", "from_png", type=click.Path(path_type=Path), default=None,
+              help="Re-run the parameters a PNG carries (edgesd's or A1111's); options given here override them.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder (default: the embedded model).")
 @click.option("--negative", default=None, help="Negative prompt.")
@@ -233,11 +235,23 @@ def _scheduler_choice(value: str | None):
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed, width,
-             height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder, vae_tiling,
-             count, output, **runtime_options):
-    """Generate an image from PROMPT."""
+def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed,
+             width, height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder,
+             vae_tiling, count, output, **runtime_options):
+    """Generate an image from PROMPT (or from the parameters of a picture: --from PNG)."""
     from .schedulers import A1111_NAMES, SAMPLERS
+
+    if from_png is not None:  # the picture's parameters, then what the command line gives over them
+        given = {name for name in click.get_current_context().params
+                 if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        values = _saved_parameters(from_png, given, dict(
+            prompt=prompt, negative=negative, prompt_2=prompt_2, negative_2=negative_2, steps=steps,
+            guidance=guidance, guidance_rescale=guidance_rescale, seed=seed, width=width, height=height,
+            scheduler=scheduler, noise_generator=noise_generator, strength=strength, vae_tiling=vae_tiling))
+        (prompt, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed, width, height, scheduler,
+         noise_generator, strength, vae_tiling) = values.values()
+    if prompt is None:
+        raise EdgesdError("no prompt given", "pass PROMPT, or --from PNG to re-run a picture's parameters")
 
     if scheduler == "list":
         a1111 = {ours: theirs for theirs, ours in A1111_NAMES.items()}
@@ -282,6 +296,24 @@ def generate(prompt, model_dir, negative, prompt_2, negative_2, steps, guidance,
         click.echo(f"wrote {path} (seed {result.seed})")
 
 
+# generate's options -> the Pipeline arguments a picture's parameters name (images.read_parameters)
+_SAVED = {"prompt": "prompt", "negative": "negative_prompt", "prompt_2": "prompt_2", "negative_2": "negative_prompt_2",
+          "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
+          "seed": "seed", "width": "width", "height": "height", "scheduler": "scheduler",
+          "noise_generator": "noise_generator", "strength": "strength", "vae_tiling": "vae_tiling"}
+
+
+def _saved_parameters(path: Path, given: set[str], values: dict) -> dict:
+    """`values` (generate's options, in order) with those not given on the command line taken from the PNG."""
+    from .images import read_parameters
+
+    if not path.is_file():
+        raise EdgesdError(f"--from '{path}' does not exist", "pass a PNG that edgesd or A1111 wrote")
+    saved = read_parameters(path)
+    return {name: saved[_SAVED[name]] if name not in given and _SAVED[name] in saved else value
+            for name, value in values.items()}
+
+
 def _runtime_options(provider_options: tuple[str, ...], **values) -> RuntimeOptions:
     pairs = []
     for item in provider_options:
@@ -290,6 +322,23 @@ def _runtime_options(provider_options: tuple[str, ...], **values) -> RuntimeOpti
             raise EdgesdError(f"--provider-option '{item}' is not KEY=VALUE", "e.g. --provider-option device_type=CPU")
         pairs.append((key.strip(), value.strip()))
     return RuntimeOptions(provider_options=tuple(pairs), **values)
+
+
+@main.command()
+@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path),
+              help="A model folder to serve (repeatable; named by its folder name). Default: the default model.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback only unless you name another).")
+@click.option("--port", default=7860, show_default=True, type=int, help="Port to listen on.")
+@click.option("--token", default=None, help="Require 'Authorization: Bearer TOKEN' on every request.")
+def serve(models: tuple[Path, ...], host: str, port: int, token: str | None):
+    """Serve the OpenAI Images API (/v1/images/...) and A1111's /sdapi/v1/* over HTTP."""
+    from .serve import serve as run
+
+    if not 0 < port < 65536:
+        raise EdgesdError(f"--port must be 1-65535, got {port}")
+    click.echo(f"serving {', '.join(str(m) for m in models) or 'the default model'} on http://{host}:{port}", err=True)
+    run(list(models), host, port, token)
 
 
 @main.command()

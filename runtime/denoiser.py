@@ -27,6 +27,7 @@ class Denoiser:
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023, Sec. 3.4; 0 leaves guidance as it is
     # channels appended to the sample before the U-Net (inpainting: mask and masked-image latents), (B, C', h, w)
     concat: np.ndarray | None = field(default=None)
+    latest_x0: np.ndarray | None = field(default=None, repr=False)  # the last clean-latent estimate (previews)
 
     @property
     def guided(self) -> bool:
@@ -58,10 +59,13 @@ class Denoiser:
         alpha_bar = float(self.alphas_cumprod[int(t)])
         a, s = np.sqrt(alpha_bar), np.sqrt(1.0 - alpha_bar)
         if self.prediction_type == "epsilon":
-            return out, (x_t - s * out) / a
-        if self.prediction_type == "v_prediction":  # v = a * eps - s * x0 (Salimans & Ho 2022)
-            return a * out + s * x_t, a * x_t - s * out
-        return (x_t - a * out) / s, out  # "sample"
+            eps, x0 = out, (x_t - s * out) / a
+        elif self.prediction_type == "v_prediction":  # v = a * eps - s * x0 (Salimans & Ho 2022)
+            eps, x0 = a * out + s * x_t, a * x_t - s * out
+        else:  # "sample"
+            eps, x0 = (x_t - a * out) / s, out
+        self.latest_x0 = x0
+        return eps, x0
 
     def denoise(self, x: np.ndarray, sigma: float, t: float) -> np.ndarray:
         """x0 estimate for sigma-space samplers (x = x_vp * sqrt(1 + sigma^2))."""
@@ -69,7 +73,10 @@ class Denoiser:
         x_vp = x * c_in
         out = self._predict(x_vp, t)
         if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":  # Karras et al. 2022, Table 1 scalings
-            return out * (-sigma * c_in) + x * c_in**2
-        return out
+            x0 = x - sigma * out
+        elif self.prediction_type == "v_prediction":  # Karras et al. 2022, Table 1 scalings
+            x0 = out * (-sigma * c_in) + x * c_in**2
+        else:
+            x0 = out
+        self.latest_x0 = x0
+        return x0

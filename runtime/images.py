@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,66 @@ def save_png(image: Image.Image, path: Path, params: dict) -> None:
     info.add_text("parameters", parameters_text(params))
     info.add_text("edgesd", json.dumps(params))
     image.save(path, format="PNG", pnginfo=info)
+
+
+# A1111's "parameters" keys -> GenerationRequest / Pipeline argument names
+_A1111_KEYS = {"Steps": "num_inference_steps", "CFG scale": "guidance_scale", "Seed": "seed",
+               "Denoising strength": "strength", "Sampler": "scheduler"}
+_A1111_FIELD = re.compile(r'\s*([^:,]+):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters_text(text: str) -> dict:
+    """A1111's 'parameters' text (ours, or A1111's own) -> Pipeline arguments: prompt, negative_prompt,
+    num_inference_steps, guidance_scale, seed, width, height, scheduler (A1111's name, with its
+    "Schedule type" folded in), strength. Keys edgesd does not use are left out."""
+    lines = text.strip().split("\n")
+    settings = lines.pop() if lines and re.match(r"\s*Steps:", lines[-1]) else ""
+    negative_at = next((i for i, line in enumerate(lines) if line.startswith("Negative prompt:")), len(lines))
+    out: dict = {"prompt": "\n".join(lines[:negative_at]).strip()}
+    if negative_at < len(lines):
+        out["negative_prompt"] = "\n".join(lines[negative_at:]).removeprefix("Negative prompt:").strip()
+    fields = {m[1].strip(): m[2].strip().strip('"') for m in _A1111_FIELD.finditer(settings) if m[1].strip()}
+    for key, name in _A1111_KEYS.items():
+        if key in fields:
+            out[name] = fields[key]
+    if "Size" in fields and re.fullmatch(r"\d+x\d+", fields["Size"]):
+        out["width"], out["height"] = (int(v) for v in fields["Size"].split("x"))
+    schedule = fields.get("Schedule type", "Automatic")
+    if "scheduler" in out and schedule not in ("Automatic", "") and schedule not in out["scheduler"]:
+        out["scheduler"] = f"{out['scheduler']} {schedule}"  # A1111 1.9+: "DPM++ 2M" + "Karras"
+    for name, kind in (("num_inference_steps", int), ("seed", int), ("guidance_scale", float), ("strength", float)):
+        if name in out:
+            try:
+                out[name] = kind(out[name])
+            except ValueError:
+                raise EdgesdError(f"the picture's parameters have {name} {out[name]!r}, not a number",
+                                  "pass that option on the command line") from None
+    return out
+
+
+# Our own 'edgesd' chunk (JSON, as GenerationRequest.parameters wrote it) -> Pipeline arguments.
+_OURS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
+         "scheduler": "scheduler", "guidance_scale": "guidance_scale", "guidance_rescale": "guidance_rescale",
+         "seed": "seed", "width": "width", "height": "height", "noise_generator": "noise_generator",
+         "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2", "strength": "strength",
+         "vae_tiling": "vae_tiling"}
+
+
+def read_parameters(path: Path) -> dict:
+    """The generation parameters a PNG carries: our 'edgesd' JSON chunk, else the A1111 'parameters' text."""
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", {}) or {})
+    except (OSError, Image.UnidentifiedImageError) as e:
+        raise EdgesdError(f"cannot read '{path}' ({e.__class__.__name__})", "pass a PNG that edgesd or A1111 wrote") from None
+    if "edgesd" in text:
+        try:
+            ours = json.loads(text["edgesd"])
+        except ValueError:
+            ours = None
+        if isinstance(ours, dict):
+            return {arg: ours[key] for key, arg in _OURS.items() if key in ours and ours[key] not in ("", None)}
+    if "parameters" in text:
+        return parse_parameters_text(text["parameters"])
+    raise EdgesdError(f"'{path}' carries no generation parameters (no 'parameters' or 'edgesd' text chunk)",
+                      "pass a PNG written by edgesd or A1111, or give the prompt and options yourself")

@@ -6,6 +6,7 @@ generation's state (timings, backend requests) in a `RunContext`, so threads may
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -25,14 +26,16 @@ from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
 from .model import DecoderFolder, ModelFolder, VaeSettings
 from .models_path import default_model_path
 from .noise import noise_source
+from .preview import Previewer
 from .request import GenerationRequest, GenerationResult
 from .samplers import noise_at, run_sampler
 from .schedulers import alphas_cumprod, resolve_scheduler
 from .tiling import TilingMode, decode_latents, encode_pixels
 from .tokenizer import ClipTokenizer
 
-# callback(step, total) after each U-Net evaluation (PLMS makes steps + 1); returning False cancels.
-ProgressCallback = Callable[[int, int], "bool | None"]
+# callback(step, total) or callback(step, total, preview) after each U-Net evaluation (PLMS makes steps + 1);
+# preview() -> the current estimate as pictures (edgesd.preview); returning False cancels.
+ProgressCallback = Callable[..., "bool | None"]
 
 
 class RunContext:
@@ -85,6 +88,8 @@ class Pipeline:
         self._weight_deltas = dict(weight_deltas or {})
         self._lora_components = frozenset(self._weight_deltas)
         self._loading = threading.Lock()
+        encode = (lambda x: self._encode_pixels(x, RunContext(self), "off")) if folder.has("vae_encoder") else None
+        self.previewer = Previewer(encode, self.decode, folder.constants.vae_scale_factor, self.decoder is not self.vae)
 
     @classmethod
     def load(cls, path: str | Path | None = None, options: RuntimeOptions | None = None,
@@ -218,7 +223,8 @@ class Pipeline:
         over), `image` + `strength` (img2img), `mask_image` (inpainting, white = repaint), and for SDXL
         `prompt_2`, `negative_prompt_2`, `original_size`, `crops_coords_top_left`, `target_size`.
         `num_inference_steps` / `guidance_scale` default to the model's own (`Pipeline.defaults`).
-        `callback(step, total)` after each U-Net call; returning False raises Cancelled.
+        `callback(step, total)` or `callback(step, total, preview)` after each U-Net call (`preview()`: the current
+        estimate as pictures, see edgesd.preview); returning False raises Cancelled.
         `noise`: the source of fresh noise for stochastic samplers (default: drawn from `seed`).
         """
         try:
@@ -245,7 +251,8 @@ class Pipeline:
             guidance_rescale=request.guidance_rescale, prediction_type=sched.prediction_type,
             alphas_cumprod=alphas_cumprod(sched), concat=start.concat,
         )
-        x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, _checked(callback), request.eta,
+        step = _checked(callback, lambda: self.previewer(denoiser.latest_x0))
+        x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
         images = self.decode(x, ctx, request.vae_tiling)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())
@@ -373,17 +380,31 @@ def resolve_backend(folder: ModelFolder, backend: str) -> str:
     return backend
 
 
-def _checked(callback: ProgressCallback | None) -> sampling.StepCallback | None:
+def _checked(callback: ProgressCallback | None, preview: Callable[[], list[Image.Image]]
+             ) -> sampling.StepCallback | None:
+    """The sampler's step callback: the user's callback(step, total[, preview]); False from it cancels."""
     if callback is None:
         return None
     if not callable(callback):
         raise EdgesdError(f"callback must be a function callback(step, total), got {type(callback).__name__}")
+    args = (preview,) if _takes_three(callback) else ()
 
     def step(i: int, n: int) -> None:
-        if callback(i, n) is False:
+        if callback(i, n, *args) is False:
             raise Cancelled(f"cancelled after step {i} of {n}")
 
     return step
+
+
+def _takes_three(callback: Callable) -> bool:
+    """Whether a callback takes (step, total, preview) rather than (step, total)."""
+    try:
+        params = list(inspect.signature(callback).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the two-argument form
+        return False
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 3
 
 
 def strength_start(steps: int, strength: float) -> int:

@@ -11,6 +11,8 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from .errors import EdgesdError
+
 from . import sampling
 from .sampling import SamplerArgs
 from .schedulers import SchedulerConfig, alpha_schedule, sigma_schedule
@@ -101,6 +103,13 @@ def run_sampler(sched: SchedulerConfig, model: sampling.Model, noise_x: np.ndarr
     """
     sampler = sampler_for(sched)
     s = schedule_for(sched, steps, start)
+    last = int(sched["num_train_timesteps"]) - 1
+    # alpha-space samplers index alphas_cumprod by timestep ("leading" spacing + steps_offset 1 at 1000 steps
+    # reaches 1000); sigma-space ones interpolate, as diffusers' do
+    if sampler.space != "sigma" and float(np.max(s.timesteps)) > last:
+        raise EdgesdError(f"{steps} steps of {sched.name} reach timestep {int(np.max(s.timesteps))}, past the "
+                          f"model's last ({last}; steps_offset {sched['steps_offset']})",
+                          f"use fewer steps (at most {steps - 1}) or another sampler")
     limit = x0_limit(sched)
     if x0 is not None:
         x = noise_at(s, start, x0, noise_x)

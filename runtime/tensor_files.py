@@ -128,6 +128,15 @@ def onnx_initializers(path: Path, names: set[str] | None = None) -> dict[str, In
         raise EdgesdError(f"cannot read the weights of {path} ({e})", "re-export the model") from None
 
 
+def _inside(graph: Path, location: str) -> Path:
+    """The external data file `location` names, which must be a plain file in the graph's own folder."""
+    file = graph.parent / location
+    folder = graph.parent.resolve()
+    if Path(location).is_absolute() or file.is_symlink() or file.resolve().parent != folder:
+        raise ValueError(f"its weights point outside its folder ({location!r})")
+    return file
+
+
 def _initializer(buf, start: int, end: int, path: Path) -> Initializer | None:
     dims, dtype, name, data, external, location = [], None, "", None, {}, 0
     for number, wire, value in _fields(buf, start, end):
@@ -152,7 +161,7 @@ def _initializer(buf, start: int, end: int, path: Path) -> Initializer | None:
     if dtype not in _ONNX_DTYPES:
         return None
     if location == 1:  # external data
-        file = path.parent / external["location"]
+        file = _inside(path, external.get("location") or "")
         length = int(external.get("length", 0)) or int(np.prod(dims)) * np.dtype(_ONNX_DTYPES[dtype]).itemsize
         return Initializer(name, tuple(dims), np.dtype(_ONNX_DTYPES[dtype]), file, int(external.get("offset", 0)), length)
     if data is None:

@@ -184,3 +184,28 @@ def test_lora_on_the_command_line(models, tmp_path):
     run = subprocess.run([*base, "export", str(models["sd"][0]), str(tmp_path / "o"), "--lora",
                           str(tmp_path / "none.safetensors")], capture_output=True, text=True)
     assert run.returncode == 2 and "does not exist" in run.stderr and not (tmp_path / "o").exists()
+
+
+def test_weights_outside_the_graph_folder_are_never_read(tmp_path):
+    """A hostile graph whose external data points out of its folder (or through a symlink): refused."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgesd.tensor_files import onnx_initializers
+
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 64)
+    folder = tmp_path / "model" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "link.bin").symlink_to(tmp_path / "secret.bin")
+    for location in ("../../secret.bin", str(tmp_path / "secret.bin"), "link.bin"):
+        weight = numpy_helper.from_array(np.zeros((4, 4), np.float32), "w")
+        weight.ClearField("raw_data")
+        weight.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", "0"), ("length", "64")):
+            entry = weight.external_data.add()
+            entry.key, entry.value = key, value
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [weight])
+        onnx.save_model(helper.make_model(graph), str(folder / "model.onnx"))
+        with pytest.raises(EdgesdError, match="point outside its folder"):
+            onnx_initializers(folder / "model.onnx")

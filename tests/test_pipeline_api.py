@@ -120,3 +120,13 @@ def test_generation_request_runs_and_is_recorded(pipe):
 def test_unknown_argument_is_an_edgesd_error(pipe):
     with pytest.raises(EdgesdError, match="unexpected keyword argument 'num_steps'"):
         pipe("x", num_steps=3)
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "ddim", "ddpm"])
+def test_steps_past_the_last_timestep_are_a_clear_error(scheduler):
+    """SD's leading spacing with steps_offset 1 reaches timestep 1000 at 1000 steps: alpha-space samplers say so."""
+    pipe = edgesd.Pipeline.load()
+    with pytest.raises(EdgesdError, match="1000 steps of .* reach timestep 1000.*at most 999"):
+        pipe("x", num_inference_steps=1000, scheduler=scheduler)
+    with pytest.raises(edgesd.Cancelled):  # 999 runs (cancelled at once to keep the test short)
+        pipe("x", num_inference_steps=999, scheduler=scheduler, callback=lambda i, n: False)
