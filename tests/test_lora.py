@@ -28,7 +28,8 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """kind -> (diffusers folder, fp32 export, fp16 export, fp16 IR export)."""
+    """kind -> (diffusers folder, fp32 export, fp16 export, fp16 IR export); SDXL's fp16 ONNX is left out
+    (the SD model checks that recipe; CI time)."""
     from edgesd.export import ExportOptions, export_model
     from edgesd.export.tiny import build_random_family, build_random_sd
 
@@ -39,7 +40,8 @@ def models(tmp_path_factory):
             build_random_family(root / kind, "sdxl", seed=22, second_encoder_width=48)
         exports = [root / f"{kind}-{name}" for name in ("fp32", "fp16", "ir-fp16")]
         export_model(src, exports[0])
-        export_model(src, exports[1], ExportOptions(recipe="fp16"))
+        if kind == "sd":
+            export_model(src, exports[1], ExportOptions(recipe="fp16"))
         export_model(src, exports[2], ExportOptions(recipe="fp16", format="openvino"))
         out[kind] = (src, *exports)
     return out
@@ -97,6 +99,8 @@ def test_lora_at_load_equals_diffusers_fuse_lora(models, kind, fmt, tmp_path):
     plain = _diffusers_image(kind, src, [])
     assert psnr(expected, plain) < 35  # the LoRA changes the picture
     for folder, backend in ((fp32, "onnxruntime"), (fp32, "openvino"), (fp16, "onnxruntime"), (ir16, "openvino")):
+        if not folder.exists():
+            continue
         got = _ours(edgesd.Pipeline.load(folder, loras=[(path, 0.8)], backend=backend))
         assert psnr(expected, got) >= MIN_PSNR_DB, (folder.name, backend)
 
@@ -111,9 +115,10 @@ def test_lora_merged_at_export_equals_diffusers(models, kind, tmp_path):
     expected = _diffusers_image(kind, src, [(path, 0.6)])
     export_model(src, tmp_path / "merged", ExportOptions(loras=(LoraSpec(path, 0.6),)))
     assert psnr(expected, _ours(edgesd.Pipeline.load(tmp_path / "merged"))) >= MIN_PSNR_DB
-    merged_int8 = tmp_path / "merged-int8"  # any recipe: the LoRA is in the weights before quantizing
-    export_model(src, merged_int8, ExportOptions(loras=(LoraSpec(path, 0.6),), recipe="int8-weights"))
-    assert edgesd.Pipeline.load(merged_int8).folder.manifest["source"]["loras"][0]["scale"] == 0.6
+    if kind == "sd":  # any recipe: the LoRA is in the weights before quantizing
+        merged_int8 = tmp_path / "merged-int8"
+        export_model(src, merged_int8, ExportOptions(loras=(LoraSpec(path, 0.6),), recipe="int8-weights"))
+        assert edgesd.Pipeline.load(merged_int8).folder.manifest["source"]["loras"][0]["scale"] == 0.6
 
 
 def test_two_loras_add_and_switching_reloads_only_what_they_change(models, tmp_path):
