@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +130,12 @@ def onnx_initializers(path: Path, names: set[str] | None = None) -> dict[str, In
 
 
 def _inside(graph: Path, location: str) -> Path:
-    """The external data file `location` names, which must be a plain file in the graph's own folder."""
-    file = graph.parent / location
+    """The external data file `location` names: relative, inside the graph's own folder, no symlink on the way."""
     folder = graph.parent.resolve()
-    if Path(location).is_absolute() or file.is_symlink() or file.resolve().parent != folder:
+    lexical = Path(os.path.normpath(folder / location))
+    if Path(location).is_absolute() or not lexical.is_relative_to(folder) or lexical.resolve() != lexical:
         raise ValueError(f"its weights point outside its folder ({location!r})")
-    return file
+    return lexical
 
 
 def _initializer(buf, start: int, end: int, path: Path) -> Initializer | None:
@@ -167,3 +168,60 @@ def _initializer(buf, start: int, end: int, path: Path) -> Initializer | None:
     if data is None:
         return None
     return Initializer(name, tuple(dims), np.dtype(_ONNX_DTYPES[dtype]), path, data[0], data[1] - data[0])
+
+
+def _external_locations(buf, start: int, end: int, found: list[str]) -> None:
+    """Every external-data location in a GraphProto: initializers (5), sparse initializers (15), and the
+    tensors and subgraphs in node attributes (node 1 -> attribute 5 -> t 5, tensors 10, g 6, graphs 11)."""
+    def tensor(s: int, e: int) -> None:
+        for number, wire, value in _fields(buf, s, e):
+            if number == 13 and wire == 2:
+                entry = dict((n, bytes(buf[a:b]).decode(errors="replace")) for n, _, (a, b) in _fields(buf, *value))
+                if entry.get(1) == "location":
+                    found.append(entry.get(2, ""))
+
+    for number, wire, value in _fields(buf, start, end):
+        if wire != 2:
+            continue
+        if number == 5:
+            tensor(*value)
+        elif number == 15:  # SparseTensorProto: values 1, indices 2
+            for n, w, v in _fields(buf, *value):
+                if n in (1, 2) and w == 2:
+                    tensor(*v)
+        elif number == 1:  # NodeProto
+            for n, w, v in _fields(buf, *value):
+                if n != 5 or w != 2:
+                    continue
+                for an, aw, av in _fields(buf, *v):  # AttributeProto
+                    if aw == 2 and an in (5, 10):
+                        tensor(*av)
+                    elif aw == 2 and an in (6, 11):
+                        _external_locations(buf, *av, found)
+
+
+def check_graph_files(path: Path) -> None:
+    """Refuse a graph that would make a backend read outside its folder: the graph file (or an IR's .bin) a
+    symlink, or an ONNX external-data location absolute, climbing out or through a symlink."""
+    path = Path(path)
+    companions = [path.with_suffix(".bin")] if path.suffix == ".xml" else []
+    for file in (path, *companions):
+        if file.is_symlink():
+            raise EdgesdError(f"{file} is a symbolic link; edgesd reads no graph through one",
+                              "copy the file itself into the model folder")
+    if path.suffix != ".onnx":
+        return
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graph = next(((s, e) for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2 for s, e in [v]), None)
+            locations: list[str] = []
+            if graph is not None:
+                _external_locations(buf, *graph, locations)
+    except (OSError, ValueError, IndexError):
+        return  # not parseable here: the backend reports the broken file
+    for location in dict.fromkeys(locations):
+        try:
+            _inside(path, location)
+        except ValueError as e:
+            raise EdgesdError(f"{path}: {e}; edgesd reads weights only from the graph's own folder",
+                              "use a model folder whose weights are files beside its graphs") from None

@@ -214,3 +214,34 @@ def test_weights_outside_the_graph_folder_are_never_read(tmp_path):
         onnx.save_model(helper.make_model(graph), str(folder / "model.onnx"))
         with pytest.raises(EdgesdError, match="point outside its folder"):
             onnx_initializers(folder / "model.onnx")
+
+
+def test_graphs_reading_outside_their_folder_are_refused_before_any_backend(tiny_onnx, tmp_path):
+    """The same hostile locations, and a symlinked model.onnx, through Pipeline.load on both backends."""
+    import shutil
+
+    import onnx
+
+    (tmp_path / "secret.bin").write_bytes(b"\0" * (1 << 16))
+    for case in ("climb", "absolute", "symlink-graph"):
+        model = tmp_path / case
+        shutil.copytree(tiny_onnx, model)
+        graph = model / "vae_decoder" / "model.onnx"
+        if case == "symlink-graph":
+            shutil.move(graph, tmp_path / "elsewhere.onnx")
+            graph.symlink_to(tmp_path / "elsewhere.onnx")
+            needle = "symbolic link"
+        else:
+            proto = onnx.load(str(graph))
+            init = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            location = "../../secret.bin" if case == "climb" else str(tmp_path / "secret.bin")
+            for key, value in (("location", location), ("offset", "0")):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            onnx.save_model(proto, str(graph))
+            needle = "point outside its folder"
+        for backend in ("onnxruntime", "openvino"):
+            with pytest.raises(EdgesdError, match=needle):
+                edgesd.Pipeline.load(model, backend=backend)

@@ -129,6 +129,9 @@ def provider_names() -> list[str]:
 def load_graph(path: Path, spec: GraphSpec, options: RuntimeOptions, weight_deltas: dict | None = None) -> Graph:
     """Load `path` with the backend `options` names (already resolved from "auto"). `weight_deltas`: graph
     constant name -> what to add to it (a LoRA's LowRankDelta), applied to the loaded graph, never to the file."""
+    from ..tensor_files import check_graph_files
+
+    check_graph_files(path)  # before any backend opens it: nothing is read from outside the model folder
     if options.backend == "openvino":
         from . import openvino_backend
 
