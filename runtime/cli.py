@@ -12,6 +12,7 @@ from .backends.base import BACKENDS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS,
 from .errors import Cancelled, EdgesdError
 from .lora import LoraSpec
 from .noise import NOISE_GENERATORS
+from .request import DEFAULT_MAX_PIXELS
 from .tiling import TILING_MODES
 
 
@@ -166,6 +167,9 @@ def _open_image(path: Path):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise EdgesdError(f"image '{path}' decodes to more pixels than Pillow's safety limit",
+                          "pass a smaller picture (the file may be a decompression bomb)") from None
     except (UnidentifiedImageError, OSError) as e:
         raise EdgesdError(f"image '{path}' cannot be read ({e.__class__.__name__})",
                           "pass a PNG, JPEG or another picture Pillow reads") from None
@@ -233,11 +237,13 @@ def _scheduler_choice(value: str | None):
 @click.option("--ov-shapes", default="static", show_default=True, type=click.Choice(OV_SHAPES),
               help="openvino: compile for the requested size and batch (static) or for any (dynamic).")
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
+              help="Refuse a call whose pictures x width x height exceed this (checked before any memory is used).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
 def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed,
              width, height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder,
-             vae_tiling, count, output, **runtime_options):
+             vae_tiling, count, max_pixels, output, **runtime_options):
     """Generate an image from PROMPT (or from the parameters of a picture: --from PNG)."""
     from .schedulers import A1111_NAMES, SAMPLERS
 
@@ -287,7 +293,7 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
                       strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2,
-                      vae_tiling=vae_tiling)
+                      vae_tiling=vae_tiling, max_pixels=max_pixels)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .model import ModelFolder
 
 MAX_STEPS = 1000
+DEFAULT_MAX_PIXELS = 1 << 26  # e.g. 16 pictures of 2048 x 2048, or one of 8192 x 8192
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class GenerationRequest:
     mask_image: Any = field(default=None, compare=False)  # white = repaint; PIL or (H, W) / (H, W, C) uint8
     strength: float | None = None  # None: 0.8 for img2img, 1.0 for inpainting (diffusers' defaults)
     latents: np.ndarray | None = field(default=None, compare=False)  # initial noise (N, C, H/f, W/f)
+    # pictures x width x height of one call at most: checked before anything is allocated (raise it for more)
+    max_pixels: int = DEFAULT_MAX_PIXELS
     vae_tiling: TilingMode = "auto"  # decode/encode in overlapping tiles: auto (large pictures), on, off
 
     @property
@@ -138,6 +141,18 @@ class GenerationRequest:
         if self.noise_generator not in NOISE_GENERATORS:
             raise EdgesdError(f"unknown noise generator {self.noise_generator!r}",
                               f"use one of: {', '.join(NOISE_GENERATORS)}")
+        if not isinstance(self.max_pixels, (int, np.integer)) or self.max_pixels < 1:
+            raise EdgesdError(f"max_pixels must be a positive whole number, got {self.max_pixels!r}")
+        if isinstance(self.width, (int, np.integer)) and isinstance(self.height, (int, np.integer)) \
+                and isinstance(self.images_per_prompt, (int, np.integer)) \
+                and self.batch * self.width * self.height > self.max_pixels:
+            raise EdgesdError(f"{self.batch} picture(s) of {self.width}x{self.height} are "
+                              f"{self.batch * self.width * self.height:,} pixels, above the limit of "
+                              f"{self.max_pixels:,}", "make fewer or smaller pictures, or raise the limit "
+                              "(--max-pixels / max_pixels=) if the machine has the memory")
+        if self.latents is not None and np.issubdtype(np.asarray(self.latents).dtype, np.floating) \
+                and not np.isfinite(self.latents).all():
+            raise EdgesdError("latents hold NaN or infinite values", "pass finite standard-normal noise")
         multiple, size = folder.constants.image_size_multiple, folder.constants.default_image_size
         for name, value in (("width", self.width), ("height", self.height)):
             if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
@@ -204,6 +219,12 @@ def _texts(name: str, value) -> tuple[str, ...] | None:
     texts = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
     if not texts or not all(isinstance(t, str) for t in texts):
         raise EdgesdError(f"{name} must be a string or a non-empty list of strings, got {type(value).__name__}")
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 (e.g. from a shell)
+            raise EdgesdError(f"{name} holds characters that are not valid Unicode (at position {e.start})",
+                              "pass the text as UTF-8") from None
     return texts
 
 

@@ -217,3 +217,18 @@ def test_bad_img2img_input_from_the_command_line(tmp_path):
 
     render(Scene("blue", "red", "circle", "center", "large"), 64).save(tmp_path / "ok.png")
     assert_clean_error(edgesd("generate", "x", "--image", tmp_path / "ok.png", "--strength", 2), "strength must be")
+
+
+def test_limits_bad_text_and_huge_pictures_from_the_command_line(tmp_path):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"  # a small file that decodes to more pixels than Pillow allows
+    Image.new("1", (20000, 20000)).save(bomb, optimize=True)
+    cases = [(["generate", "x", "--count", "1000000000"], "above the limit"),
+             (["generate", "x", "--width", "8192", "--height", "8192", "--count", "2"], "--max-pixels"),
+             (["generate", "a\udc80b"], "not valid Unicode"),
+             (["generate", "x", "--image", bomb], "decompression bomb")]
+    for args, needle in cases:
+        proc = edgesd(*args, "-o", tmp_path / "a.png")
+        assert_clean_error(proc, needle)
+        assert not (tmp_path / "a.png").exists()

@@ -130,3 +130,33 @@ def test_steps_past_the_last_timestep_are_a_clear_error(scheduler):
         pipe("x", num_inference_steps=1000, scheduler=scheduler)
     with pytest.raises(edgesd.Cancelled):  # 999 runs (cancelled at once to keep the test short)
         pipe("x", num_inference_steps=999, scheduler=scheduler, callback=lambda i, n: False)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(num_images_per_prompt=1_000_000_000), "above the limit of 67,108,864"),
+    (dict(width=8192, height=8192, num_images_per_prompt=2), "raise the limit"),
+    (dict(max_pixels=0), "max_pixels must be a positive"),
+    (dict(prompt="a\udc80b"), "not valid Unicode"),
+    (dict(negative_prompt="\ud800"), "not valid Unicode"),
+    (dict(latents=np.full((1, 4, 16, 16), np.nan, np.float32)), "latents hold NaN"),
+])
+def test_limits_and_invalid_text_are_caught_before_any_work(kwargs, needle):
+    pipe = edgesd.Pipeline.load()
+    args = {"prompt": "x", "num_inference_steps": 2, **kwargs}
+    with pytest.raises(EdgesdError, match=needle):
+        pipe(**args)
+
+
+def test_a_graph_returning_nan_is_named_not_a_black_picture():
+    class NanGraph:
+        def __init__(self, graph):
+            self.spec, self.path = graph.spec, graph.path
+
+        def run(self, feeds, local=None):
+            return {"sample": np.full((1, 3, 64, 64), np.nan, np.float32)}
+
+    pipe = edgesd.Pipeline.load()
+    pipe.graphs["vae_decoder"] = NanGraph(pipe.graphs["vae_decoder"])  # a broken export's decoder
+    with pytest.raises(EdgesdError, match="the vae_decoder graph returned NaN or infinite values"):
+        pipe("x", num_inference_steps=2, seed=1)
+    assert edgesd.Pipeline.load()("x", num_inference_steps=1, max_pixels=64 * 64).images[0].size == (64, 64)
