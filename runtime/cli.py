@@ -274,7 +274,9 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
         raise EdgesdError(f"the folder '{output.parent}' for the output does not exist", "create it first")
     if count < 1:
         raise EdgesdError(f"--count must be >= 1, got {count}")
-    from .images import save_png
+    from .images import check_writable, save_png
+
+    check_writable(output)
     from .pipeline import Pipeline
 
     choice = _scheduler_choice(scheduler)

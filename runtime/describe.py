@@ -13,29 +13,14 @@ _PRECISION = {1: "fp32", 10: "fp16", 16: "bf16", 3: "int8", 2: "uint8", 22: "int
 
 
 def _graph_summary(path: Path) -> dict:
-    """Inputs/outputs from the ONNX file itself, and the precision of its largest weights."""
-    import onnx
+    """Inputs/outputs from the ONNX file itself, and the precision of its largest weights (read without the
+    onnx package, which the runtime-only install does not have)."""
+    from .tensor_files import onnx_signature
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise EdgesdError(f"{path} is not a readable ONNX graph ({str(e)[:120]})", "re-export the model") from None
-
-    def signature(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            shape = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(),
-                        "shape": shape})
-        return out
-
-    by_type: dict[int, int] = {}
-    for init in model.graph.initializer:
-        by_type[init.data_type] = by_type.get(init.data_type, 0) + math.prod(init.dims)
-    main_type = max(by_type, key=by_type.get) if by_type else 1
+    sig = onnx_signature(path)
+    main_type = max(sig.weight_elements, key=sig.weight_elements.get) if sig.weight_elements else 1
     size = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
-    return {"inputs": signature(model.graph.input), "outputs": signature(model.graph.output),
+    return {"inputs": sig.inputs, "outputs": sig.outputs,
             "precision": _PRECISION.get(main_type, str(main_type)), "size_mb": size / 1e6}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -62,10 +63,33 @@ def parameters_text(params: dict) -> str:
 
 
 def save_png(image: Image.Image, path: Path, params: dict) -> None:
+    """Write the picture with its parameters; whole or not at all (a temporary file, then renamed)."""
     info = PngInfo()
     info.add_text("parameters", parameters_text(params))
     info.add_text("edgesd", json.dumps(params))
-    image.save(path, format="PNG", pnginfo=info)
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        image.save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise EdgesdError(f"cannot write '{path}' ({e.strerror or e})", "free disk space or choose another output "
+                          "path") from None
+
+
+def check_writable(path: Path) -> None:
+    """Before any work: the output can be created in its folder (an existing file is replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgesdError(f"output '{path}' is a folder", "name a .png file in it")
+    probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise EdgesdError(f"cannot write to '{path.parent}' ({e.strerror or e})",
+                          "choose a folder you can write to") from None
 
 
 # A1111's "parameters" keys -> GenerationRequest / Pipeline argument names

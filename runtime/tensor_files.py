@@ -225,3 +225,77 @@ def check_graph_files(path: Path) -> None:
         except ValueError as e:
             raise EdgesdError(f"{path}: {e}; edgesd reads weights only from the graph's own folder",
                               "use a model folder whose weights are files beside its graphs") from None
+
+
+# TensorProto.DataType names edgesd prints (edgesd info)
+ONNX_TYPE_NAMES = {1: "float", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "double",
+                   16: "bfloat16", 21: "uint4", 22: "int4"}
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    inputs: list[dict]  # {"name", "dtype", "shape"}
+    outputs: list[dict]
+    weight_elements: dict[int, int]  # TensorProto data type -> elements of initializers of that type
+
+
+def _value_info(buf, start: int, end: int) -> dict:
+    """ValueInfoProto: name 1, type 2 -> TypeProto.tensor_type 1 -> elem_type 1, shape 2 -> dim 1 ->
+    dim_value 1 / dim_param 2."""
+    name, elem, shape = "", 0, []
+    for number, wire, value in _fields(buf, start, end):
+        if number == 1 and wire == 2:
+            name = bytes(buf[value[0]:value[1]]).decode(errors="replace")
+        elif number == 2 and wire == 2:
+            for n, w, v in _fields(buf, *value):
+                if n != 1 or w != 2:
+                    continue
+                for tn, tw, tv in _fields(buf, *v):
+                    if tn == 1 and tw == 0:
+                        elem = tv
+                    elif tn == 2 and tw == 2:
+                        for dn, dw, dv in _fields(buf, *tv):
+                            if dn != 1 or dw != 2:
+                                continue
+                            dim: int | str = "?"
+                            for xn, xw, xv in _fields(buf, *dv):
+                                dim = xv if xn == 1 and xw == 0 else \
+                                    bytes(buf[xv[0]:xv[1]]).decode(errors="replace") if xn == 2 and xw == 2 else dim
+                            shape.append(dim)
+    return {"name": name, "dtype": ONNX_TYPE_NAMES.get(elem, str(elem)), "shape": shape}
+
+
+def onnx_signature(path: Path) -> GraphSignature:
+    """A graph's inputs, outputs and weight types, read from the file without onnx (edgesd info)."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            graph = next(((s, e) for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2 for s, e in [v]), None)
+            if graph is None:
+                raise ValueError("no graph in the file")
+            inputs, outputs, weights = [], [], {}
+            for number, wire, value in _fields(buf, *graph):
+                if wire != 2:
+                    continue
+                if number == 11:
+                    inputs.append(_value_info(buf, *value))
+                elif number == 12:
+                    outputs.append(_value_info(buf, *value))
+                elif number == 5:
+                    dims, dtype = [], 1
+                    for n, w, v in _fields(buf, *value):
+                        if n == 1 and w == 0:
+                            dims.append(v)
+                        elif n == 1 and w == 2:
+                            pos, stop = v
+                            while pos < stop:
+                                d, pos = _varint(buf, pos)
+                                dims.append(d)
+                        elif n == 2 and w == 0:
+                            dtype = v
+                    weights[dtype] = weights.get(dtype, 0) + int(np.prod(dims))
+            return GraphSignature(inputs, outputs, weights)
+    except (OSError, ValueError, IndexError) as e:
+        raise EdgesdError(f"{path} is not a readable ONNX graph ({e})", "re-export the model") from None

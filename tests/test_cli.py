@@ -232,3 +232,28 @@ def test_limits_bad_text_and_huge_pictures_from_the_command_line(tmp_path):
         proc = edgesd(*args, "-o", tmp_path / "a.png")
         assert_clean_error(proc, needle)
         assert not (tmp_path / "a.png").exists()
+
+
+def test_info_on_an_empty_graph_and_unwritable_outputs(tiny_onnx, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_onnx, broken)
+    (broken / "unet" / "model.onnx").write_bytes(b"")
+    assert_clean_error(edgesd("info", broken), "is not a readable ONNX graph (the file is empty)")
+    (tmp_path / "out.png").mkdir()
+    assert_clean_error(edgesd("generate", "x", "-o", tmp_path / "out.png"), "is a folder")
+
+
+def test_a_failed_write_leaves_no_half_written_picture(tmp_path):
+    """A write that fails part way (here: a mode PNG cannot hold, as a full disk would fail it) leaves neither
+    the picture nor its temporary file."""
+    from edgesd.errors import EdgesdError
+    from edgesd.images import save_png
+
+    target = tmp_path / "a.png"
+    params = {"prompt": "x", "steps": 1, "scheduler": "euler", "guidance_scale": 1, "seed": 1, "width": 8,
+              "height": 8, "model": "m"}
+    with pytest.raises(EdgesdError, match="cannot write"):
+        save_png(Image.new("CMYK", (8, 8)), target, params)
+    assert not list(tmp_path.iterdir())
+    save_png(Image.new("RGB", (8, 8)), target, params)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
