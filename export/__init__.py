@@ -125,6 +125,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     recipes = options.recipes(components)
     # The fp32 ONNX export (in tmp) is the reference of the recipes; it is the output itself unless converted.
     converted = options.format != "onnx" or any(r != "fp32" for r in recipes.values())
+    remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     final = out.parent / f".{out.name}.recipe-{os.getpid()}" if converted else tmp
     for folder in (tmp, final):
@@ -177,6 +178,22 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Delete the partial folders of exports to `out` whose process is gone (killed before it could clean up)."""
+    import re
+
+    for folder in out.parent.glob(f".{out.name}.*-*"):
+        m = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|recipe)-(\d+)", folder.name)
+        if not m or not folder.is_dir():
+            continue
+        try:
+            os.kill(int(m[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's) or not a pid: leave it
 
 
 def move_into_place(final: Path, out: Path) -> None:

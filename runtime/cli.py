@@ -75,6 +75,14 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
            calibration_size: int, allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
     """Export SRC, a diffusers-layout SD folder or a single-file .safetensors checkpoint, to ONNX graphs (or
     OpenVINO IR) in OUT."""
+    if not src.exists():  # said at once, before seconds of importing torch
+        raise EdgesdError(f"source '{src}' does not exist", "pass a diffusers folder or a .safetensors checkpoint")
+    import signal
+
+    def on_sigterm(signum, frame):  # as Ctrl-C: the export's cleanup runs and leaves no partial folder
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         from edgesd.export import STAGES, ExportFidelityError, ExportOptions, ExportParityError, export_model
         from edgesd.export.recipes import RECIPES

@@ -257,3 +257,35 @@ def test_a_failed_write_leaves_no_half_written_picture(tmp_path):
     assert not list(tmp_path.iterdir())
     save_png(Image.new("RGB", (8, 8)), target, params)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+
+
+def test_a_missing_export_source_is_said_before_torch_loads(tmp_path):
+    from .test_lean_runtime import run_blocked
+
+    proc = run_blocked(f"""
+        from edgesd.cli import main
+        main(["export", {str(tmp_path / "missing")!r}, {str(tmp_path / "out")!r}])
+    """)
+    assert proc.returncode == 2 and "source" in proc.stderr and "does not exist" in proc.stderr, proc.stderr
+
+
+def test_sigterm_and_stale_partials_leave_no_hidden_folder(tiny_src, tmp_path):
+    import os
+    import signal
+    import time
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid is free now: a killed export's partial folder
+    stale = tmp_path / f".out.partial-{ended.pid}"
+    stale.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "edgesd.cli", "export", str(tiny_src), str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(f".out.partial-{proc.pid}")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(f".out.partial-{proc.pid}")), "the export never started"
+    assert not stale.exists()  # removed when the export began: its process was gone
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
