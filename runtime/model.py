@@ -38,6 +38,22 @@ class ModelConstants:
     prediction_type: str  # what the U-Net predicts: epsilon | v_prediction | sample
     latent_size_multiple: int  # latent sides must divide by this: 2 ** (U-Net down blocks - 1)
 
+    def check(self, where: str) -> None:
+        """Raise EdgesdError for a constant that cannot be right (a hand-edited or hostile edgesd.json)."""
+        for name in ("latent_channels", "vae_scale_factor", "sample_size", "text_max_length", "text_hidden_size",
+                     "latent_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 16:
+                raise EdgesdError(f"{where}: constant {name}={value!r} must be a whole number from 1 to 65536",
+                                  "re-export the model")
+        factor = self.vae_scaling_factor
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 < factor < 1e6:
+            raise EdgesdError(f"{where}: constant vae_scaling_factor={factor!r} must be a positive number",
+                              "re-export the model")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise EdgesdError(f"{where}: prediction_type {self.prediction_type!r} is not epsilon, v_prediction or "
+                              "sample", "re-export the model")
+
     @property
     def default_image_size(self) -> int:
         return self.sample_size * self.vae_scale_factor
@@ -53,6 +69,15 @@ class GenerationDefaults:
 
     num_inference_steps: int = 20
     guidance_scale: float = 7.5
+
+    def check(self, where: str) -> None:
+        steps, guidance = self.num_inference_steps, self.guidance_scale
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+            raise EdgesdError(f"{where}: default steps {steps!r} must be a whole number from 1 to 1000",
+                              "fix or re-export the model")
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < 1e4:
+            raise EdgesdError(f"{where}: default guidance {guidance!r} must be a number >= 0",
+                              "fix or re-export the model")
 
 
 def constants_from_configs(unet: dict, vae: dict, text_encoder: dict, scheduler: dict) -> ModelConstants:
@@ -137,6 +162,7 @@ class ModelFolder:
             )
         configs = {key: read_json(root / name, key.replace("_", " ")) for key, name in CONFIG_FILES.items()
                    if (root / name).is_file()}
+        constants.check(str(root / MANIFEST) if manifest is not None else str(root))
         family = detect_family(configs.get("model_index", {}), configs.get("unet", {}), str(root))
         defaults = GenerationDefaults(family.default_steps, family.default_guidance)
         if manifest is not None and "defaults" in manifest:
@@ -144,6 +170,7 @@ class ModelFolder:
                 defaults = GenerationDefaults(**manifest["defaults"])
             except TypeError as e:
                 raise EdgesdError(f"{root / MANIFEST} has unreadable defaults ({e})", "re-export the model") from None
+            defaults.check(str(root / MANIFEST))
         return cls(root=root, constants=constants, scheduler_config=scheduler, manifest=manifest, defaults=defaults,
                    configs=configs, family=family)
 

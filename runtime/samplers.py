@@ -102,6 +102,9 @@ def run_sampler(sched: SchedulerConfig, model: sampling.Model, noise_x: np.ndarr
     `after_step(schedule)` makes a hook called with x after each step (inpainting's mask blend).
     """
     sampler = sampler_for(sched)
+    if steps > int(sched["num_train_timesteps"]):  # diffusers refuses it too
+        raise EdgesdError(f"{steps} steps are more than the model's {sched['num_train_timesteps']} training timesteps",
+                          f"use at most {sched['num_train_timesteps']} steps")
     s = schedule_for(sched, steps, start)
     last = int(sched["num_train_timesteps"]) - 1
     # alpha-space samplers index alphas_cumprod by timestep ("leading" spacing + steps_offset 1 at 1000 steps

@@ -319,9 +319,31 @@ def _check_values(class_name: str, c: dict) -> None:
             and c["solver_order"] == 3:
         raise EdgesdError("DPMSolverMultistepScheduler: solver_order=3 with sde-dpmsolver++ is not supported "
                           "(diffusers has no third-order SDE update)", "use solver_order 1 or 2")
+    _check_numbers(class_name, c)
     if class_name == "PNDMScheduler" and not c["skip_prk_steps"]:
         raise EdgesdError("PNDMScheduler: skip_prk_steps=False (Runge-Kutta warm-up) is not supported",
                           "set skip_prk_steps to true or use --scheduler pndm")
+
+
+def _check_numbers(class_name: str, c: dict) -> None:
+    """The numbers a schedule is computed from: whole and positive, finite, betas in (0, 1) and not falling."""
+    def whole(key: str, low: int) -> None:
+        value = c.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise EdgesdError(f"{class_name}: {key}={value!r} must be a whole number >= {low}",
+                              "fix the model's scheduler_config.json")
+    whole("num_train_timesteps", 1)
+    if "steps_offset" in c:
+        whole("steps_offset", 0)
+    if c.get("trained_betas") is None:
+        start, end = c.get("beta_start"), c.get("beta_end")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v < 1
+                   for v in (start, end)):
+            raise EdgesdError(f"{class_name}: beta_start={start!r} and beta_end={end!r} must be numbers in (0, 1)",
+                              "fix the model's scheduler_config.json (SD: 0.00085 and 0.012)")
+        if end < start:
+            raise EdgesdError(f"{class_name}: beta_end={end} is below beta_start={start}",
+                              "fix the model's scheduler_config.json (SD: 0.00085 and 0.012)")
 
 
 # --- noise schedule ------------------------------------------------------------------------------

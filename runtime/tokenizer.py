@@ -69,6 +69,13 @@ class ClipTokenizer:
         for special in (BOS, EOS, pad_token):
             if special not in vocab:
                 raise EdgesdError(f"tokenizer vocabulary lacks the token {special!r}", "use a CLIP vocab.json")
+        bad = next((k for k, v in vocab.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+        if bad is not None:
+            raise EdgesdError(f"tokenizer vocabulary gives {bad!r} the id {vocab[bad]!r}, not a whole number >= 0",
+                              "use a CLIP vocab.json (re-export the model)")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 3:
+            raise EdgesdError(f"tokenizer model_max_length {max_length!r} leaves no room for a prompt (needs >= 3)",
+                              "fix tokenizer_config.json (CLIP: 77)")
         model = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=EOS, fuse_unk=False)
         tok = Tokenizer(model)
         tok.normalizer = normalizers.Sequence(
@@ -104,7 +111,11 @@ class ClipTokenizer:
         config = folder / "tokenizer_config.json"
         if config.is_file():
             cfg = json.loads(config.read_text(encoding="utf-8"))
-            max_length = int(cfg.get("model_max_length", max_length))
+            try:
+                max_length = int(cfg.get("model_max_length", max_length))
+            except (TypeError, ValueError):
+                raise EdgesdError(f"{config}: model_max_length {cfg.get('model_max_length')!r} is not a number",
+                                  "fix tokenizer_config.json (CLIP: 77)") from None
             if max_length > 10_000:  # transformers' "unset" sentinel
                 max_length = DEFAULT_MAX_LENGTH
             pad = _token_text(cfg.get("pad_token")) or pad

@@ -289,3 +289,39 @@ def test_sigterm_and_stale_partials_leave_no_hidden_folder(tiny_src, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def _edit_json(rel: str, change):
+    def edit(folder: Path) -> None:
+        path = folder / rel
+        data = json.loads(path.read_text())
+        change(data)
+        path.write_text(json.dumps(data))
+    return edit
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_edit_json("edgesd.json", lambda j: j["constants"].update(vae_scale_factor=0)), "vae_scale_factor=0"),
+    (_edit_json("edgesd.json", lambda j: j["constants"].update(vae_scale_factor="4")), "vae_scale_factor='4'"),
+    (_edit_json("edgesd.json", lambda j: j["constants"].update(latent_size_multiple=0)), "latent_size_multiple=0"),
+    (_edit_json("edgesd.json", lambda j: j.setdefault("defaults", {}).update(num_inference_steps=2.5)),
+     "default steps 2.5"),
+    (_edit_json("scheduler/scheduler_config.json", lambda j: j.update(num_train_timesteps=0)), "num_train_timesteps=0"),
+    (_edit_json("scheduler/scheduler_config.json", lambda j: j.update(num_train_timesteps="1000")),
+     "num_train_timesteps='1000'"),
+    (_edit_json("scheduler/scheduler_config.json", lambda j: j.update(beta_start=0.01, beta_end=0.0001)),
+     "is below beta_start"),
+    (_edit_json("scheduler/scheduler_config.json", lambda j: j.update(beta_end=float("nan"))), "beta_end=nan"),
+    (_edit_json("scheduler/scheduler_config.json", lambda j: j.update(num_train_timesteps=2)),
+     "more than the model's 2 training timesteps"),
+    (_edit_json("tokenizer/vocab.json", lambda j: j.update({"!": "x"})), "the id 'x'"),
+    (_edit_json("tokenizer/tokenizer_config.json", lambda j: j.update(model_max_length=0)), "model_max_length 0"),
+])
+def test_hand_edited_model_folders_are_named(tmp_path, edit, needle):
+    from edgesd.models_path import default_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    edit(model)
+    assert_clean_error(edgesd("generate", "x", "--model", model, "--steps", "3", "-o", tmp_path / "a.png"), needle)
+    assert not (tmp_path / "a.png").exists()
