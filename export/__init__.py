@@ -175,6 +175,9 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             raise ExportFidelityError(report)
         move_into_place(final, out)
         return report
+    except OSError as e:  # a full disk or a folder that cannot be written (tokenizers, graphs, reports)
+        raise EdgesdError(f"the export could not write {e.filename or 'its output'} ({e.strerror or e})",
+                          "free disk space or choose another output folder; nothing was written") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)

@@ -151,6 +151,10 @@ def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         try:
             part = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
+            if path.suffix == ".bin" and "weights_only" in str(e):  # a pickle holding more than tensors
+                raise EdgesdError(f"{path} is a pickle that holds more than tensors, which edgesd does not load "
+                                  "(torch.load weights_only refused it)", "convert the component to .safetensors "
+                                  "where you trust the file, or get its .safetensors version") from None
             raise EdgesdError(f"cannot read weights {path} ({str(e)[:120]})", "the file is corrupt or truncated") from None
         state.update(part)
     return state

@@ -62,7 +62,12 @@ class RunContext:
         return out
 
     def unet(self, sample: np.ndarray, timestep: np.ndarray, **cond: np.ndarray) -> np.ndarray:
-        return self.run("unet", {"sample": sample, "timestep": timestep, **cond})["out_sample"]
+        out = self.run("unet", {"sample": sample, "timestep": timestep, **cond})["out_sample"]
+        want = (sample.shape[0], self.pipe.constants.latent_channels, *sample.shape[2:])
+        if out.shape != want:  # a broken or foreign graph: say so rather than fail somewhere in a sampler
+            raise EdgesdError(f"the unet graph returned shape {out.shape} for a sample of shape {sample.shape} "
+                              f"(expected {want})", "re-export the model")
+        return out
 
     def timings(self) -> dict:
         timings = {f"{name}_s": round(t, 4) for name, t in self.seconds.items()}

@@ -127,3 +127,25 @@ def test_existing_output_needs_overwrite(tiny_src, tmp_path):
     with pytest.raises(EdgesdError, match="--overwrite"):
         export_model(tiny_src, out)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_pickle_weight_file_is_named_as_such(tiny_src, tmp_path):
+    import shutil
+
+    import torch
+
+    from edgesd.errors import EdgesdError
+    from edgesd.export import export_model
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    for f in (src / "vae").glob("*.safetensors"):
+        f.unlink()
+    torch.save({"encoder.conv_in.weight": _NotATensor()}, src / "vae" / "diffusion_pytorch_model.bin")
+    with pytest.raises(EdgesdError, match="is a pickle that holds more than tensors"):
+        export_model(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -160,3 +160,26 @@ def test_a_graph_returning_nan_is_named_not_a_black_picture():
     with pytest.raises(EdgesdError, match="the vae_decoder graph returned NaN or infinite values"):
         pipe("x", num_inference_steps=2, seed=1)
     assert edgesd.Pipeline.load()("x", num_inference_steps=1, max_pixels=64 * 64).images[0].size == (64, 64)
+
+
+def test_a_unet_of_the_wrong_shape_is_named():
+    class ScalarGraph:
+        def __init__(self, graph):
+            self.spec, self.path = graph.spec, graph.path
+
+        def run(self, feeds, local=None):
+            return {"out_sample": np.zeros((), np.float32)}
+
+    pipe = edgesd.Pipeline.load()
+    pipe.graphs["unet"] = ScalarGraph(pipe.graphs["unet"])
+    with pytest.raises(EdgesdError, match=r"the unet graph returned shape \(\) for a sample of shape"):
+        pipe("x", num_inference_steps=2, seed=1)
+
+
+def test_openvino_errors_keep_their_reason():
+    from edgesd.backends.openvino_backend import _first_reason
+
+    trace = ("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'util::file_exists(path)' failed at "
+             "src/frontends/common/src/frontend.cpp:117:\nFrontEnd API failed with GeneralFailure:\n"
+             "onnx: Could not open the file: \"/x/model.onnx\"\n\n")
+    assert _first_reason(RuntimeError(trace)) == 'onnx: Could not open the file: "/x/model.onnx"'

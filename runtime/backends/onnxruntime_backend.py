@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+# ONNX Runtime's own "[E:onnxruntime:...]" lines would come before our one-line error; its errors reach us as
+# exceptions anyway.
+ort.set_default_logger_severity(3)
+
 from ..errors import EdgesdError
 from ..graphs import ONNX_TO_NUMPY, GraphSpec, check_feed
 from ..tensor_files import onnx_initializers

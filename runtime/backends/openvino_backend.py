@@ -151,7 +151,12 @@ def _port_name(port, wanted: list[str]) -> str:
     return next((n for n in names if n in wanted), names[0] if names else "")
 
 
+_TRACE_LINES = ("Exception from", "Check '", "FrontEnd API failed")
+
+
 def _first_reason(e: Exception) -> str:
-    """OpenVINO's messages are traces of 'Exception from file:line:' lines; keep the first real one."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
-    return (lines[0] if lines else str(e))[:240]
+    """OpenVINO's messages are traces ('Exception from file:line:', "Check '...' failed at", 'FrontEnd API
+    failed with ...') around the reason; keep the reason, the deepest line that is not such a trace."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reasons = [ln for ln in lines if not ln.startswith(_TRACE_LINES)]
+    return (reasons[-1] if reasons else lines[-1] if lines else str(e))[:240]
