@@ -167,13 +167,18 @@ def _print_parity(results) -> None:
                    f"{r.threshold_db:>8.1f}  {'ok' if r.passed else 'FAIL'}")
 
 
-def _open_image(path: Path):
+def _open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """A picture file -> RGB; its size is checked against `max_pixels` before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise EdgesdError(f"image '{path}' does not exist", "pass the path of a picture file")
     try:
         with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise EdgesdError(f"image '{path}' is {image.width}x{image.height}, above the limit of "
+                                  f"{max_pixels:,} pixels", "pass a smaller picture, or raise --max-pixels if the "
+                                  "machine has the memory")
             return image.convert("RGB")
     except Image.DecompressionBombError:
         raise EdgesdError(f"image '{path}' decodes to more pixels than Pillow's safety limit",
@@ -288,8 +293,8 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
     from .pipeline import Pipeline
 
     choice = _scheduler_choice(scheduler)
-    image = _open_image(image_path) if image_path is not None else None
-    mask = _open_image(mask_path) if mask_path is not None else None
+    image = _open_image(image_path, max_pixels) if image_path is not None else None
+    mask = _open_image(mask_path, max_pixels) if mask_path is not None else None
     pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options), vae_decoder=vae_decoder,
                          loras=[LoraSpec.parse(text) for text in loras])
     bar_length = steps or pipe.defaults.num_inference_steps

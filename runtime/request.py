@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .model import ModelFolder
 
 MAX_STEPS = 1000
-DEFAULT_MAX_PIXELS = 1 << 26  # e.g. 16 pictures of 2048 x 2048, or one of 8192 x 8192
+DEFAULT_MAX_PIXELS = 1 << 24  # 16,777,216: one 4096 x 4096 picture, 16 of 1024 x 1024, 64 of 512 x 512
 
 
 @dataclass(frozen=True)

@@ -224,10 +224,13 @@ def test_limits_bad_text_and_huge_pictures_from_the_command_line(tmp_path):
 
     bomb = tmp_path / "bomb.png"  # a small file that decodes to more pixels than Pillow allows
     Image.new("1", (20000, 20000)).save(bomb, optimize=True)
+    huge = tmp_path / "huge.png"  # 8192 x 8192: refused by its size before it is decoded
+    Image.new("1", (8192, 8192)).save(huge)
     cases = [(["generate", "x", "--count", "1000000000"], "above the limit"),
              (["generate", "x", "--width", "8192", "--height", "8192", "--count", "2"], "--max-pixels"),
              (["generate", "a\udc80b"], "not valid Unicode"),
-             (["generate", "x", "--image", bomb], "decompression bomb")]
+             (["generate", "x", "--image", bomb], "decompression bomb"),
+             (["generate", "x", "--image", huge], "is 8192x8192, above the limit of 16,777,216 pixels")]
     for args, needle in cases:
         proc = edgesd(*args, "-o", tmp_path / "a.png")
         assert_clean_error(proc, needle)
@@ -298,6 +301,19 @@ def _edit_json(rel: str, change):
         change(data)
         path.write_text(json.dumps(data))
     return edit
+
+
+def test_a_symlinked_ir_weights_file_is_refused(tmp_path):
+    from edgesd.errors import EdgesdError
+    from edgesd.tensor_files import check_graph_files
+
+    (tmp_path / "elsewhere.bin").write_bytes(b"\0" * 16)
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "openvino_model.xml").write_text("<net name='x' version='11'><layers/><edges/></net>")
+    (folder / "openvino_model.bin").symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(EdgesdError, match="is a symbolic link"):
+        check_graph_files(folder / "openvino_model.xml")
 
 
 @pytest.mark.parametrize("edit, needle", [

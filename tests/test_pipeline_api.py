@@ -133,7 +133,7 @@ def test_steps_past_the_last_timestep_are_a_clear_error(scheduler):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(num_images_per_prompt=1_000_000_000), "above the limit of 67,108,864"),
+    (dict(num_images_per_prompt=1_000_000_000), "above the limit of 16,777,216"),
     (dict(width=8192, height=8192, num_images_per_prompt=2), "raise the limit"),
     (dict(max_pixels=0), "max_pixels must be a positive"),
     (dict(prompt="a\udc80b"), "not valid Unicode"),
