@@ -239,7 +239,7 @@ def report(results: dict) -> str:
         total = f"{extrapolated(r)}*" if r["steps"] < STEPS and model == "SDXL" else "-"
         lines.append(f"| {model} | {label} | {size}x{size} | {r['steps']} | {r['unet_s_per_step']} | "
                      f"{r['vae_decode_s']} | {r['total_s']} | {total} | {r['peak_rss_gb']} |")
-    lines += ["", f"\\* extrapolated: the timed total plus the missing steps at the measured U-Net time per call. "
+    lines += ["", "\\* extrapolated: the timed total plus the missing steps at the measured U-Net time per call. "
               "SDXL: guidance 5, Euler; LCM: 4 steps, guidance 8.5 (its w embedding, no unconditional batch)."]
     return "\n".join(lines) + "\n"
 
@@ -257,29 +257,33 @@ def main() -> None:
     if ARGS.phase:
         print(json.dumps(PHASES[ARGS.phase]()))
         return
-    results = json.loads(ARGS.out.read_text()) if ARGS.out.is_file() else {}
-    for phase in ARGS.phases.split(","):
+    run_phases(Path(__file__), ARGS.phases.split(","), ARGS.out, report,
+               ["--sdxl-steps", str(ARGS.sdxl_steps), "--sdxl-recipe", ARGS.sdxl_recipe])
+
+
+def run_phases(script: Path, phases: list[str], out: Path, report, extra_argv: list[str] = ()) -> None:
+    """Run each phase of `script` in its own process (`--phase NAME`, printing its JSON last), adding to the
+    results in `out` (JSON) and its report (`report(results)`, .md) after each one."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for phase in phases:
         print(f"== {phase}", flush=True)
-        argv = [sys.executable, __file__, "--phase", phase, "--sdxl-steps", str(ARGS.sdxl_steps),
-                "--sdxl-recipe", ARGS.sdxl_recipe]
         started = time.perf_counter()
-        run = subprocess.run(argv, capture_output=True, text=True)
+        run = subprocess.run([sys.executable, str(script), "--phase", phase, *extra_argv], capture_output=True,
+                             text=True)
         if run.returncode == 0:
             results[phase] = json.loads(run.stdout.strip().splitlines()[-1])
         else:
             reason = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1][:200]
             if run.returncode == -9:  # the kernel's OOM killer (nothing else here sends SIGKILL)
                 reason = "killed by the kernel's out-of-memory killer (SIGKILL)"
-                for partial in WORK.glob(".*.partial-*"):  # what the killed export could not clean up
-                    shutil.rmtree(partial, ignore_errors=True)
-                for partial in WORK.glob(".*.recipe-*"):
+                for partial in [*WORK.glob(".*.partial-*"), *WORK.glob(".*.recipe-*")]:  # what it left behind
                     shutil.rmtree(partial, ignore_errors=True)
             results[phase] = {"error": reason, "returncode": run.returncode,
                               "seconds": round(time.perf_counter() - started, 1)}
         print(json.dumps(results[phase]), flush=True)
         results["machine"] = machine()
-        ARGS.out.write_text(json.dumps(results, indent=2) + "\n")
-        ARGS.out.with_suffix(".md").write_text(report(results))
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(report(results))
 
 
 ARGS = argparse.Namespace(sdxl_steps=2, sdxl_recipe="int8")

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 
-from families_scale import CONFIGS, RESULTS, WORK, build, machine, peak_rss_gb, src
+from families_scale import CONFIGS, RESULTS, WORK, build, machine, peak_rss_gb, run_phases, src
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.ldm_writer / tests.lora_files
 
@@ -120,28 +119,16 @@ def write_loras() -> dict:
     return {"size_mb": round(LORAS[0].stat().st_size / 1e6, 1)}
 
 
-def plain_load() -> dict:
+def load_and_step(loras: list) -> dict:
+    """Load time (with `loras` added as the graphs load) and one 512x512 step; peak memory of both."""
     import edgesd
 
     start = time.perf_counter()
-    pipe = edgesd.Pipeline.load(EXPORT)
+    pipe = edgesd.Pipeline.load(EXPORT, loras=loras)
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     pipe("a photograph of an astronaut riding a horse", num_inference_steps=1, width=512, height=512, seed=1)
     return {"load_s": round(load_s, 2), "one_step_512_s": round(time.perf_counter() - start, 2),
-            "peak_rss_gb": peak_rss_gb()}
-
-
-def lora_load() -> dict:
-    """Load time and peak memory with a LoRA added as the graphs load, then one 512x512 step with it."""
-    import edgesd
-
-    start = time.perf_counter()
-    pipe = edgesd.Pipeline.load(EXPORT, loras=[(LORAS[0], 0.8)])
-    load_s = time.perf_counter() - start
-    start = time.perf_counter()
-    pipe("a photograph of an astronaut riding a horse", num_inference_steps=1, width=512, height=512, seed=1)
-    return {"load_with_lora_s": round(load_s, 2), "one_step_512_s": round(time.perf_counter() - start, 2),
             "peak_rss_gb": peak_rss_gb()}
 
 
@@ -172,8 +159,8 @@ PHASES = {
     "taesd-512": lambda: vae_decode(512, "off", TAESD_EXPORT),
     "taesd-1024": lambda: vae_decode(1024, "off", TAESD_EXPORT),
     "lora-write": write_loras,
-    "load": plain_load,
-    "lora-load": lora_load,
+    "load": lambda: load_and_step([]),
+    "lora-load": lambda: load_and_step([(LORAS[0], 0.8)]),
     "lora-switch": lora_switch,
 }
 
@@ -200,7 +187,7 @@ def report(results: dict) -> str:
               "| what | seconds | peak RSS GB |", "|---|---:|---:|",
               f"| load, no LoRA (peak: with one 512x512 step) | {get('load', 'load_s')} | {get('load', 'peak_rss_gb')} |",
               f"| one 512x512 step (text encoder, U-Net, VAE) | {get('load', 'one_step_512_s')} | |",
-              f"| load with one LoRA (peak: with one 512x512 step) | {get('lora-load', 'load_with_lora_s')} | "
+              f"| load with one LoRA (peak: with one 512x512 step) | {get('lora-load', 'load_s')} | "
               f"{get('lora-load', 'peak_rss_gb')} |",
               f"| one 512x512 step with it | {get('lora-load', 'one_step_512_s')} | |",
               f"| switch to another LoRA (`with_loras`, old pipeline held), 3 times | {get('lora-switch', 'switch_s')} | "
@@ -218,19 +205,7 @@ def main() -> None:
     if args.phase:
         print(json.dumps(PHASES[args.phase]()))
         return
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    for phase in args.phases.split(","):
-        print(f"== {phase}", flush=True)
-        run = subprocess.run([sys.executable, __file__, "--phase", phase], capture_output=True, text=True)
-        if run.returncode == 0:
-            results[phase] = json.loads(run.stdout.strip().splitlines()[-1])
-        else:
-            reason = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1][:200]
-            results[phase] = {"error": "killed (out of memory)" if run.returncode == -9 else reason}
-        print(json.dumps(results[phase]), flush=True)
-        results["machine"] = machine()
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(report(results))
+    run_phases(Path(__file__), args.phases.split(","), args.out, report)
 
 
 if __name__ == "__main__":

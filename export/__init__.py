@@ -267,7 +267,7 @@ def _check_output(src: Path, out: Path, options: ExportOptions) -> None:
 def open_source(src: Path, options: ExportOptions):
     """The SourceModel of a diffusers folder or a single-file checkpoint, with the options' VAE."""
     from .loading import load_source
-    from .single_file import load_single_file, refuse_pickle, vae_override
+    from .single_file import load_single_file, vae_override
 
     if not src.exists():
         raise EdgesdError(f"source '{src}' does not exist", "pass a diffusers folder or a .safetensors checkpoint")
@@ -276,7 +276,6 @@ def open_source(src: Path, options: ExportOptions):
     if src.is_file():
         model = load_single_file(src, options.config, options.prediction_type)
     else:
-        refuse_pickle(src)
         if options.config is not None or options.prediction_type is not None:
             raise EdgesdError("--config and --prediction-type are for single-file checkpoints",
                               "a diffusers folder has its own configs; edit its scheduler_config.json instead")
@@ -298,7 +297,7 @@ def merge_loras(model, loras: tuple[LoraSpec, ...]):
     from .single_file import _expected_shapes
 
     components = [c for c in LORA_COMPONENTS if c == "unet" or c in model.family.text_components]
-    targets = {c: {k: s for k, s in _expected_shapes(c, model.configs[c], model._projected(c)).items()
+    targets = {c: {k: s for k, s in _expected_shapes(c, model.configs[c], model.family.projected(c)).items()
                    if len(s) in (2, 4)} for c in components}
     deltas = lora_deltas(loras, targets, model.family.title, model.configs["unet"])
 

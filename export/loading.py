@@ -63,13 +63,10 @@ class SourceModel:
         folder = SOURCE_FOLDER[component]
         weights = self.vae if folder == "vae" and self.vae is not None else self.weights
         with torch.no_grad():
-            model = build_module(folder, self.configs[folder], weights, self._projected(folder))
+            model = build_module(folder, self.configs[folder], weights, self.family.projected(folder))
             for transform in self.transforms:
                 transform(folder, model)
         return model
-
-    def _projected(self, folder: str) -> bool:
-        return any(e.component == folder and e.pooled == "text_embeds" for e in self.family.text_encoders)
 
 
 def build_module(folder: str, config: dict, weights: WeightSource, projected: bool = False) -> torch.nn.Module:

@@ -288,8 +288,7 @@ def check_coverage(weights: SingleFileWeights, family: ModelFamily, shapes: dict
     folders = ("unet", "vae", *family.text_components)
     unused_rules = [(t.prefix, t.unused, weights.configs[t.component]) for t in weights.layout.text]
     for folder in folders:
-        projected = any(e.component == folder and e.pooled == "text_embeds" for e in family.text_encoders)
-        expected = _expected_shapes(folder, weights.configs[folder], projected)
+        expected = _expected_shapes(folder, weights.configs[folder], family.projected(folder))
         plan = weights.plan(folder, expected)
         for key, stored in plan.items():
             if stored.key not in shapes:

@@ -258,7 +258,7 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
              width, height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder,
              vae_tiling, count, max_pixels, output, **runtime_options):
     """Generate an image from PROMPT (or from the parameters of a picture: --from PNG)."""
-    from .schedulers import A1111_NAMES, SAMPLERS
+    from .schedulers import A1111_OF, SAMPLERS
 
     if from_png is not None:  # the picture's parameters, then what the command line gives over them
         given = {name for name in click.get_current_context().params
@@ -273,7 +273,7 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
         raise EdgesdError("no prompt given", "pass PROMPT, or --from PNG to re-run a picture's parameters")
 
     if scheduler == "list":
-        a1111 = {ours: theirs for theirs, ours in A1111_NAMES.items()}
+        a1111 = A1111_OF
         rows = [("name", "A1111 name", "diffusers class", "description")]
         rows += [(name, a1111.get(name, ""), cls, text) for name, (cls, _, text) in SAMPLERS.items()]
         widths = [max(len(r[i]) for r in rows) + 2 for i in range(3)]

@@ -63,6 +63,10 @@ class ModelFamily:
     def text_components(self) -> tuple[str, ...]:
         return tuple(e.component for e in self.text_encoders)
 
+    def projected(self, component: str) -> bool:
+        """Whether this text encoder is a CLIPTextModelWithProjection (its pooled output is text_embeds)."""
+        return any(e.component == component and e.pooled == "text_embeds" for e in self.text_encoders)
+
     def unet_inputs(self, unet_config: dict) -> tuple[str, ...]:
         """The U-Net's extra inputs, in graph order."""
         extra = ("text_embeds", "time_ids") if self.micro_conditioning else ()

@@ -12,7 +12,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import EdgesdError
-from .schedulers import A1111_NAMES
+from .schedulers import A1111_OF
 
 
 def to_pil(decoded: np.ndarray) -> list[Image.Image]:
@@ -53,7 +53,7 @@ def parameters_text(params: dict) -> str:
     lines = [params["prompt"]]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    sampler = {ours: theirs for theirs, ours in A1111_NAMES.items()}.get(params["scheduler"], params["scheduler"])
+    sampler = A1111_OF.get(params["scheduler"], params["scheduler"])
     lines.append(
         f"Steps: {params['steps']}, Sampler: {sampler}, CFG scale: {params['guidance_scale']}, "
         f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params['model']}"

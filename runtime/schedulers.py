@@ -188,6 +188,7 @@ A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "eul
                "DPM++ 2M": "dpm++2m", "DPM++ 2M SDE": "dpm++2m-sde",
                "DPM++ 2M SDE Karras": "dpm++2m-sde-karras",
                "DPM++ 2M Karras": "dpm++2m-karras"}
+A1111_OF = {ours: theirs for theirs, ours in A1111_NAMES.items()}  # our name -> A1111's
 # Per diffusers class: our short name for it, and the algorithm (samplers.SAMPLER_TABLE key) that runs it.
 _CLASS_SAMPLERS: dict[str, tuple[str, str]] = {
     "DDIMScheduler": ("ddim", "ddim"), "DDPMScheduler": ("ddpm", "ddpm"), "PNDMScheduler": ("pndm", "plms"),

@@ -16,13 +16,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from .errors import Cancelled, EdgesdError
 from .images import parameters_text
 from .pipeline import Pipeline
-from .schedulers import A1111_NAMES, SAMPLERS
+from .schedulers import A1111_OF, SAMPLERS
 
 MAX_IMAGES = 8  # per request (n, batch_size x n_iter)
 
@@ -41,7 +42,7 @@ class Progress:
     total: int = 0
     jobs: int = 0  # running + waiting
     started: float = 0.0
-    preview: Image.Image | None = None
+    preview: Callable[[], list[Image.Image]] | None = None  # made only when /progress asks for a picture
     interrupted: bool = False
 
 
@@ -55,7 +56,7 @@ class Served:
     progress: Progress = field(default_factory=Progress)
     guard: threading.Lock = field(default_factory=threading.Lock)  # progress is written by the worker thread
 
-    async def generate(self, arguments: dict, preview_every: int = 1):
+    async def generate(self, arguments: dict):
         """Run one generation (the Pipeline's arguments) after those queued before it."""
         with self.guard:
             self.progress.jobs += 1
@@ -63,17 +64,15 @@ class Served:
             async with self.lock:
                 with self.guard:
                     self.progress = Progress(jobs=self.progress.jobs, started=time.time())
-                return await asyncio.to_thread(self._run, arguments, preview_every)
+                return await asyncio.to_thread(self._run, arguments)
         finally:
             with self.guard:
                 self.progress.jobs -= 1
 
-    def _run(self, arguments: dict, preview_every: int):
+    def _run(self, arguments: dict):
         def on_step(step: int, total: int, preview) -> bool:
             with self.guard:
-                self.progress.step, self.progress.total = step, total
-                if step % preview_every == 0:
-                    self.progress.preview = preview()[0]
+                self.progress.step, self.progress.total, self.progress.preview = step, total, preview
                 return not self.progress.interrupted
         return self.pipe(**arguments, callback=on_step)
 
@@ -223,28 +222,31 @@ class Server:
         info = {"prompt": args["prompt"], "all_prompts": [args["prompt"]] * len(result.images),
                 "negative_prompt": args["negative_prompt"] or "", "seed": result.seed, "all_seeds": seeds,
                 "width": result.parameters["width"], "height": result.parameters["height"],
-                "sampler_name": text.split("Sampler: ")[1].split(",")[0], "cfg_scale": result.parameters["guidance_scale"],
+                "sampler_name": A1111_OF.get(result.parameters["scheduler"], result.parameters["scheduler"]),
+                "cfg_scale": result.parameters["guidance_scale"],
                 "steps": result.parameters["steps"], "batch_size": count, "sd_model_name": served.name,
                 "infotexts": [text] * len(result.images)}
         return {"images": [_png_b64(image, text) for image in result.images],
                 "parameters": {k: v for k, v in body.items() if k not in ("init_images", "mask")},
                 "info": json.dumps(info)}
 
-    def a1111_progress(self, name: str | None, with_image: bool) -> dict:
+    async def a1111_progress(self, name: str | None, with_image: bool) -> dict:
         served = self.model(name)
         with served.guard:
             p = served.progress
             done = p.step / p.total if p.total else 0.0
             elapsed = time.time() - p.started if p.started else 0.0
-            preview = _png_b64(p.preview) if with_image and p.preview is not None and p.jobs else None
-            return {"progress": round(done, 4) if p.jobs else 0.0,
-                    "eta_relative": round(elapsed / done - elapsed, 2) if done and p.jobs else 0.0,
-                    "state": {"sampling_step": p.step, "sampling_steps": p.total, "job_count": p.jobs,
-                              "interrupted": p.interrupted}, "current_image": preview}
+            preview = p.preview if with_image and p.jobs else None
+            state = {"progress": round(done, 4) if p.jobs else 0.0,
+                     "eta_relative": round(elapsed / done - elapsed, 2) if done and p.jobs else 0.0,
+                     "state": {"sampling_step": p.step, "sampling_steps": p.total, "job_count": p.jobs,
+                               "interrupted": p.interrupted}}
+        # the picture of the current estimate, made now (not at every step) and off the event loop
+        picture = await asyncio.to_thread(lambda: preview()[0]) if preview is not None else None
+        return {**state, "current_image": _png_b64(picture) if picture is not None else None}
 
     def a1111_samplers(self) -> list:
-        theirs = {ours: name for name, ours in A1111_NAMES.items()}
-        return [{"name": theirs.get(name, name), "aliases": [name], "options": {}} for name in SAMPLERS]
+        return [{"name": A1111_OF.get(name, name), "aliases": [name], "options": {}} for name in SAMPLERS]
 
     def a1111_models(self) -> list:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
@@ -304,6 +306,8 @@ def app(models: dict[str, Pipeline], token: str | None = None):
                     except Exception as e:  # a malformed multipart body
                         raise HttpError(400, f"the request body is not a multipart form ({e.__class__.__name__})") from None
                     result = await handler(form)
+                elif kind == "async":
+                    result = await handler(request)
                 else:
                     result = handler(request)
                 return JSONResponse(result)
@@ -331,7 +335,7 @@ def app(models: dict[str, Pipeline], token: str | None = None):
         Route("/sdapi/v1/txt2img", endpoint(lambda body: server.a1111(body, img2img=False)), methods=["POST"]),
         Route("/sdapi/v1/img2img", endpoint(lambda body: server.a1111(body, img2img=True)), methods=["POST"]),
         Route("/sdapi/v1/progress", endpoint(lambda r: server.a1111_progress(
-            r.query_params.get("model"), r.query_params.get("skip_current_image", "false") != "true"), "plain"),
+            r.query_params.get("model"), r.query_params.get("skip_current_image", "false") != "true"), "async"),
             methods=["GET"]),
         Route("/sdapi/v1/interrupt", endpoint(interrupt, "plain"), methods=["POST"]),
         Route("/sdapi/v1/sd-models", endpoint(lambda r: server.a1111_models(), "plain"), methods=["GET"]),

@@ -88,6 +88,11 @@ def _fields(buf, start: int, end: int):
             raise ValueError(f"protobuf wire type {wire}")
 
 
+def _graph_range(buf) -> tuple[int, int] | None:
+    """Where ModelProto.graph (field 7) lies in the file, or None."""
+    return next((v for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2), None)
+
+
 @dataclass(frozen=True)
 class Initializer:
     name: str
@@ -113,8 +118,7 @@ def onnx_initializers(path: Path, names: set[str] | None = None) -> dict[str, In
     path = Path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graph = next(((s, e) for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2
-                          for s, e in [v]), None)
+            graph = _graph_range(buf)
             if graph is None:
                 raise ValueError("no graph")
             found = {}
@@ -213,7 +217,7 @@ def check_graph_files(path: Path) -> None:
         return
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graph = next(((s, e) for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2 for s, e in [v]), None)
+            graph = _graph_range(buf)
             locations: list[str] = []
             if graph is not None:
                 _external_locations(buf, *graph, locations)
@@ -272,7 +276,7 @@ def onnx_signature(path: Path) -> GraphSignature:
         if path.stat().st_size == 0:
             raise ValueError("the file is empty")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            graph = next(((s, e) for n, w, v in _fields(buf, 0, len(buf)) if n == 7 and w == 2 for s, e in [v]), None)
+            graph = _graph_range(buf)
             if graph is None:
                 raise ValueError("no graph in the file")
             inputs, outputs, weights = [], [], {}
