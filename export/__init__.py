@@ -187,16 +187,12 @@ def remove_stale_partials(out: Path) -> None:
     """Delete the partial folders of exports to `out` whose process is gone (killed before it could clean up)."""
     import re
 
+    from edgesd.images import process_gone
+
     for folder in out.parent.glob(f".{out.name}.*-*"):
         m = re.fullmatch(rf"\.{re.escape(out.name)}\.(partial|recipe)-(\d+)", folder.name)
-        if not m or not folder.is_dir():
-            continue
-        try:
-            os.kill(int(m[2]), 0)
-        except ProcessLookupError:
+        if m and folder.is_dir() and process_gone(int(m[2])):
             shutil.rmtree(folder, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            pass  # alive (another user's) or not a pid: leave it
 
 
 def move_into_place(final: Path, out: Path) -> None:

@@ -167,27 +167,6 @@ def _print_parity(results) -> None:
                    f"{r.threshold_db:>8.1f}  {'ok' if r.passed else 'FAIL'}")
 
 
-def _open_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """A picture file -> RGB; its size is checked against `max_pixels` before it is decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise EdgesdError(f"image '{path}' does not exist", "pass the path of a picture file")
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > max_pixels:
-                raise EdgesdError(f"image '{path}' is {image.width}x{image.height}, above the limit of "
-                                  f"{max_pixels:,} pixels", "pass a smaller picture, or raise --max-pixels if the "
-                                  "machine has the memory")
-            return image.convert("RGB")
-    except Image.DecompressionBombError:
-        raise EdgesdError(f"image '{path}' decodes to more pixels than Pillow's safety limit",
-                          "pass a smaller picture (the file may be a decompression bomb)") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise EdgesdError(f"image '{path}' cannot be read ({e.__class__.__name__})",
-                          "pass a PNG, JPEG or another picture Pillow reads") from None
-
-
 def _scheduler_choice(value: str | None):
     """A short name, or a path to a diffusers scheduler_config.json."""
     if value is None or not value.endswith(".json"):
@@ -197,12 +176,50 @@ def _scheduler_choice(value: str | None):
     return read_json(Path(value), "scheduler config")
 
 
+# the model a command loads, as generate and batch take it
+_MODEL_OPTIONS = [
+    click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+                 help="Model folder (default: the embedded model)."),
+    click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                 help="Add a LoRA to the fp32/fp16 graphs' weights as they load (no re-export); repeatable."),
+    click.option("--vae-decoder", type=click.Path(path_type=Path), default=None,
+                 help="Decode with this exported decoder (TAESD: edgesd export TAESD_DIR OUT) instead of the model's VAE."),
+]
+
+
+# RuntimeOptions' fields as options of generate and batch, one to one
+_RUNTIME_OPTIONS = [
+    click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
+                 help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime."),
+    click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core)."),
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                 help="Keep optimised (onnxruntime) or compiled (openvino) graphs here: the next start is faster."),
+    click.option("--provider", default="cpu", show_default=True,
+                 help="onnxruntime: execution providers, comma-separated in order of preference (e.g. openvino,cpu)."),
+    click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
+                 help="onnxruntime: an option of the first provider (repeatable)."),
+    click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
+                 help="onnxruntime: graph optimisation level."),
+    click.option("--device", default="CPU", show_default=True, help="openvino: device (CPU, GPU, NPU, AUTO, ...)."),
+    click.option("--ov-hint", default="latency", show_default=True, type=click.Choice(OV_HINTS),
+                 help="openvino: performance hint."),
+    click.option("--ov-precision", default="f32", show_default=True, type=click.Choice(OV_PRECISIONS),
+                 help="openvino: inference precision; device-default lets a CPU with bf16 use it (faster, not equal)."),
+    click.option("--ov-shapes", default="static", show_default=True, type=click.Choice(OV_SHAPES),
+                 help="openvino: compile for the requested size and batch (static) or for any (dynamic)."),
+]
+
+
+def _runtime_options(command):
+    for option in reversed(_MODEL_OPTIONS + _RUNTIME_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--from", "from_png", type=click.Path(path_type=Path), default=None,
               help="Re-run the parameters a PNG carries (edgesd's or A1111's); options given here override them.")
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
-              help="Model folder (default: the embedded model).")
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--prompt-2", "prompt_2", default=None, help="SDXL: the prompt for the second text encoder.")
 @click.option("--negative-2", "negative_2", default=None, help="SDXL: the negative prompt for the second encoder.")
@@ -225,30 +242,9 @@ def _scheduler_choice(value: str | None):
               help="img2img / inpainting: how much of the schedule to run, (0, 1] (default 0.8; inpainting 1).")
 @click.option("--mask", "mask_path", type=click.Path(path_type=Path), default=None,
               help="Inpainting (with --image): white repaints, black keeps.")
-@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-              help="Add a LoRA to the fp32/fp16 graphs' weights as they load (no re-export); repeatable.")
-@click.option("--vae-decoder", type=click.Path(path_type=Path), default=None,
-              help="Decode with this exported decoder (TAESD: edgesd export TAESD_DIR OUT) instead of the model's VAE.")
 @click.option("--vae-tiling", default="auto", show_default=True, type=click.Choice(TILING_MODES),
               help="Decode/encode in overlapping tiles of the VAE's sample size; auto: from 4 tiles and 1024x1024 pixels.")
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
-              help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime.")
-@click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Keep optimised (onnxruntime) or compiled (openvino) graphs here: the next start is faster.")
-@click.option("--provider", default="cpu", show_default=True,
-              help="onnxruntime: execution providers, comma-separated in order of preference (e.g. openvino,cpu).")
-@click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
-              help="onnxruntime: an option of the first provider (repeatable).")
-@click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
-              help="onnxruntime: graph optimisation level.")
-@click.option("--device", default="CPU", show_default=True, help="openvino: device (CPU, GPU, NPU, AUTO, ...).")
-@click.option("--ov-hint", default="latency", show_default=True, type=click.Choice(OV_HINTS),
-              help="openvino: performance hint.")
-@click.option("--ov-precision", default="f32", show_default=True, type=click.Choice(OV_PRECISIONS),
-              help="openvino: inference precision; device-default lets a CPU with bf16 use it (faster, not equal).")
-@click.option("--ov-shapes", default="static", show_default=True, type=click.Choice(OV_SHAPES),
-              help="openvino: compile for the requested size and batch (static) or for any (dynamic).")
+@_runtime_options
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
               help="Refuse a call whose pictures x width x height exceed this (checked before any memory is used).")
@@ -287,15 +283,15 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
         raise EdgesdError(f"the folder '{output.parent}' for the output does not exist", "create it first")
     if count < 1:
         raise EdgesdError(f"--count must be >= 1, got {count}")
-    from .images import check_writable, save_png
+    from .images import check_writable, open_picture, save_png
 
     check_writable(output)
     from .pipeline import Pipeline
 
     choice = _scheduler_choice(scheduler)
-    image = _open_image(image_path, max_pixels) if image_path is not None else None
-    mask = _open_image(mask_path, max_pixels) if mask_path is not None else None
-    pipe = Pipeline.load(model_dir, _runtime_options(**runtime_options), vae_decoder=vae_decoder,
+    image = open_picture(image_path, max_pixels) if image_path is not None else None
+    mask = open_picture(mask_path, max_pixels, "mask") if mask_path is not None else None
+    pipe = Pipeline.load(model_dir, _options(**runtime_options), vae_decoder=vae_decoder,
                          loras=[LoraSpec.parse(text) for text in loras])
     bar_length = steps or pipe.defaults.num_inference_steps
     with click.progressbar(length=bar_length, label="denoising", file=sys.stderr) as bar:
@@ -335,7 +331,7 @@ def _saved_parameters(path: Path, given: set[str], values: dict) -> dict:
             for name, value in values.items()}
 
 
-def _runtime_options(provider_options: tuple[str, ...], **values) -> RuntimeOptions:
+def _options(provider_options: tuple[str, ...], **values) -> RuntimeOptions:
     pairs = []
     for item in provider_options:
         key, sep, value = item.partition("=")
@@ -343,6 +339,41 @@ def _runtime_options(provider_options: tuple[str, ...], **values) -> RuntimeOpti
             raise EdgesdError(f"--provider-option '{item}' is not KEY=VALUE", "e.g. --provider-option device_type=CPU")
         pairs.append((key.strip(), value.strip()))
     return RuntimeOptions(provider_options=tuple(pairs), **values)
+
+
+@main.command()
+@click.argument("prompts", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Worker processes (each loads the model once; they share the cores); with --ray, Ray actors.")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run on a Ray cluster (host:port of its head, or 'auto' for the one this machine belongs to).")
+@click.option("--seed", "base_seed", default=0, show_default=True, type=int,
+              help="A row without a seed gets this + its line number - 1.")
+@click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
+              help="Refuse a row whose width x height exceed this.")
+@_runtime_options
+def batch(prompts: Path, out: Path, workers: int, ray_address: str | None, base_seed: int, max_pixels: int,
+          model_dir: Path | None, loras: tuple[str, ...], vae_decoder: Path | None, **runtime_options):
+    """Make one picture per row of PROMPTS (JSON lines: prompt, negative, seed, size or width/height, steps,
+    sampler, guidance, ...) into OUT/<line>.png; rows already in OUT are skipped, so a stopped run resumes."""
+    from .batch import BatchJob, run_batch
+
+    job = BatchJob(model_dir, _options(**runtime_options), tuple(LoraSpec.parse(text) for text in loras),
+                   vae_decoder, max_pixels)
+    with click.progressbar(length=0, label="pictures", file=sys.stderr, show_pos=True) as bar:
+        def on_row(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(1)
+
+        report = run_batch(prompts, out, job, workers, ray_address, base_seed, on_row)
+    for failure in report.failed:
+        click.echo(f"failed: {failure}", err=True)
+    click.echo(f"wrote {report.written} pictures to {out}"
+               + (f", skipped {report.skipped} already there" if report.skipped else "")
+               + (f", {len(report.failed)} failed (run again to retry them)" if report.failed else ""))
+    if report.failed:
+        sys.exit(2)
 
 
 @main.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -62,15 +63,49 @@ def parameters_text(params: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: Path, params: dict) -> None:
-    """Write the picture with its parameters; whole or not at all (a temporary file, then renamed)."""
+def png_bytes(image: Image.Image, params: dict | None = None) -> bytes:
+    """A PNG file's bytes; with `params`, their A1111 'parameters' text and our 'edgesd' JSON chunk."""
     info = PngInfo()
-    info.add_text("parameters", parameters_text(params))
-    info.add_text("edgesd", json.dumps(params))
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    if params is not None:
+        info.add_text("parameters", parameters_text(params))
+        info.add_text("edgesd", json.dumps(params))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, params: dict) -> None:
+    """Write the picture with its parameters; whole or not at all."""
+    write_whole(Path(path), png_bytes(image, params))
+
+
+PARTIAL = ".partial-"  # `.NAME.partial-PID`: a file being written (a stale one is left by a killed process)
+
+
+def process_gone(pid: int) -> bool:
+    """True when no process `pid` runs (its partial files are stale); another user's counts as running."""
     try:
-        image.save(partial, format="PNG", pnginfo=info)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
+
+
+def remove_stale_partial_files(folder: Path) -> None:
+    """Delete the `.NAME.partial-PID` files in `folder` whose writer is gone (killed before it renamed them)."""
+    for path in folder.glob(f".*{PARTIAL}*"):
+        pid = path.name.rpartition(PARTIAL)[2]
+        if path.is_file() and pid.isdigit() and process_gone(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: a hidden temporary file beside it, then renamed."""
+    partial = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
+    try:
+        partial.write_bytes(data)
         os.replace(partial, path)
     except OSError as e:
         partial.unlink(missing_ok=True)
@@ -90,6 +125,25 @@ def check_writable(path: Path) -> None:
     except OSError as e:
         raise EdgesdError(f"cannot write to '{path.parent}' ({e.strerror or e})",
                           "choose a folder you can write to") from None
+
+
+def open_picture(path: Path, max_pixels: int, what: str = "image") -> Image.Image:
+    """A picture file -> RGB; its size is checked against `max_pixels` before it is decoded."""
+    if not path.is_file():
+        raise EdgesdError(f"{what} '{path}' does not exist", "pass the path of a picture file")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise EdgesdError(f"{what} '{path}' is {image.width}x{image.height}, above the limit of "
+                                  f"{max_pixels:,} pixels", "pass a smaller picture, or raise --max-pixels if the "
+                                  "machine has the memory")
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise EdgesdError(f"{what} '{path}' decodes to more pixels than Pillow's safety limit",
+                          "pass a smaller picture (the file may be a decompression bomb)") from None
+    except (Image.UnidentifiedImageError, OSError) as e:
+        raise EdgesdError(f"{what} '{path}' cannot be read ({e.__class__.__name__})",
+                          "pass a PNG, JPEG or another picture Pillow reads") from None
 
 
 # A1111's "parameters" keys -> GenerationRequest / Pipeline argument names

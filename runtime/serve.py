@@ -21,11 +21,12 @@ from typing import Callable
 from PIL import Image
 
 from .errors import Cancelled, EdgesdError
-from .images import parameters_text
+from .images import parameters_text, png_bytes
 from .pipeline import Pipeline
 from .schedulers import A1111_OF, SAMPLERS
 
 MAX_IMAGES = 8  # per request (n, batch_size x n_iter)
+WEB = Path(__file__).parent / "web"  # the page at /
 
 
 class HttpError(Exception):
@@ -81,15 +82,8 @@ class Served:
             self.progress.interrupted = True
 
 
-def _png_b64(image: Image.Image, text: str | None = None) -> str:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    if text:
-        info.add_text("parameters", text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode()
+def _png_b64(image: Image.Image, params: dict | None = None) -> str:
+    return base64.b64encode(png_bytes(image, params)).decode()
 
 
 def _image_from_b64(data: str, what: str) -> Image.Image:
@@ -155,7 +149,7 @@ class Server:
         args.update(_extras(body))
         result = await served.generate(args)
         return {"created": int(time.time()),
-                "data": [{"b64_json": _png_b64(image, parameters_text(result.parameters))} for image in result.images]}
+                "data": [{"b64_json": _png_b64(image, result.parameters)} for image in result.images]}
 
     async def openai_edits(self, form) -> dict:
         served = self.model(form.get("model"))
@@ -185,7 +179,7 @@ class Server:
                                      f"is {image.size[0]}x{image.size[1]}")
         result = await served.generate(args)
         return {"created": int(time.time()),
-                "data": [{"b64_json": _png_b64(image, parameters_text(result.parameters))} for image in result.images]}
+                "data": [{"b64_json": _png_b64(image, result.parameters)} for image in result.images]}
 
     def openai_models(self) -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "edgesd"}
@@ -226,7 +220,7 @@ class Server:
                 "cfg_scale": result.parameters["guidance_scale"],
                 "steps": result.parameters["steps"], "batch_size": count, "sd_model_name": served.name,
                 "infotexts": [text] * len(result.images)}
-        return {"images": [_png_b64(image, text) for image in result.images],
+        return {"images": [_png_b64(image, result.parameters) for image in result.images],
                 "parameters": {k: v for k, v in body.items() if k not in ("init_images", "mask")},
                 "info": json.dumps(info)}
 
@@ -247,6 +241,16 @@ class Server:
 
     def a1111_samplers(self) -> list:
         return [{"name": A1111_OF.get(name, name), "aliases": [name], "options": {}} for name in SAMPLERS]
+
+    def edgesd_models(self) -> list:
+        """Each served model's own defaults (the web page fills its form from them)."""
+        out = []
+        for name, served in self.models.items():
+            pipe = served.pipe
+            out.append({"name": name, "family": pipe.family.name, "width": pipe.constants.default_image_size,
+                        "height": pipe.constants.default_image_size, "size_multiple": pipe.constants.image_size_multiple,
+                        "steps": pipe.defaults.num_inference_steps, "guidance": pipe.defaults.guidance_scale})
+        return out
 
     def a1111_models(self) -> list:
         return [{"title": name, "model_name": name, "hash": None, "sha256": None,
@@ -281,8 +285,9 @@ def app(models: dict[str, Pipeline], token: str | None = None):
     """The ASGI app serving `models` (name -> Pipeline)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+    from starlette.responses import FileResponse, JSONResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
 
     server = Server({name: Served(name, pipe) for name, pipe in models.items()}, token)
 
@@ -329,6 +334,9 @@ def app(models: dict[str, Pipeline], token: str | None = None):
         return {}
 
     routes = [
+        Route("/", lambda request: FileResponse(WEB / "index.html"), methods=["GET"]),
+        Mount("/web", StaticFiles(directory=WEB), name="web"),  # the page: plain HTML/JS, no token needed
+        Route("/edgesd/v1/models", endpoint(lambda r: server.edgesd_models(), "plain"), methods=["GET"]),
         Route("/v1/models", endpoint(lambda r: server.openai_models(), "plain"), methods=["GET"]),
         Route("/v1/images/generations", endpoint(server.openai_generations), methods=["POST"]),
         Route("/v1/images/edits", endpoint(server.openai_edits, "form"), methods=["POST"]),

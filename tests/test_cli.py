@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from .commands import edgesd
 from .conftest import FIXTURES
 
 
-def edgesd(*args, cwd=None):
+def edgesd_process(*args):
+    """A real `python -m edgesd.cli` (the README's command, in a fresh interpreter)."""
     return subprocess.run([sys.executable, "-m", "edgesd.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          timeout=300)
 
 
 def assert_clean_error(proc, *needles):
@@ -187,7 +189,7 @@ def test_generate_with_the_default_model(tmp_path):
 
     from edgesd.models.adherence import read_picture
 
-    proc = edgesd("generate", "a red circle on a blue background", "--seed", 3, "-o", tmp_path / "d.png")
+    proc = edgesd_process("generate", "a red circle on a blue background", "--seed", 3, "-o", tmp_path / "d.png")
     assert proc.returncode == 0, proc.stderr
     image = Image.open(tmp_path / "d.png")
     reading = read_picture(image.convert("RGB"))
@@ -246,17 +248,27 @@ def test_info_on_an_empty_graph_and_unwritable_outputs(tiny_onnx, tmp_path):
     assert_clean_error(edgesd("generate", "x", "-o", tmp_path / "out.png"), "is a folder")
 
 
-def test_a_failed_write_leaves_no_half_written_picture(tmp_path):
-    """A write that fails part way (here: a mode PNG cannot hold, as a full disk would fail it) leaves neither
-    the picture nor its temporary file."""
+def test_a_failed_write_leaves_no_half_written_picture(tmp_path, monkeypatch):
+    """A write that fails part way (a full disk, here simulated) leaves neither the picture nor its temporary
+    file."""
+    import errno
+
     from edgesd.errors import EdgesdError
     from edgesd.images import save_png
+
+    write_bytes = Path.write_bytes
+
+    def half_then_full(path, data):
+        write_bytes(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     target = tmp_path / "a.png"
     params = {"prompt": "x", "steps": 1, "scheduler": "euler", "guidance_scale": 1, "seed": 1, "width": 8,
               "height": 8, "model": "m"}
-    with pytest.raises(EdgesdError, match="cannot write"):
-        save_png(Image.new("CMYK", (8, 8)), target, params)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", half_then_full)
+        with pytest.raises(EdgesdError, match=r"cannot write .* \(No space left"):
+            save_png(Image.new("RGB", (8, 8)), target, params)
     assert not list(tmp_path.iterdir())
     save_png(Image.new("RGB", (8, 8)), target, params)
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]

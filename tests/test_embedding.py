@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +10,8 @@ from PIL.PngImagePlugin import PngInfo
 import edgesd
 from edgesd.errors import Cancelled, EdgesdError
 from edgesd.images import parse_parameters_text
+
+from .commands import edgesd as run_edgesd
 
 PROMPT = "a red circle on a blue background"
 
@@ -79,18 +78,14 @@ def test_a1111_parameters_text_is_read():
     assert parse_parameters_text("just a prompt") == {"prompt": "just a prompt"}
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgesd.cli", *map(str, args)], capture_output=True, text=True)
-
-
 def test_generate_from_a_picture_repeats_it_and_options_override(tmp_path):
     first = tmp_path / "first.png"
-    assert _cli("generate", PROMPT, "--seed", 3, "--steps", 8, "--scheduler", "DPM++ 2M Karras", "--guidance", 2,
+    assert run_edgesd("generate", PROMPT, "--seed", 3, "--steps", 8, "--scheduler", "DPM++ 2M Karras", "--guidance", 2,
                 "-o", first).returncode == 0
     again, other = tmp_path / "again.png", tmp_path / "other.png"
-    assert _cli("generate", "--from", first, "-o", again).returncode == 0
+    assert run_edgesd("generate", "--from", first, "-o", again).returncode == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
-    assert _cli("generate", "--from", first, "--seed", 4, "-o", other).returncode == 0
+    assert run_edgesd("generate", "--from", first, "--seed", 4, "-o", other).returncode == 0
     assert "Seed: 4" in Image.open(other).text["parameters"]
     assert "Steps: 8, Sampler: DPM++ 2M Karras, CFG scale: 2.0" in Image.open(other).text["parameters"]
     a1111 = tmp_path / "a1111.png"  # only A1111's text chunk, as A1111 writes it
@@ -99,7 +94,7 @@ def test_generate_from_a_picture_repeats_it_and_options_override(tmp_path):
                                 "Seed: 9, Size: 64x64, Model hash: 1234, Model: other")
     Image.new("RGB", (8, 8)).save(a1111, pnginfo=info)
     out = tmp_path / "from-a1111.png"
-    assert _cli("generate", "--from", a1111, "-o", out).returncode == 0
+    assert run_edgesd("generate", "--from", a1111, "-o", out).returncode == 0
     text = Image.open(out).text["parameters"]
     assert text.startswith("a blue square on a white background\nSteps: 5, Sampler: Euler a, CFG scale: 1.5, Seed: 9")
 
@@ -109,7 +104,7 @@ def test_bad_from_pictures_are_named(tmp_path):
     for args, needle in ((["--from", tmp_path / "bare.png"], "carries no generation parameters"),
                          (["--from", tmp_path / "none.png"], "does not exist"),
                          ([], "no prompt given")):
-        run = _cli("generate", *args, "-o", tmp_path / "x.png")
+        run = run_edgesd("generate", *args, "-o", tmp_path / "x.png")
         assert run.returncode == 2 and run.stderr.count("error:") == 1 and needle in run.stderr, run.stderr
         assert not (tmp_path / "x.png").exists()
     with pytest.raises(EdgesdError):

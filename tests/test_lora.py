@@ -4,8 +4,6 @@ backends (fp32 and fp16 graphs); bad LoRAs get one-line errors."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import edgesd
 from edgesd.errors import EdgesdError
 from edgesd.export.parity import psnr
 
+from .commands import edgesd as run_edgesd
 from .lora_files import write_kohya_lora, write_peft_lora
 
 torch = pytest.importorskip("torch")
@@ -182,16 +181,13 @@ def test_quantized_graphs_refuse_a_load_time_lora(models, tmp_path):
 
 def test_lora_on_the_command_line(models, tmp_path):
     path = _lora("sd", "kohya", models, tmp_path)
-    base = [sys.executable, "-m", "edgesd.cli"]
-    run = subprocess.run([*base, "generate", PROMPT, "--model", str(models["sd"][1]), "--lora", f"{path}:0.8",
-                          "--steps", "2", "--seed", "4", "-o", str(tmp_path / "a.png")], capture_output=True, text=True)
+    run = run_edgesd("generate", PROMPT, "--model", models["sd"][1], "--lora", f"{path}:0.8", "--steps", 2, "--seed", 4,
+                 "-o", tmp_path / "a.png")
     assert run.returncode == 0, run.stderr
-    run = subprocess.run([*base, "generate", PROMPT, "--model", str(models["sd"][1]), "--lora",
-                          str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "b.png")], capture_output=True,
-                         text=True)
+    run = run_edgesd("generate", PROMPT, "--model", models["sd"][1], "--lora", tmp_path / "none.safetensors",
+                 "-o", tmp_path / "b.png")
     assert run.returncode == 2 and run.stderr.count("error:") == 1 and "does not exist" in run.stderr
-    run = subprocess.run([*base, "export", str(models["sd"][0]), str(tmp_path / "o"), "--lora",
-                          str(tmp_path / "none.safetensors")], capture_output=True, text=True)
+    run = run_edgesd("export", models["sd"][0], tmp_path / "o", "--lora", tmp_path / "none.safetensors")
     assert run.returncode == 2 and "does not exist" in run.stderr and not (tmp_path / "o").exists()
 
 

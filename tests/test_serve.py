@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 
@@ -16,6 +15,8 @@ from PIL import Image
 
 import edgesd
 
+from .servers import Running
+
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -23,36 +24,10 @@ uvicorn = pytest.importorskip("uvicorn")
 PROMPT = "a red circle on a blue background"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Running:
-    def __init__(self, models: dict, token: str | None = None):
-        from edgesd.serve import app
-
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app(models, token), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.05)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def served(tiny_onnx):
     pipes = {"edgesd-tiny": edgesd.Pipeline.load(), "tiny-onnx": edgesd.Pipeline.load(tiny_onnx)}
-    running = _Running(pipes)
+    running = Running(pipes)
     yield running, pipes
     running.stop()
 
@@ -168,7 +143,7 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(served, method, path, kwa
 
 
 def test_a_token_is_required_when_given():
-    running = _Running({"edgesd-tiny": edgesd.Pipeline.load()}, token="secret")
+    running = Running({"edgesd-tiny": edgesd.Pipeline.load()}, token="secret")
     try:
         with httpx.Client(base_url=running.url, timeout=30) as http:
             assert http.get("/v1/models").status_code == 401

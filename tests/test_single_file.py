@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 
 from edgesd.errors import EdgesdError
 
+from .commands import edgesd
 from .ldm_writer import ldm_state, write_single_file
 
 PIPELINES = {"sd": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline",
@@ -211,12 +210,12 @@ def test_a_config_of_another_family_is_refused(folders, tmp_path):
 def test_cli_single_file_errors_are_one_line(folders, tmp_path):
     path = write_single_file(folders["sd"], tmp_path / "m.safetensors")
     shutil.copy(path, tmp_path / "m.ckpt")
-    cases = [  # (the other source errors are checked through the API above: each case here costs a process)
+    cases = [
         (["export", str(tmp_path / "m.ckpt"), str(tmp_path / "o1")], "never unpickles"),
         (["export", str(path), str(tmp_path / "o3"), "--vae", "fp16"], "--vae-recipe fp16"),
     ]
     for args, needle in cases:
-        run = subprocess.run([sys.executable, "-m", "edgesd.cli", *args], capture_output=True, text=True)
+        run = edgesd(*args)
         assert run.returncode == 2, run.stderr
         lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], run.stderr
