@@ -47,11 +47,9 @@ def export_dir(model: str, recipe: str) -> Path:
 
 
 def peak_rss_gb() -> float:
-    """VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1e6, 2)
-    return float("nan")
+    from edgesd.benchmark import peak_rss_bytes
+
+    return round(peak_rss_bytes() / 1e9, 2)
 
 
 def build(model: str) -> dict:

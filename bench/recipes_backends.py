@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -113,10 +112,9 @@ def graph_bytes(path: Path) -> int:
 
 
 def measure(backend: str, recipe: str, runs: int, cache_dir: str | None) -> dict:
-    """One configuration, in this (fresh) process."""
-    import numpy as np
-
+    """One configuration, in this (fresh) process (the graph-level protocol of edgesd.benchmark)."""
     from edgesd import Pipeline
+    from edgesd.benchmark import measure_graphs
 
     options = {"backend": backend, "threads": None}
     if cache_dir:
@@ -124,39 +122,7 @@ def measure(backend: str, recipe: str, runs: int, cache_dir: str | None) -> dict
     start = time.perf_counter()
     pipe = Pipeline.load(folder(backend, recipe), **options)
     load_s = time.perf_counter() - start
-    ids = pipe.tokenizer(["a photograph of an astronaut riding a horse", ""])
-    rng = np.random.default_rng(0)
-    unet_feeds = {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),
-                  "timestep": np.array([500.0, 500.0], np.float32)}
-
-    def timed(fn, n):
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t)
-        return times, out
-
-    te_times, hidden = timed(lambda: pipe.graphs["text_encoder"].run({"input_ids": ids}), 2)
-    unet_feeds["encoder_hidden_states"] = hidden["last_hidden_state"]
-    unet_times, _ = timed(lambda: pipe.graphs["unet"].run(unet_feeds), runs + 1)
-    latent = rng.standard_normal((1, 4, 64, 64), dtype=np.float32)
-    vae_times, _ = timed(lambda: pipe.graphs["vae_decoder"].run({"latent_sample": latent}), 3)
-    compile_s = sum(getattr(g, "compile_seconds", 0.0) for g in pipe.graphs.values())
-    return {"load_s": round(load_s, 2), "compile_s": round(compile_s, 2),
-            "text_encoder_s": round(te_times[-1], 3), "unet_first_call_s": round(unet_times[0], 2),
-            "unet_s_per_step": round(float(np.median(unet_times[1:] or unet_times)), 3),
-            "vae_decode_s": round(float(np.median(vae_times[1:])), 3),
-            "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2)}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries that over exec
-    from the parent, so a child of this (large) build process would report the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"load_s": round(load_s, 2), **measure_graphs(pipe, runs)}
 
 
 def run_child(backend: str, recipe: str, runs: int, cache_dir: str | None = None) -> dict:

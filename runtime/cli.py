@@ -216,6 +216,12 @@ def _runtime_options(command):
     return command
 
 
+def _runtime_options_only(command):
+    for option in reversed(_RUNTIME_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--from", "from_png", type=click.Path(path_type=Path), default=None,
@@ -395,12 +401,91 @@ def serve(models: tuple[Path, ...], host: str, port: int, token: str | None):
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipes", "recipes", multiple=True, type=click.Path(path_type=Path),
+              help="Another export of the model (another recipe or format) to measure beside it; repeatable.")
+@click.option("--providers", default=None, help="onnxruntime providers to measure, comma-separated (default: each usable one).")
+@click.option("--backends", default=None, help="Backends to measure, comma-separated (default: onnxruntime,openvino).")
+@click.option("--steps", default=20, show_default=True, type=int, help="Denoising steps of the measured picture.")
+@click.option("--size", default=None, help="WIDTHxHEIGHT (default: the model's).")
+@click.option("--guidance", default=None, type=float, help="Guidance scale (default: the model's).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results as JSON here.")
+@click.option("--chart", "chart_path", type=click.Path(path_type=Path), default=None, help="Write a PNG bar chart here.")
+def bench(model: Path, recipes: tuple[Path, ...], providers: str | None, backends: str | None, steps: int,
+          size: str | None, guidance: float | None, json_path: Path | None, chart_path: Path | None):
+    """Measure MODEL (and --recipes folders) on each backend and provider here: load, text encoder, U-Net
+    s/step, VAE, total and peak memory, each configuration in a fresh process."""
+    import platform
+
+    from .benchmark import BenchSettings, chart, measure_in_child, table, targets
+
+    width = height = None
+    if size is not None:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise EdgesdError(f"--size {size!r} is not WIDTHxHEIGHT", "e.g. --size 512x512") from None
+    if not 1 <= steps <= 1000:
+        raise EdgesdError(f"--steps must be from 1 to 1000, got {steps}")
+    for path in (json_path, chart_path):
+        if path is not None and not path.parent.is_dir():
+            raise EdgesdError(f"the folder '{path.parent}' for '{path.name}' does not exist", "create it first")
+    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
+    configs = targets([model, *recipes], split(providers), split(backends))
+    settings = BenchSettings(steps, width, height, guidance)
+    # a bad setting (size, steps) is said once, before any configuration runs
+    from .model import ModelFolder
+    from .request import GenerationRequest
+
+    folder = ModelFolder.open(model)
+    GenerationRequest.build(folder, folder.family, "x", num_inference_steps=steps, width=width, height=height,
+                            guidance_scale=guidance)
+    rows = []
+    with click.progressbar(configs, label="bench", file=sys.stderr, item_show_func=lambda c: c.label if c else "") as bar:
+        for config in bar:
+            rows.append({"label": config.label, "model": str(config.model), "options": config.options,
+                         **measure_in_child(config, settings)})
+    for line in table(rows):
+        click.echo(line)
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    if json_path is not None:
+        json_path.write_text(json.dumps({"machine": machine, "settings": settings.__dict__, "rows": rows}, indent=2))
+        click.echo(f"wrote {json_path}")
+    if chart_path is not None:
+        chart(rows, chart_path, f"{model.name}: total seconds, {steps} steps")
+        click.echo(f"wrote {chart_path}")
+    if all("error" in row for row in rows):
+        sys.exit(2)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(model: Path, as_json: bool):
+def devices(as_json: bool):
+    """The backends, execution providers and devices this machine can use, and what would add others."""
+    from .devices import describe_devices, devices_text
+
+    summary = describe_devices()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for line in devices_text(summary):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--run", "load", is_flag=True,
+              help="Load the graphs with the runtime options given and say where their nodes run.")
+@_runtime_options_only
+def info(model: Path, as_json: bool, load: bool, **runtime_options):
     """Describe the model folder MODEL: components, precisions, sizes, graph inputs/outputs."""
     from .describe import describe
 
     summary = describe(model)
+    if load:
+        from .pipeline import Pipeline
+
+        summary["placement"] = Pipeline.load(model, _options(**runtime_options)).placement()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -418,6 +503,9 @@ def info(model: Path, as_json: bool):
         for io in ("inputs", "outputs"):
             for t in g[io]:
                 click.echo(f"  {io[:-1]:<7}{t['name']:<24}{t['dtype']:<9}{t['shape']}")
+        if name in summary.get("placement", {}):
+            nodes = summary["placement"][name]
+            click.echo("  runs on: " + ", ".join(f"{where} ({count} nodes)" for where, count in nodes.items()))
 
 
 if __name__ == "__main__":

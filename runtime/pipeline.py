@@ -156,6 +156,12 @@ class Pipeline:
                                                self._weight_deltas.pop(name, None))
             return self.graphs[name]
 
+    def placement(self) -> dict[str, dict[str, int]]:
+        """Each graph's nodes per provider (or OpenVINO device); every graph the model has is loaded for it."""
+        names = [n for n in (*self.family.text_components, "unet", "vae_decoder", "vae_encoder")
+                 if n in self.graphs or self.folder.has(n)]
+        return {name: dict(self.graph(name).placement) for name in names}
+
     @property
     def tokenizer(self) -> ClipTokenizer:
         """The (first) text encoder's tokenizer."""

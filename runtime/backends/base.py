@@ -87,6 +87,7 @@ class Graph(Protocol):
 
     spec: GraphSpec
     path: Path
+    placement: dict[str, int]  # where its nodes run: provider or device -> nodes (a fallback shows as "cpu")
 
     def input_dtype(self, name: str) -> np.dtype: ...
 

@@ -19,15 +19,8 @@ from ..errors import EdgesdError
 from ..graphs import ONNX_TO_NUMPY, GraphSpec, check_feed
 from ..tensor_files import onnx_initializers
 from .base import RuntimeOptions, add_delta, check_names, fit_feeds
+from .providers import ProviderRegistry, SessionProviders, placement
 
-# Short provider names users type; full ONNX Runtime names work too.
-SHORT_NAMES = {
-    "cpu": "CPUExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-}
 OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -36,28 +29,12 @@ OPTIMIZATION_LEVELS = {
 }
 
 
+REGISTRY = ProviderRegistry(ort)  # ONNX Runtime registers plugin EP libraries once per process
+
+
 def provider_names() -> list[str]:
-    available = set(ort.get_available_providers())
-    return [short for short, full in SHORT_NAMES.items() if full in available]
-
-
-def resolve_provider(provider: str) -> str:
-    full = SHORT_NAMES.get(provider.strip().lower(), provider.strip())
-    available = ort.get_available_providers()
-    if full not in available:
-        raise EdgesdError(
-            f"unknown or unavailable provider '{provider}'",
-            f"this onnxruntime offers: {', '.join(provider_names()) or ', '.join(available)}",
-        )
-    return full
-
-
-def resolve_providers(options: RuntimeOptions) -> list:
-    """`options.provider` ("openvino,cpu") -> the providers argument of InferenceSession."""
-    names = list(dict.fromkeys(resolve_provider(p) for p in options.provider.split(",") if p.strip()))
-    if options.provider_options:
-        return [(names[0], dict(options.provider_options))] + names[1:]
-    return names
+    """The providers usable here (installed, with a device)."""
+    return [status.provider.name for status in REGISTRY.statuses() if status.usable]
 
 
 class OrtGraph:
@@ -65,9 +42,10 @@ class OrtGraph:
                  weight_deltas: dict | None = None):
         self.path = Path(path)
         self.spec = spec
-        providers = resolve_providers(options)
         session_options = ort.SessionOptions()
         session_options.log_severity_level = 3
+        session_options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # placement
+        providers = REGISTRY.session_providers(options.provider, dict(options.provider_options))
         # Without the arena, memory goes back after each run: on the SD 1.5 U-Net (512x512, batch 2) peak RSS
         # fell from 8.1 to 6.5 GB, step time within noise (bench/ort_session_memory.py, bench/results/).
         session_options.enable_cpu_mem_arena = False
@@ -80,7 +58,7 @@ class OrtGraph:
             source, self._overrides = _changed_model(self.path, weight_deltas, session_options)
         try:
             if options.cache_dir is None or weight_deltas:
-                self._session = ort.InferenceSession(source, session_options, providers=providers)
+                self._session = ort.InferenceSession(source, session_options, **providers.apply(session_options))
             else:
                 self._session = _cached_session(self.path, Path(options.cache_dir), session_options, providers,
                                                  options)
@@ -92,6 +70,7 @@ class OrtGraph:
                 f"{self.path} is not a loadable ONNX graph ({reason})",
                 "re-export the model with `edgesd export`",
             ) from None
+        self.placement = placement(self._session)  # provider -> nodes it runs (the rest fell back)
         self._inputs = {i.name: i for i in self._session.get_inputs()}
         self._outputs = check_names(self.path, spec, set(self._inputs), {o.name for o in self._session.get_outputs()},
                                     "export it with `edgesd export` or `optimum-cli export onnx`")
@@ -146,9 +125,10 @@ def _changed_model(path: Path, deltas: dict, session_options) -> tuple[str | byt
     return bytes(data), values
 
 
-def _cache_key(path: Path, providers: list, options: RuntimeOptions) -> str:
+def _cache_key(path: Path, providers: SessionProviders, options: RuntimeOptions) -> str:
     """Names one optimised graph: the source file (path, size, time), the providers, the level, onnxruntime."""
-    parts = [str(path.resolve()), ort.__version__, options.ort_optimization, repr(providers)]
+    parts = [str(path.resolve()), ort.__version__, options.ort_optimization, options.provider,
+             repr(options.provider_options)]
     for f in sorted(path.parent.iterdir()):
         if f.name.startswith(path.name):  # the graph and its external data file
             st = f.stat()
@@ -156,7 +136,7 @@ def _cache_key(path: Path, providers: list, options: RuntimeOptions) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
-def _cached_session(path: Path, cache_dir: Path, session_options, providers: list,
+def _cached_session(path: Path, cache_dir: Path, session_options, providers: SessionProviders,
                     options: RuntimeOptions) -> ort.InferenceSession:
     """Load the optimised copy of `path` from `cache_dir`, or optimise `path` and save the copy there.
 
@@ -166,7 +146,7 @@ def _cached_session(path: Path, cache_dir: Path, session_options, providers: lis
     cached = cache_dir / f"{path.parent.name}-{_cache_key(path, providers, options)}.onnx"
     if cached.is_file():
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(str(cached), session_options, providers=providers)
+        return ort.InferenceSession(str(cached), session_options, **providers.apply(session_options))
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
@@ -180,7 +160,7 @@ def _cached_session(path: Path, cache_dir: Path, session_options, providers: lis
                                                  cached.name + ".data")
         session_options.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        session = ort.InferenceSession(str(path), session_options, providers=providers)
+        session = ort.InferenceSession(str(path), session_options, **providers.apply(session_options))
         # Data first, graph last: a graph file in the cache always has its data beside it.
         for name in (cached.name + ".data", cached.name):
             if (staging / name).is_file():

@@ -95,6 +95,7 @@ class OvGraph:
         self._compiling = threading.Lock()  # reshape + compile change the shared model
         self._own: dict = {}  # the state of callers that pass no `local` (one thread at a time)
         self.compile_seconds = 0.0  # total time spent compiling, for benchmarks
+        self.placement = {f"openvino {self._device}": len(self._model.get_ops())}  # OpenVINO runs them all there
 
     def input_dtype(self, name: str) -> np.dtype:
         return self._dtypes[name]

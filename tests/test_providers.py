@@ -1,0 +1,218 @@
+"""Execution providers: the registry against a fake onnxruntime (built-in providers, plugin EP packages, their
+devices), the one-line errors for a missing provider or device, `edgesd devices`, and where a loaded graph's
+nodes run."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+import edgesd
+from edgesd.backends.providers import PROVIDERS, ProviderRegistry, lookup
+from edgesd.errors import EdgesdError
+
+from .commands import edgesd as run_edgesd
+
+
+class _Hardware:
+    def __init__(self, kind: str, vendor: str):
+        self.type, self.vendor = f"OrtHardwareDeviceType.{kind}", vendor
+
+
+class _EpDevice:
+    def __init__(self, ep_name: str, kind: str, vendor: str, **metadata):
+        self.ep_name, self.ep_vendor, self.ep_metadata = ep_name, vendor, metadata
+        self.device = _Hardware(kind, vendor)
+
+
+class FakeOrt:
+    """The parts of onnxruntime the registry reads; plugin libraries 'load' when their path is known."""
+
+    __version__ = "1.32.0"
+
+    def __init__(self, built_in: list[str], plugin_devices: dict[str, list[_EpDevice]], broken: set[str] = frozenset()):
+        self.built_in, self.plugin_devices, self.broken = built_in, plugin_devices, broken
+        self.registered: list[str] = []
+
+    def get_available_providers(self):
+        return list(self.built_in)
+
+    def register_execution_provider_library(self, name, path):
+        if path in self.broken:
+            raise RuntimeError("ORT runtime version is below the minimum required version")
+        if name in self.registered:
+            raise RuntimeError(f"library {name} is already registered")
+        self.registered.append(name)
+
+    def get_ep_devices(self):
+        devices = [_EpDevice("CPUExecutionProvider", "CPU", "AMD")]
+        for name in self.registered:
+            devices += self.plugin_devices.get(name, [])
+        return devices
+
+
+def _modules(*installed: str):
+    def import_module(name):
+        if name not in installed:
+            raise ImportError(name)
+        return types.SimpleNamespace(get_library_path=lambda: f"/lib/{name}.so")
+    return import_module
+
+
+class _SessionOptions:
+    def __init__(self):
+        self.added = []
+
+    def add_provider_for_devices(self, devices, options):
+        self.added.append((devices, options))
+
+
+WEBGPU = _EpDevice("WebGpuExecutionProvider", "GPU", "NVIDIA")
+OV_DEVICES = [_EpDevice("OpenVINOExecutionProvider", "CPU", "Intel", ov_device="CPU"),
+              _EpDevice("OpenVINOExecutionProvider", "NPU", "Intel", ov_device="NPU")]
+
+
+def _registry(built_in=("CPUExecutionProvider",), installed=(), devices=None, broken=frozenset()):
+    ort = FakeOrt(list(built_in), devices or {}, broken)
+    return ProviderRegistry(ort, _modules(*installed)), ort
+
+
+def test_short_names_aliases_and_full_names():
+    assert lookup("CPU").ep_name == "CPUExecutionProvider"
+    assert lookup("dml").name == "directml" and lookup("trt").name == "tensorrt"
+    assert lookup("WebGpuExecutionProvider").name == "webgpu"
+    with pytest.raises(EdgesdError, match="unknown provider 'tpu'; use one of: cpu, cuda"):
+        lookup("tpu")
+
+
+def test_built_in_providers_are_a_providers_list_with_the_first_ones_options():
+    registry, _ = _registry(built_in=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    chosen = registry.session_providers("cuda, cpu", {"device_id": "1"})
+    assert chosen.providers == [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    assert chosen.apply(_SessionOptions()) == {"providers": chosen.providers}
+
+
+def test_a_plugin_ep_is_registered_once_and_added_by_device():
+    registry, ort = _registry(installed=["onnxruntime_ep_webgpu"], devices={"webgpu": [WEBGPU]})
+    chosen = registry.session_providers("webgpu,cpu", {"preferredLayout": "NHWC"})
+    session_options = _SessionOptions()
+    assert chosen.apply(session_options) == {}  # no providers= list: the devices carry them
+    assert [(devices[0].ep_name, options) for devices, options in session_options.added] == [
+        ("WebGpuExecutionProvider", {"preferredLayout": "NHWC"}), ("CPUExecutionProvider", {})]
+    registry.session_providers("webgpu", {})
+    assert ort.registered == ["webgpu"]  # registered once per process
+
+
+def test_a_device_is_chosen_by_kind_or_index():
+    registry, _ = _registry(installed=["onnxruntime_ep_openvino"], devices={"openvino": OV_DEVICES})
+    (devices, options), = registry.session_providers("openvino", {"device": "NPU", "num_streams": "1"}).devices
+    assert devices[0].device.type.endswith("NPU") and options == {"num_streams": "1"}
+    (devices, _), = registry.session_providers("openvino", {"device": "0"}).devices
+    assert devices[0].ep_metadata["ov_device"] == "CPU"
+    (devices, _), = registry.session_providers("openvino", {}).devices
+    assert devices[0].ep_metadata["ov_device"] == "CPU"  # the EP's first
+    with pytest.raises(EdgesdError, match="has no device 'GPU'; its devices: 0: CPU CPU, 1: NPU NPU"):
+        registry.session_providers("openvino", {"device": "GPU"})
+
+
+@pytest.mark.parametrize("setup, provider, needles", [
+    (dict(), "webgpu", ["'webgpu' is not available here (not installed)", "pip install onnxruntime-ep-webgpu",
+                        "usable here: cpu"]),
+    (dict(installed=["onnxruntime_ep_webgpu"]), "webgpu", ["finds no device", "Vulkan"]),
+    (dict(installed=["onnxruntime_ep_webgpu"], broken={"/lib/onnxruntime_ep_webgpu.so"}), "webgpu",
+     ["its library did not load", "minimum required version"]),
+    (dict(), "cuda", ["'cuda' is not available here (not in this onnxruntime)", "onnxruntime-gpu"]),
+    (dict(), "cpu,coreml", ["'coreml' is not available"]),
+    (dict(built_in=["CPUExecutionProvider", "DmlExecutionProvider"], installed=["onnxruntime_ep_webgpu"],
+          devices={"webgpu": [WEBGPU]}), "webgpu,directml", ["'directml' cannot be combined with plugin EPs"]),
+    (dict(), " , ", ["no execution provider given"]),
+])
+def test_a_missing_provider_or_device_is_one_line_never_the_cpu(setup, provider, needles):
+    registry, _ = _registry(**setup)
+    with pytest.raises(EdgesdError) as error:
+        registry.session_providers(provider, {})
+    for needle in needles:
+        assert needle in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_statuses_cover_every_provider_in_the_table():
+    registry, _ = _registry(installed=["onnxruntime_ep_webgpu"], devices={"webgpu": [WEBGPU]})
+    statuses = {s.provider.name: s for s in registry.statuses()}
+    assert list(statuses) == list(PROVIDERS)
+    assert statuses["webgpu"].how == "plugin" and statuses["webgpu"].devices[0].kind == "GPU"
+    assert statuses["cpu"].how == "built in"
+    assert not statuses["cuda"].usable and "onnxruntime-gpu" in statuses["cuda"].fix
+
+
+def test_a_real_session_reports_where_its_nodes_run():
+    pipe = edgesd.Pipeline.load()
+    placement = pipe.placement()
+    assert set(placement) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert set(placement["unet"]) == {"cpu"} and placement["unet"]["cpu"] > 100
+
+
+def test_an_unavailable_provider_on_the_command_line(tmp_path):
+    run = run_edgesd("generate", "x", "--provider", "cuda", "-o", tmp_path / "a.png")
+    assert run.returncode == 2 and run.stderr.count("error:") == 1
+    assert "provider 'cuda' is not available here" in run.stderr and not (tmp_path / "a.png").exists()
+
+
+def test_edgesd_devices_lists_backends_providers_and_what_to_install():
+    run = run_edgesd("devices")
+    assert run.returncode == 0, run.stderr
+    assert "onnxruntime" in run.stdout and "cpu" in run.stdout and "pip install onnxruntime-ep-webgpu" in run.stdout
+    summary = json.loads(run_edgesd("devices", "--json").stdout)
+    cpu = next(p for p in summary["onnxruntime"]["providers"] if p["name"] == "cpu")
+    assert cpu["usable"] and cpu["devices"][0]["kind"] == "CPU"
+    if summary["openvino"]["version"] is not None:
+        assert "CPU" in [d["name"] for d in summary["openvino"]["devices"]]
+
+
+def test_info_run_prints_each_graphs_placement():
+    run = run_edgesd("info", edgesd.models_path.default_model_path(), "--run")
+    assert run.returncode == 0, run.stderr
+    assert "unet" in run.stdout and "runs on: cpu" in run.stdout
+
+
+def test_edgesd_bench_measures_the_default_model_per_backend(tmp_path):
+    """`edgesd bench` on the embedded model: the CPU EP and OpenVINO, each in its own process."""
+    pytest.importorskip("openvino")
+    model = edgesd.models_path.default_model_path()
+    run = run_edgesd("bench", model, "--steps", 3, "--json", tmp_path / "b.json", "--chart", tmp_path / "b.png")
+    assert run.returncode == 0, run.stderr
+    assert "U-Net s/step" in run.stdout and "onnxruntime cpu" in run.stdout and "openvino CPU" in run.stdout
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["options"]["backend"] for r in rows] == ["onnxruntime", "openvino"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["steps"] == 3 and row["size"] == "64x64" and row["unet_s_per_step"] > 0
+        assert row["total_s"] >= row["unet_s_per_step"] and 0 < row["peak_rss_gb"] < 8
+    assert rows[0]["placement"]["unet"] == {"cpu": rows[0]["placement"]["unet"]["cpu"]}
+    from PIL import Image
+
+    assert Image.open(tmp_path / "b.png").size[0] == 900
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--size", "big"], "is not WIDTHxHEIGHT"),
+    (["--size", "60x60"], "60"),
+    (["--steps", "0"], "--steps must be"),
+    (["--providers", "cuda"], "cuda"),
+    (["--backends", "tpu"], "unknown backend 'tpu'"),
+    (["--json", "/nowhere/b.json"], "does not exist"),
+])
+def test_bad_bench_options_are_one_line(args, needle):
+    run = run_edgesd("bench", edgesd.models_path.default_model_path(), *args)
+    assert run.returncode == 2 and run.stderr.count("error:") == 1, run.stderr
+    assert needle in run.stderr
+
+
+def test_a_failing_configuration_is_a_row_with_its_error():
+    from edgesd.benchmark import BenchSettings, BenchTarget, measure_in_child
+
+    row = measure_in_child(BenchTarget(edgesd.models_path.default_model_path(), "x", {"provider": "cuda"}),
+                           BenchSettings(steps=1))
+    assert "provider 'cuda' is not available" in row["error"]
