@@ -1,0 +1,228 @@
+"""edgesd on a GPU machine against diffusers on PyTorch CUDA, on the SD 1.5 architecture with RANDOM weights,
+512x512, 20 Euler steps, guidance 7.5 (the U-Net at batch 2).
+
+    python3 bench/gpu.py --work /tmp/work --configs DIR --out OUT --phases build,export,diffusers-cuda,edgesd-cpu
+    python3 bench/gpu.py --work /tmp/work --out OUT --phases edgesd-webgpu     # after the first (same machine)
+    python3 bench/gpu.py --report OUT/*.json                                    # here: bench/results/gpu-*.md
+
+Runs on the device machine of the developers' guide (one H200, a 16-core Xeon): the phases build the
+random-weight SD 1.5 folder from the reference configs, export it with edgesd (fp32 ONNX), then time each
+configuration in a fresh process: after a warm-up picture, one 20-step and one 1-step picture, so
+s/step = (t20 - t1) / 19 holds the U-Net and the sampler only. GPU memory is the peak of nvidia-smi's
+memory.used over the run less the reading before it (the process's own share of the card); diffusers also
+gives torch's max_memory_reserved. edgesd's providers are those `edgesd devices` lists there (the CUDA EP
+needs the onnxruntime-gpu wheel, see the closing notes for why it was not carried).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROMPT = "a photograph of an astronaut riding a horse"
+STEPS, SIZE, GUIDANCE, SEED = 20, 512, 7.5, 0
+
+
+class GpuMemory:
+    """Polls nvidia-smi's memory.used (MiB) in a thread; `peak_mb` less the reading at the start."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.base, self.peak = interval, self.read(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def read() -> int:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return int(out.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            return 0
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mb(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def _clock(run) -> dict:
+    """Warm-up, then a 20-step and a 1-step picture: total and s/step."""
+    run(1)
+    start = time.perf_counter()
+    run(STEPS)
+    t20 = time.perf_counter() - start
+    start = time.perf_counter()
+    run(1)
+    t1 = time.perf_counter() - start
+    return {"total_s": round(t20, 3), "one_step_s": round(t1, 3), "s_per_step": round((t20 - t1) / (STEPS - 1), 4)}
+
+
+def phase_build(work: Path, configs: Path) -> dict:
+    from edgesd.export.tiny import build_random_sd
+
+    start = time.perf_counter()
+    if not (work / "sd15-random" / "model_index.json").exists():
+        build_random_sd(work / "sd15-random", seed=0, reference_config=configs)
+    return {"build_s": round(time.perf_counter() - start, 1)}
+
+
+def phase_export(work: Path, configs: Path) -> dict:
+    from edgesd.export import ExportOptions, export_model
+
+    start = time.perf_counter()
+    if not (work / "sd15-onnx" / "edgesd.json").exists():
+        export_model(work / "sd15-random", work / "sd15-onnx", ExportOptions(overwrite=True, with_vae_encoder=False))
+    return {"export_s": round(time.perf_counter() - start, 1)}
+
+
+def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(work / "sd15-random", torch_dtype=torch.float16, safety_checker=None)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+    latents = torch.from_numpy(np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 8, SIZE // 8))
+                               .astype(np.float16)).to("cuda")
+
+    def run(steps: int):
+        with torch.inference_mode():
+            pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
+                 latents=latents, output_type="np")
+        torch.cuda.synchronize()
+
+    torch.cuda.reset_peak_memory_stats()
+    with GpuMemory() as memory:
+        clock = _clock(run)
+    return {"config": "diffusers torch CUDA fp16", "load_s": round(load_s, 2), **clock,
+            "gpu_peak_mb": memory.peak_mb, "torch_max_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20),
+            "torch": torch.__version__}
+
+
+def _edgesd(work: Path, provider: str, **options) -> dict:
+    import numpy as np
+    import onnxruntime
+
+    import edgesd
+
+    with GpuMemory() as memory:
+        start = time.perf_counter()
+        pipe = edgesd.Pipeline.load(work / "sd15-onnx", provider=provider, **options)
+        load_s = time.perf_counter() - start
+        latents = np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+        timings = {}
+
+        def run(steps: int):
+            result = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
+                          latents=latents, scheduler="euler")
+            timings[steps] = result.timings
+
+        clock = _clock(run)
+    placement = pipe.placement()
+    t = timings[STEPS]
+    return {"config": f"edgesd onnxruntime {provider} fp32", "load_s": round(load_s, 2), **clock,
+            "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
+            "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_mb": memory.peak_mb,
+            "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
+
+
+PHASES = {
+    "build": phase_build,
+    "export": phase_export,
+    "diffusers-cuda": phase_diffusers_cuda,
+    "edgesd-cpu": lambda work, configs: _edgesd(work, "cpu"),
+    "edgesd-webgpu": lambda work, configs: _edgesd(work, "webgpu"),
+}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+
+
+def run_phases(phases: list[str], work: Path, configs: Path, out: Path) -> None:
+    """Each phase in a fresh process; its JSON (or its error's last line) into out/<phase>.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "machine.json").write_text(json.dumps(machine(), indent=2))
+    for phase in phases:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--phase", phase, "--work", str(work),
+                               "--configs", str(configs)], capture_output=True, text=True)
+        lines = done.stdout.strip().splitlines()
+        row = json.loads(lines[-1]) if done.returncode == 0 and lines else \
+            {"error": "\n".join(done.stderr.strip().splitlines()[-6:])[-1500:]}
+        row["phase_wall_s"] = round(time.perf_counter() - start, 1)
+        (out / f"{phase}.json").write_text(json.dumps(row, indent=2))
+        print(phase, json.dumps(row)[:600], flush=True)
+
+
+def report(paths: list[Path], date: str) -> str:
+    rows = {p.stem: json.loads(p.read_text()) for p in paths}
+    m = rows.pop("machine", {})
+    lines = [f"# edgesd on a GPU, {date}", "",
+             "SD 1.5 architecture, RANDOM weights, 512x512, 20 Euler steps, guidance 7.5 (U-Net batch 2); "
+             "`bench/gpu.py` on the device machine: " + f"{m.get('gpu', '?')}; {m.get('cpu', '?')}, {m.get('cores')} cores.",
+             "", "| configuration | load s | 20 steps s | s/step | GPU memory MB | nodes on the asked provider |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if "config" not in r:
+            continue
+        asked = r["config"].split()[2] if r["config"].startswith("edgesd") else None
+        nodes = "-" if asked is None else ", ".join(
+            f"{g}: {n.get(asked, 0)}/{sum(n.values())}" for g, n in r.get("placement", {}).items())
+        lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | {r['gpu_peak_mb']} | "
+                     f"{nodes} |")
+    for name, r in rows.items():
+        if "error" in r:
+            lines.append(f"\n{name} failed: `{r['error'].splitlines()[-1][:300]}`")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", choices=list(PHASES))
+    parser.add_argument("--phases", default=None, help="comma-separated phases to run, each in its own process")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/work"))
+    parser.add_argument("--configs", type=Path, default=Path(".cfg/sd15"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--report", nargs="*", type=Path, default=None)
+    parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args.work, args.configs)))
+    elif args.report is not None:
+        print(report(args.report, args.date), end="")
+    else:
+        run_phases(args.phases.split(","), args.work, args.configs, args.out)
+
+
+if __name__ == "__main__":
+    main()
