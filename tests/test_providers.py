@@ -36,8 +36,9 @@ class FakeOrt:
         self.built_in, self.plugin_devices, self.broken = built_in, plugin_devices, broken
         self.registered: list[str] = []
 
-    def get_available_providers(self):
-        return list(self.built_in)
+    def get_available_providers(self):  # as onnxruntime does: registered plugin EPs are listed too
+        plugins = [d.ep_name for name in self.registered for d in self.plugin_devices.get(name, [])]
+        return list(dict.fromkeys([*self.built_in, *plugins]))
 
     def register_execution_provider_library(self, name, path):
         if path in self.broken:
@@ -101,7 +102,8 @@ def test_a_plugin_ep_is_registered_once_and_added_by_device():
     assert chosen.apply(session_options) == {}  # no providers= list: the devices carry them
     assert [(devices[0].ep_name, options) for devices, options in session_options.added] == [
         ("WebGpuExecutionProvider", {"preferredLayout": "NHWC"}), ("CPUExecutionProvider", {})]
-    registry.session_providers("webgpu", {})
+    again = registry.session_providers("webgpu", {})  # now listed as available too: still added by device
+    assert again.providers is None and len(again.devices) == 1
     assert ort.registered == ["webgpu"]  # registered once per process
 
 

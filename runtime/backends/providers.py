@@ -137,17 +137,17 @@ class ProviderRegistry:
         return tuple(found)
 
     def status(self, provider: Provider) -> ProviderStatus:
+        # The plugin package first: once registered, its EP is also in get_available_providers(), but a
+        # plugin EP named in providers= is not used (the session runs on the CPU, said nowhere).
+        why = self._register(provider) if provider.plugin is not None else "not in this onnxruntime"
+        if why is None:
+            devices = self._devices(provider)
+            if not devices:
+                return ProviderStatus(provider, None, reason=NO_DEVICE)
+            return ProviderStatus(provider, "plugin", devices)
         if provider.ep_name in self.ort.get_available_providers():
             return ProviderStatus(provider, "built in", self._devices(provider))
-        if provider.plugin is None:
-            return ProviderStatus(provider, None, reason="not in this onnxruntime")
-        why = self._register(provider)
-        if why is not None:
-            return ProviderStatus(provider, None, reason=why)
-        devices = self._devices(provider)
-        if not devices:
-            return ProviderStatus(provider, None, reason=NO_DEVICE)
-        return ProviderStatus(provider, "plugin", devices)
+        return ProviderStatus(provider, None, reason=why)
 
     def statuses(self) -> list[ProviderStatus]:
         return [self.status(p) for p in PROVIDERS.values()]
