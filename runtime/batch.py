@@ -326,7 +326,8 @@ RUNNERS: dict[str, Runner] = {"local": _run_here, "pool": _run_pool, "ray": _run
 
 def run_batch(prompts: Path, out: Path, job: BatchJob, workers: int = 1, ray_address: str | None = None,
               base_seed: int = 0, on_row: Callable[[int, int], None] | None = None) -> BatchReport:
-    """Make the pictures of `prompts` that `out` does not have yet. `on_row(done, total)` after each row."""
+    """Make the pictures of `prompts` that `out` does not have yet. `on_row(done, total)` once before the first
+    row (done 0) and after each."""
     from .images import remove_stale_partial_files, write_whole
 
     if workers < 1:
@@ -347,6 +348,8 @@ def run_batch(prompts: Path, out: Path, job: BatchJob, workers: int = 1, ray_add
     if runner == "pool" and job.options.threads is None:  # share the cores between the workers
         job = replace(job, options=replace(job.options, threads=max(1, (os.cpu_count() or 1) // workers)))
     by_line = {row.line: row for row in todo}
+    if on_row is not None:
+        on_row(0, len(todo))  # the bar's length, before the first picture (a pool starts in seconds)
     for done, (line, png, error) in enumerate(RUNNERS[runner](job, todo, min(workers, len(todo)), ray_address), 1):
         if png is not None:
             write_whole(out / by_line[line].filename, png)

@@ -370,7 +370,7 @@ def batch(prompts: Path, out: Path, workers: int, ray_address: str | None, base_
     with click.progressbar(length=0, label="pictures", file=sys.stderr, show_pos=True) as bar:
         def on_row(done: int, total: int) -> None:
             bar.length = total
-            bar.update(1)
+            bar.update(1 if done else 0)
 
         report = run_batch(prompts, out, job, workers, ray_address, base_seed, on_row)
     for failure in report.failed:

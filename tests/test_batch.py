@@ -95,7 +95,7 @@ def test_pictures_equal_the_pipelines_and_a_run_resumes(tmp_path, pipe):
     progress = []
     report = run_batch(prompts, out, BatchJob(), on_row=lambda done, total: progress.append((done, total)))
     assert (report.written, report.skipped, report.failed) == (3, 0, [])
-    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert progress == [(0, 3), (1, 3), (2, 3), (3, 3)]
     expected = {"00001.png": pipe("a red circle", num_inference_steps=4, seed=0),
                 "00002.png": pipe("a blue square", negative_prompt="red", seed=5, scheduler="Euler a",
                                   num_inference_steps=3),
