@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .backends.base import BACKENDS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES, RuntimeOptions
+from .backends.base import BACKENDS, CACHE_MODES, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES, RuntimeOptions
 from .errors import Cancelled, EdgesdError
 from .lora import LoraSpec
 from .noise import NOISE_GENERATORS
@@ -192,8 +192,10 @@ _RUNTIME_OPTIONS = [
     click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
                  help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime."),
     click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core)."),
+    click.option("--cache", default="on", show_default=True, type=click.Choice(CACHE_MODES),
+                 help="Keep optimised (onnxruntime) or compiled (openvino) graphs: the next start is faster."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-                 help="Keep optimised (onnxruntime) or compiled (openvino) graphs here: the next start is faster."),
+                 help="The cache's folder (default: $EDGESD_CACHE_DIR, else the user's cache folder / edgesd)."),
     click.option("--provider", default="cpu", show_default=True,
                  help="onnxruntime: execution providers, comma-separated in order of preference (e.g. openvino,cpu)."),
     click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",

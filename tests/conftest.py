@@ -8,6 +8,13 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_folder(tmp_path_factory):
+    """The runtime's default cache (on) goes to a folder of this test run, not the user's."""
+    os.environ["EDGESD_CACHE_DIR"] = str(tmp_path_factory.mktemp("edgesd-cache"))
+    yield
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -2,7 +2,9 @@
 ONNX Runtime options (providers, optimisation level, saved optimised graphs), and OpenVINO IR export."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +54,7 @@ def test_static_shapes_recompile_only_for_a_new_size():
 def test_openvino_cache_dir_holds_compiled_models(tmp_path):
     cache = tmp_path / "ov-cache"
     a = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache, ov_hint="throughput", threads=1)("a cat", **RUN)
-    assert any(cache.glob("*.blob"))
+    assert any(cache.glob("openvino-*/*.blob"))
     b = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)
     np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
 
@@ -61,11 +63,41 @@ def test_onnxruntime_cache_dir_saves_optimised_graphs(tmp_path):
     cache = tmp_path / "ort-cache"
     a = edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache)("a cat", **RUN)
     saved = sorted(p.name for p in cache.iterdir())
-    assert {n.rsplit("-", 1)[0] for n in saved if n.endswith(".onnx")} == {"text_encoder", "unet", "vae_decoder"}
+    assert {n.split("-", 1)[0] for n in saved if n.endswith(".onnx")} == {"text_encoder", "unet", "vae_decoder"}
     assert not [n for n in saved if n.startswith(".partial")]
     b = edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache)("a cat", **RUN)  # from the saved graphs
     assert sorted(p.name for p in cache.iterdir()) == saved
     np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+
+
+def test_the_cache_is_on_by_default_and_off_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESD_CACHE_DIR", str(tmp_path / "default"))
+    edgesd.Pipeline.load(OPTIMUM_ONNX)
+    assert len(list((tmp_path / "default").glob("unet-*.onnx"))) == 1
+    monkeypatch.setenv("EDGESD_CACHE_DIR", str(tmp_path / "off"))
+    edgesd.Pipeline.load(OPTIMUM_ONNX, cache="off")
+    assert not (tmp_path / "off").exists()
+    monkeypatch.setenv("EDGESD_CACHE_DIR", "/proc/no-such-folder")  # a default that cannot be made: uncached
+    edgesd.Pipeline.load(OPTIMUM_ONNX)
+    with pytest.raises(EdgesdError, match="cannot write the cache folder .*--cache off"):
+        edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=Path("/proc/no-such-folder"))
+
+
+def test_a_damaged_or_stale_cache_entry_is_made_again(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(OPTIMUM_ONNX, model)
+    cache = tmp_path / "cache"
+    first = edgesd.Pipeline.load(model, cache_dir=cache)("a cat", **RUN)
+    (entry,) = cache.glob("unet-*.onnx")
+    entry.write_bytes(b"cut short")  # a damaged copy: rebuilt, the pictures unchanged
+    again = edgesd.Pipeline.load(model, cache_dir=cache)("a cat", **RUN)
+    np.testing.assert_array_equal(first.latents, again.latents)
+    assert entry.stat().st_size > 100
+    (model / "unet" / "model.onnx").touch()  # the source changed: a new copy replaces the old one
+    os.utime(model / "unet" / "model.onnx", ns=(1, 1))
+    edgesd.Pipeline.load(model, cache_dir=cache)
+    (newer,) = cache.glob("unet-*.onnx")
+    assert newer.name != entry.name and not entry.exists()
 
 
 @pytest.mark.parametrize("level", ["disable", "basic", "extended"])

@@ -16,12 +16,25 @@ OrtOptimization = Literal["disable", "basic", "extended", "all"]
 OvHint = Literal["latency", "throughput"]
 OvPrecision = Literal["f32", "bf16", "f16", "device-default"]
 OvShapes = Literal["static", "dynamic"]
+CacheMode = Literal["on", "off"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
 OV_HINTS: tuple[str, ...] = get_args(OvHint)
 OV_PRECISIONS: tuple[str, ...] = get_args(OvPrecision)
 OV_SHAPES: tuple[str, ...] = get_args(OvShapes)
+CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
+
+
+def default_cache_dir() -> Path:
+    """Where optimised / compiled graphs are kept unless told otherwise: $EDGESD_CACHE_DIR, else the user's
+    cache folder (XDG_CACHE_HOME, LOCALAPPDATA on Windows, ~/.cache) / edgesd."""
+    import os
+
+    if os.environ.get("EDGESD_CACHE_DIR"):
+        return Path(os.environ["EDGESD_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.environ.get("LOCALAPPDATA") or Path.home() / ".cache"
+    return Path(base) / "edgesd"
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,9 @@ class RuntimeOptions:
 
     backend: Backend = "auto"  # auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime
     threads: int | None = None  # intra-op threads (default: the backend's, one per core)
-    cache_dir: Path | None = None  # onnxruntime: optimised graphs; openvino: compiled models
+    # onnxruntime keeps optimised graphs, openvino compiled models: the next start skips that work
+    cache: CacheMode = "on"
+    cache_dir: Path | None = None  # None: default_cache_dir()
     # ONNX Runtime only
     provider: str = "cpu"  # execution providers, comma-separated, in order of preference
     provider_options: tuple[tuple[str, str], ...] = ()  # KEY=VALUE pairs for the first provider
@@ -43,7 +58,7 @@ class RuntimeOptions:
     ov_shapes: OvShapes = "static"  # static: recompile for each new size/batch (faster steps)
 
     def __post_init__(self):
-        for name, allowed in (("backend", BACKENDS), ("ort_optimization", ORT_OPTIMIZATIONS),
+        for name, allowed in (("backend", BACKENDS), ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
                               ("ov_hint", OV_HINTS), ("ov_precision", OV_PRECISIONS), ("ov_shapes", OV_SHAPES)):
             if getattr(self, name) not in allowed:
                 raise EdgesdError(f"unknown {name} '{getattr(self, name)}'", f"use one of: {', '.join(allowed)}")
@@ -52,6 +67,22 @@ class RuntimeOptions:
                               "leave it unset for one thread per core")
         if not self.provider.strip():
             raise EdgesdError("no execution provider given", "use e.g. --provider cpu")
+
+    def cache_folder(self) -> Path | None:
+        """The folder of this run's cache, made if missing; None with the cache off, or where the default
+        folder cannot be made (a read-only home: the run goes on uncached). A --cache-dir that cannot be
+        made is an error."""
+        if self.cache == "off":
+            return None
+        folder = Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if self.cache_dir is None:
+                return None
+            raise EdgesdError(f"cannot write the cache folder {folder} ({e.strerror})",
+                              "pass a writable --cache-dir, or --cache off") from None
+        return folder
 
     def for_backend(self, backend: str) -> "RuntimeOptions":
         """These options with `backend` chosen; an option set for the other backend is an error."""

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -42,26 +43,33 @@ class OrtGraph:
                  weight_deltas: dict | None = None):
         self.path = Path(path)
         self.spec = spec
-        session_options = ort.SessionOptions()
-        session_options.log_severity_level = 3
-        session_options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # placement
         providers = REGISTRY.session_providers(options.provider, dict(options.provider_options))
-        # Without the arena, memory goes back after each run: on the SD 1.5 U-Net (512x512, batch 2) peak RSS
-        # fell from 8.1 to 6.5 GB, step time within noise (bench/ort_session_memory.py, bench/results/).
-        session_options.enable_cpu_mem_arena = False
-        session_options.graph_optimization_level = OPTIMIZATION_LEVELS[options.ort_optimization]
-        if options.threads:
-            session_options.intra_op_num_threads = options.threads
-        # A LoRA: the changed weights go into the session, never into the file (and not through the cache).
-        source, self._overrides = str(self.path), []
-        if weight_deltas:
-            source, self._overrides = _changed_model(self.path, weight_deltas, session_options)
+
+        def session_options() -> ort.SessionOptions:
+            made = ort.SessionOptions()
+            made.log_severity_level = 3
+            made.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # placement
+            # Without the arena, memory goes back after each run: on the SD 1.5 U-Net (512x512, batch 2) peak
+            # RSS fell from 8.1 to 6.5 GB, step time within noise (bench/ort_session_memory.py, bench/results/).
+            made.enable_cpu_mem_arena = False
+            made.graph_optimization_level = OPTIMIZATION_LEVELS[options.ort_optimization]
+            if options.threads:
+                made.intra_op_num_threads = options.threads
+            return made
+
         try:
-            if options.cache_dir is None or weight_deltas:
-                self._session = ort.InferenceSession(source, session_options, **providers.apply(session_options))
+            if weight_deltas:  # a LoRA: the changed weights go into the session, never into a file or the cache
+                made = session_options()
+                source, self._overrides = _changed_model(self.path, weight_deltas, made)
+                self._session = ort.InferenceSession(source, made, **providers.apply(made))
             else:
-                self._session = _cached_session(self.path, Path(options.cache_dir), session_options, providers,
-                                                 options)
+                self._overrides = []
+                cache = options.cache_folder()
+                if cache is None:
+                    made = session_options()
+                    self._session = ort.InferenceSession(str(self.path), made, **providers.apply(made))
+                else:
+                    self._session = _cached_session(self.path, cache, session_options, providers, options)
         except EdgesdError:
             raise
         except Exception as e:  # onnxruntime raises several unrelated types for a bad file
@@ -125,46 +133,74 @@ def _changed_model(path: Path, deltas: dict, session_options) -> tuple[str | byt
     return bytes(data), values
 
 
-def _cache_key(path: Path, providers: SessionProviders, options: RuntimeOptions) -> str:
-    """Names one optimised graph: the source file (path, size, time), the providers, the level, onnxruntime."""
-    parts = [str(path.resolve()), ort.__version__, options.ort_optimization, options.provider,
-             repr(options.provider_options)]
+def _fingerprint(path: Path) -> list[str]:
+    """The graph and its external data files: name, size, time, and a hash of their first and last MiB."""
+    parts = []
     for f in sorted(path.parent.iterdir()):
-        if f.name.startswith(path.name):  # the graph and its external data file
+        if f.name.startswith(path.name):
             st = f.stat()
-            parts += [f.name, str(st.st_size), str(st.st_mtime_ns)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+            digest = hashlib.sha256()
+            with f.open("rb") as file:
+                digest.update(file.read(1 << 20))
+                if st.st_size > 2 << 20:
+                    file.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(file.read())
+            parts += [f.name, str(st.st_size), str(st.st_mtime_ns), digest.hexdigest()]
+    return parts
 
 
-def _cached_session(path: Path, cache_dir: Path, session_options, providers: SessionProviders,
-                    options: RuntimeOptions) -> ort.InferenceSession:
+def _cache_names(path: Path, options: RuntimeOptions) -> tuple[str, str]:
+    """(the prefix of every cached copy of this source file under these options, this copy's file name). The
+    prefix: the source's path, onnxruntime's version, the machine, the providers and the optimisation level;
+    the rest: the source's fingerprint, so a changed file gets a new copy and its old one is removed."""
+    import platform
+
+    setting = [str(path.resolve()), ort.__version__, platform.machine(), options.ort_optimization, options.provider,
+               repr(options.provider_options)]
+    prefix = f"{path.parent.name}-{hashlib.sha256(chr(10).join(setting).encode()).hexdigest()[:16]}-"
+    return prefix, prefix + hashlib.sha256(chr(10).join(_fingerprint(path)).encode()).hexdigest()[:16] + ".onnx"
+
+
+def _cached_session(path: Path, cache_dir: Path, session_options: Callable[[], ort.SessionOptions],
+                    providers: SessionProviders, options: RuntimeOptions) -> ort.InferenceSession:
     """Load the optimised copy of `path` from `cache_dir`, or optimise `path` and save the copy there.
 
     The saved copy is already optimised, so it loads with optimisation off: the second start skips the
-    graph rewrites (and for large graphs, the constant folding) that the first one paid for.
+    graph rewrites (and for large graphs, the constant folding) that the first one paid for. A copy that does
+    not load (cut short, corrupt) is removed and made again; copies of an older version of the same source
+    file are removed when the new one is written.
     """
-    cached = cache_dir / f"{path.parent.name}-{_cache_key(path, providers, options)}.onnx"
+    prefix, name = _cache_names(path, options)
+    cached = cache_dir / name
     if cached.is_file():
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(str(cached), session_options, **providers.apply(session_options))
+        made = session_options()
+        made.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached), made, **providers.apply(made))
+        except Exception:  # a damaged entry is rebuilt, not fatal
+            for f in (cached, cache_dir / (name + ".data")):
+                f.unlink(missing_ok=True)
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
     except OSError as e:
         raise EdgesdError(f"cannot write the cache folder {cache_dir} ({e.strerror})",
-                          "pass a writable --cache-dir") from None
+                          "pass a writable --cache-dir, or --cache off") from None
     try:
-        session_options.optimized_model_filepath = str(staging / cached.name)
+        made = session_options()
+        made.optimized_model_filepath = str(staging / name)
         # Weights go to one side file (a graph file cannot exceed 2 GB); the file name is the final one.
-        session_options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                                 cached.name + ".data")
-        session_options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        session = ort.InferenceSession(str(path), session_options, **providers.apply(session_options))
+        made.add_session_config_entry("session.optimized_model_external_initializers_file_name", name + ".data")
+        made.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        session = ort.InferenceSession(str(path), made, **providers.apply(made))
+        for old in cache_dir.glob(prefix + "*"):  # the copy of an older version of this source file
+            old.unlink(missing_ok=True)
         # Data first, graph last: a graph file in the cache always has its data beside it.
-        for name in (cached.name + ".data", cached.name):
-            if (staging / name).is_file():
-                os.replace(staging / name, cache_dir / name)
+        for part in (name + ".data", name):
+            if (staging / part).is_file():
+                try:
+                    os.replace(staging / part, cache_dir / part)
+                except OSError:  # a full disk: this run goes on, the next one optimises again
+                    break
         return session
     finally:
         shutil.rmtree(staging, ignore_errors=True)
