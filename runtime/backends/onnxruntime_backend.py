@@ -191,7 +191,11 @@ def _cached_session(path: Path, cache_dir: Path, session_options: Callable[[], o
         # Weights go to one side file (a graph file cannot exceed 2 GB); the file name is the final one.
         made.add_session_config_entry("session.optimized_model_external_initializers_file_name", name + ".data")
         made.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        session = ort.InferenceSession(str(path), made, **providers.apply(made))
+        try:
+            session = ort.InferenceSession(str(path), made, **providers.apply(made))
+        except Exception:  # saving the copy failed (a full disk?): load without it; a bad graph fails again
+            made = session_options()
+            return ort.InferenceSession(str(path), made, **providers.apply(made))
         for old in cache_dir.glob(prefix + "*"):  # the copy of an older version of this source file
             old.unlink(missing_ok=True)
         # Data first, graph last: a graph file in the cache always has its data beside it.
