@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 from .backends.base import RuntimeOptions
 from .errors import EdgesdError
 from .lora import LoraSpec
-from .request import DEFAULT_MAX_PIXELS
+from .request import DEFAULT_MAX_PIXELS, parse_size
 
 # row key -> (Pipeline argument, type); each is the `edgesd generate` option of the same name
 ROW_FIELDS: dict[str, tuple[str, type]] = {
@@ -119,12 +119,9 @@ def _row(text: str, number: int, path: Path, base_seed: int) -> BatchRow:
             name, kind = ROW_FIELDS[key]
             arguments[name] = _typed(value, kind, f"{where}: {key}")
     if "size" in values:
-        size = values["size"]
-        match = re.fullmatch(r"(\d+)x(\d+)", size) if isinstance(size, str) else None
-        if match is None or "width" in values or "height" in values:
-            raise EdgesdError(f"{where}: size {size!r} is not WIDTHxHEIGHT (or width/height are given too)",
-                              'e.g. "size": "512x768"')
-        arguments["width"], arguments["height"] = int(match[1]), int(match[2])
+        if "width" in values or "height" in values:
+            raise EdgesdError(f"{where}: size and width/height are both given", "give one of them")
+        arguments["width"], arguments["height"] = parse_size(values["size"], f"{where}: size")
     arguments.setdefault("seed", base_seed + number - 1)
     name = values.get("name", f"{number:05d}")
     if not isinstance(name, str) or not _NAME.fullmatch(name.removesuffix(".png")):

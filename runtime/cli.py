@@ -420,19 +420,15 @@ def bench(model: Path, recipes: tuple[Path, ...], providers: str | None, backend
 
     from .benchmark import BenchSettings, chart, measure_in_child, table, targets
 
-    width = height = None
-    if size is not None:
-        try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise EdgesdError(f"--size {size!r} is not WIDTHxHEIGHT", "e.g. --size 512x512") from None
+    from .request import parse_size
+
+    width, height = parse_size(size, "--size") if size is not None else (None, None)
     if not 1 <= steps <= 1000:
         raise EdgesdError(f"--steps must be from 1 to 1000, got {steps}")
     for path in (json_path, chart_path):
         if path is not None and not path.parent.is_dir():
             raise EdgesdError(f"the folder '{path.parent}' for '{path.name}' does not exist", "create it first")
-    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
-    configs = targets([model, *recipes], split(providers), split(backends))
+    configs = targets([model, *recipes], _names(providers), _names(backends))
     settings = BenchSettings(steps, width, height, guidance)
     # a bad setting (size, steps) is said once, before any configuration runs
     from .model import ModelFolder
@@ -457,6 +453,11 @@ def bench(model: Path, recipes: tuple[Path, ...], providers: str | None, backend
         click.echo(f"wrote {chart_path}")
     if all("error" in row for row in rows):
         sys.exit(2)
+
+
+def _names(text: str | None) -> list[str] | None:
+    """'cpu, webgpu' -> ['cpu', 'webgpu']; None stays None (every usable one)."""
+    return [v.strip() for v in text.split(",") if v.strip()] if text else None
 
 
 @main.command()

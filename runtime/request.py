@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,14 @@ if TYPE_CHECKING:
 
 MAX_STEPS = 1000
 DEFAULT_MAX_PIXELS = 1 << 24  # 16,777,216: one 4096 x 4096 picture, 16 of 1024 x 1024, 64 of 512 x 512
+
+
+def parse_size(text, what: str = "size") -> tuple[int, int]:
+    """'512x768' -> (512, 768) (the OpenAI API's, the CLI's and batch rows' form); anything else raises."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text) if isinstance(text, str) else None
+    if match is None:
+        raise EdgesdError(f"{what} {text!r} is not WIDTHxHEIGHT", "e.g. 512x768")
+    return int(match[1]), int(match[2])
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from PIL import Image
 from .errors import Cancelled, EdgesdError
 from .images import parameters_text, png_bytes
 from .pipeline import Pipeline
+from .request import parse_size
 from .schedulers import A1111_OF, SAMPLERS
 
 MAX_IMAGES = 8  # per request (n, batch_size x n_iter)
@@ -110,10 +111,9 @@ def _size(text, default: int) -> tuple[int, int]:
     if text in (None, "", "auto"):
         return default, default
     try:
-        width, height = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise HttpError(400, f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
-    return width, height
+        return parse_size(text)
+    except EdgesdError as e:
+        raise HttpError(400, str(e)) from None
 
 
 def _count(value, name: str) -> int:

@@ -70,6 +70,7 @@ def test_rows_take_generates_names_and_default_seeds(tmp_path):
     ('{"prompt": "a", "steps": true}', "not a int"),
     ('{"prompt": "a", "guidance": NaN}', "not a finite number"),
     ('{"prompt": "a", "size": "big"}', "not WIDTHxHEIGHT"),
+    ('{"prompt": "a", "size": "64x64", "width": 64}', "size and width/height are both given"),
     ('{"prompt": "a", "name": "../x"}', "not a plain file name"),
     ('{"prompt": "a", "name": "00001"}', "also line 1"),
     ('{"prompt": "a", "width": 60}', "line 2: "),  # checked against the model: not a multiple of its size step

@@ -178,7 +178,7 @@ class ProviderRegistry:
 
 
 def _pick(status: ProviderStatus, wanted: str | None) -> tuple:
-    """The devices of one provider a session gets: all of one kind, or the one `wanted` names."""
+    """The device of one provider a session gets: the EP's first, or the one `wanted` names (index or kind)."""
     devices = status.devices
     if wanted is None:  # a plugin EP lists its preferred device first
         return (devices[0].handle,)
