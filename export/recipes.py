@@ -5,6 +5,12 @@
   op still computes in fp32 (no fp16 overflow, no black or NaN images) while the file is half
   the size. ONNX Runtime folds the casts when it loads the graph, so speed equals fp32. This is
   what OpenVINO's `compress_to_fp16` does for IR.
+- fp16-compute (ONNX): weights and arithmetic in half precision, as GPUs want it (ONNX Runtime's own
+  float16 converter). The graph's inputs and outputs stay float32 (the runtime is unchanged), softmax stays
+  float32, and so does the attention-score product where the U-Net's config asks (`upcast_attention`,
+  SD 2.x, whose scores overflow fp16). The VAE gets fp16 (fp32 arithmetic): its decoder overflows fp16,
+  which diffusers handles with `force_upcast`. On a CPU, ONNX Runtime casts each fp16 op it has no kernel
+  for back to fp32: it runs, slower than fp32; the recipe is for GPU providers.
 - int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py` (ONNX) and `openvino_ir.py`.
 - int8-hybrid (U-Net only, OpenVINO IR only): MatMul weights int8 weight-only, convolutions static W8A8.
 
@@ -24,13 +30,15 @@ import numpy as np
 
 from edgesd.errors import EdgesdError
 
-Recipe = Literal["fp32", "fp16", "int8-weights", "int8", "int4-weights", "int8-hybrid"]
+Recipe = Literal["fp32", "fp16", "fp16-compute", "int8-weights", "int8", "int4-weights", "int8-hybrid"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 Format = Literal["onnx", "openvino"]
 FORMATS: tuple[str, ...] = get_args(Format)
 # What each output format can write (int8-hybrid is NNCF's; onnxruntime.quantization has no such mode).
+# OpenVINO picks its arithmetic precision per device at load (its inference_precision hint: f16 on GPUs),
+# so fp16-compute is an ONNX recipe.
 FORMAT_RECIPES: dict[str, tuple[str, ...]] = {"onnx": tuple(r for r in RECIPES if r != "int8-hybrid"),
-                                               "openvino": RECIPES}
+                                               "openvino": tuple(r for r in RECIPES if r != "fp16-compute")}
 # Recipes with activation quantization: U-Net only, calibrated on U-Net inputs of fp32 pipeline runs.
 CALIBRATED = ("int8", "int8-hybrid")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -39,7 +47,8 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # (fidelity.py); below it the export fails unless --allow-lossy. Set below what the embedded model measures
 # (worst prompt, bench/results/recipes-fidelity-edgesd-tiny-*.md: fp16 66, int8-weights 48, int8 35 dB; its
 # int4-weights falls to 7 dB on a prompt it cannot draw and fails) with a margin for other models.
-MIN_IMAGE_PSNR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 40.0, "int8-weights": 30.0, "int8": 25.0,
+MIN_IMAGE_PSNR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 40.0, "fp16-compute": 30.0,
+                                       "int8-weights": 30.0, "int8": 25.0,
                                        "int4-weights": 25.0, "int8-hybrid": 25.0}
 # fp32 in another format (OpenVINO IR) is the same network run by another runtime: not bit for bit the ONNX
 # export's pictures (one LCM tiny model: 83 dB), so it gets fp16's threshold instead of fp32's "identical".
@@ -68,6 +77,8 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
     # encoder sensitive to 4 bits: one embedded-model prompt fell to 7 dB) get int8 weights.
     integer_unet = recipe in (*CALIBRATED, "int4-weights")
     chosen = {c: ("int8-weights" if integer_unet and c != "unet" else recipe) for c in components}
+    if recipe == "fp16-compute":  # diffusers' force_upcast: the VAE computes in fp32
+        chosen.update({c: "fp16" for c in components if c.startswith("vae")})
     for component, name in (overrides or {}).items():
         if component not in COMPONENTS:
             raise EdgesdError(f"unknown component '{component}'", f"choose one of: {', '.join(COMPONENTS)}")
@@ -111,6 +122,8 @@ def write_recipe(src: Path, dst: Path, recipe: Recipe, calibration: list | None 
         model = onnx.load(str(src), load_external_data=True)
         store_weights_fp16(model.graph)
         save_graph(model, dst)
+    elif recipe == "fp16-compute":
+        save_graph(fp16_compute_graph(src), dst)
     elif recipe == "int8-weights":
         quantize.write_int8_weights(src, dst)
     elif recipe == "int4-weights":
@@ -144,6 +157,41 @@ def store_weights_fp16(graph, keep: frozenset[str] = frozenset()) -> bool:
                                       to=TensorProto.FLOAT))
     prepend_nodes(graph, casts)
     return bool(casts)
+
+
+def fp16_compute_graph(src: Path):
+    """The fp32 graph at `src` with fp16 weights and arithmetic, float32 inputs/outputs and softmax (and the
+    attention scores when the component's config.json has `upcast_attention`)."""
+    import json
+
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    # Types from the graph alone (shape inference of a > 2 GB proto fails), then the weights.
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    onnx.load_external_data_for_model(model, str(src.parent))
+    config_file = src.parent / "config.json"
+    upcast = config_file.is_file() and bool(json.loads(config_file.read_text()).get("upcast_attention"))
+    keep = attention_score_nodes(model.graph) if upcast else []
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"], node_block_list=keep)
+
+
+def attention_score_nodes(graph) -> list[str]:
+    """The nodes from each Softmax back to its Q·K^T MatMul (the scale and mask between them): scores of
+    (B·heads, Q, K) that overflow fp16 in SD 2.x (diffusers' upcast_attention)."""
+    made_by = {out: node for node in graph.node for out in node.output}
+    names = []
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        current = made_by.get(node.input[0])
+        while current is not None and current.op_type in ("Mul", "Div", "Add", "Where", "MatMul"):
+            names.append(current.name)
+            if current.op_type == "MatMul":
+                break
+            current = next((made_by[i] for i in current.input if i in made_by), None)
+    return names
 
 
 def dedupe_gather_tables(graph) -> bool:

@@ -60,7 +60,7 @@ def recipe_weight_map(component: str, fp32_dir: Path, out_dir: Path, recipe: str
     fp32_map = read_weight_map(fp32_dir) if component in LORA_COMPONENTS else None
     target = out_dir / "weights.json"
     target.unlink(missing_ok=True)
-    if fp32_map is None or recipe not in ("fp32", "fp16"):
+    if fp32_map is None or recipe not in ("fp32", "fp16", "fp16-compute"):
         return
     if fmt == "onnx":
         names = set(onnx_initializers(out_dir / "model.onnx"))

@@ -371,7 +371,7 @@ def _lora_constants(folder: ModelFolder, loras: tuple[LoraSpec, ...]) -> dict[st
             continue
         precision = ((folder.manifest or {}).get("graphs", {}).get(component) or {}).get("precision")
         unavailable[component] = (f"its {precision} graph holds quantized weights, which a LoRA cannot be added to"
-                                  if precision not in (None, "fp32", "fp16") else
+                                  if precision not in (None, "fp32", "fp16", "fp16-compute") else
                                   "the folder has no weights.json for it (written by edgesd export)")
     targets = {c: {name: t.shape for name, t in m.items()} for c, m in maps.items()}
     deltas = lora_deltas(loras, targets, folder.family.title, folder.configs.get("unet"), unavailable)

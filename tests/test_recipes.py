@@ -197,3 +197,65 @@ def test_bad_recipe_options(kwargs, needle):
 
     with pytest.raises(EdgesdError, match=needle):
         ExportOptions(**kwargs)
+
+
+def _computes_in_fp16(graph, op_type: str) -> list[bool]:
+    """For each `op_type` node: whether its first input is float16 (after type inference)."""
+    inferred = onnx.shape_inference.infer_shapes(onnx.ModelProto(graph=graph, opset_import=[
+        onnx.helper.make_opsetid("", 17)])).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input]}
+    types.update({i.name: i.data_type for i in graph.initializer})
+    return [types.get(n.input[0]) == onnx.TensorProto.FLOAT16 for n in graph.node if n.op_type == op_type]
+
+
+def test_fp16_compute_gate_on_the_embedded_model(tmp_path):
+    """The recipe for GPUs: U-Net and text encoder in fp16 arithmetic, float32 at the edges, softmax in
+    float32, the VAE fp16-stored only (force_upcast); the embedded model's pictures pass its fidelity gate."""
+    from edgesd.export.fidelity import measure
+    from edgesd.export.recipes import MIN_IMAGE_PSNR_DB, component_recipes, write_recipe
+    from edgesd.models_path import default_model_path as default_model
+
+    reference = default_model()
+    chosen = component_recipes("fp16-compute", components=("text_encoder", "unet", "vae_decoder"))
+    assert chosen == {"text_encoder": "fp16-compute", "unet": "fp16-compute", "vae_decoder": "fp16"}
+    candidate = tmp_path / "fp16-compute"
+    shutil.copytree(reference, candidate, ignore=shutil.ignore_patterns("model.onnx*"))
+    for component, recipe in chosen.items():
+        write_recipe(reference / component / "model.onnx", candidate / component / "model.onnx", recipe)
+    unet = onnx.load(str(candidate / "unet" / "model.onnx")).graph
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*unet.input, *unet.output])
+    assert all(_computes_in_fp16(unet, "Conv")) and all(_computes_in_fp16(unet, "MatMul"))
+    assert not any(_computes_in_fp16(unet, "Softmax"))
+    report = measure(reference, candidate, chosen, MIN_IMAGE_PSNR_DB["fp16-compute"])
+    assert report.passed, report.to_json()
+    assert report.worst_image_psnr_db > MIN_IMAGE_PSNR_DB["fp16-compute"]
+
+
+def test_fp16_compute_keeps_attention_scores_fp32_where_the_config_upcasts(tmp_path):
+    """SD 2.x (`upcast_attention`): Q·K^T and its scale stay float32, the projections fp16."""
+    from edgesd.export.recipes import write_recipe
+    from edgesd.models_path import default_model_path as default_model
+
+    src = tmp_path / "unet"
+    shutil.copytree(default_model() / "unet", src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "upcast_attention": True}))
+    write_recipe(src / "model.onnx", tmp_path / "out" / "model.onnx", "fp16-compute")
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    matmuls = _computes_in_fp16(graph, "MatMul")
+    softmaxes = sum(n.op_type == "Softmax" for n in graph.node)
+    assert matmuls.count(False) == softmaxes > 0 and matmuls.count(True) > softmaxes
+
+
+def test_fp16_compute_export_takes_a_lora_and_openvino_refuses_it(tiny_src, tmp_path):
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path / "out"
+    report = export_model(tiny_src, out, ExportOptions(recipe="fp16-compute", with_vae_encoder=False))
+    assert report.passed
+    manifest = json.loads((out / "edgesd.json").read_text())
+    assert {c: g["precision"] for c, g in manifest["graphs"].items()} == {
+        "text_encoder": "fp16-compute", "unet": "fp16-compute", "vae_decoder": "fp16"}
+    assert json.loads((out / "unet" / "weights.json").read_text())  # a LoRA can be added at load
+    with pytest.raises(EdgesdError, match="fp16-compute recipe cannot be written as openvino.*--format onnx"):
+        ExportOptions(recipe="fp16-compute", format="openvino")
