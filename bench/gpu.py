@@ -95,6 +95,29 @@ def phase_export(work: Path, configs: Path) -> dict:
     return {"export_s": round(time.perf_counter() - start, 1)}
 
 
+def phase_fp16_compute(work: Path, configs: Path) -> dict:
+    """The fp16-compute recipe of each graph, written from the fp32 export by the exporter's own function
+    (what `edgesd export --recipe fp16-compute` writes, without its CPU fidelity runs)."""
+    import json as json_
+    import shutil
+
+    from edgesd.export.recipes import component_recipes, write_recipe
+
+    start = time.perf_counter()
+    src, dst = work / "sd15-onnx", work / "sd15-fp16-compute"
+    if not (dst / "edgesd.json").exists():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx*", "edgesd.json"))
+        chosen = component_recipes("fp16-compute", components=("text_encoder", "unet", "vae_decoder"))
+        for component, recipe in chosen.items():
+            write_recipe(src / component / "model.onnx", dst / component / "model.onnx", recipe)
+        manifest = json_.loads((src / "edgesd.json").read_text())
+        for component, recipe in chosen.items():
+            manifest["graphs"][component]["precision"] = recipe
+        (dst / "edgesd.json").write_text(json_.dumps(manifest, indent=2))
+    return {"fp16_compute_s": round(time.perf_counter() - start, 1)}
+
+
 def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
     import numpy as np
     import torch
@@ -123,7 +146,7 @@ def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
             "torch": torch.__version__}
 
 
-def _edgesd(work: Path, provider: str, **options) -> dict:
+def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "fp32", **options) -> dict:
     import numpy as np
     import onnxruntime
 
@@ -131,9 +154,10 @@ def _edgesd(work: Path, provider: str, **options) -> dict:
 
     with GpuMemory() as memory:
         start = time.perf_counter()
-        pipe = edgesd.Pipeline.load(work / "sd15-onnx", provider=provider, **options)
+        pipe = edgesd.Pipeline.load(work / folder, provider=provider, cache="off", **options)
         load_s = time.perf_counter() - start
-        latents = np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+        side = SIZE // pipe.constants.vae_scale_factor
+        latents = np.random.default_rng(SEED).standard_normal((1, 4, side, side)).astype(np.float32)
         timings = {}
 
         def run(steps: int):
@@ -144,18 +168,29 @@ def _edgesd(work: Path, provider: str, **options) -> dict:
         clock = _clock(run)
     placement = pipe.placement()
     t = timings[STEPS]
-    return {"config": f"edgesd onnxruntime {provider} fp32", "load_s": round(load_s, 2), **clock,
+    return {"config": f"edgesd onnxruntime {provider} {label}", "load_s": round(load_s, 2), **clock,
             "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
             "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_mb": memory.peak_mb,
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
 
+FP16 = dict(folder="sd15-fp16-compute", label="fp16-compute")
+GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": ONNX Runtime's CUDA arena capped at 4 GB
 PHASES = {
     "build": phase_build,
     "export": phase_export,
+    "fp16-compute": phase_fp16_compute,
     "diffusers-cuda": phase_diffusers_cuda,
     "edgesd-cpu": lambda work, configs: _edgesd(work, "cpu"),
     "edgesd-webgpu": lambda work, configs: _edgesd(work, "webgpu"),
+    "edgesd-webgpu-fp16": lambda work, configs: _edgesd(work, "webgpu", **FP16),
+    "edgesd-cuda": lambda work, configs: _edgesd(work, "cuda"),
+    "edgesd-cuda-fp16": lambda work, configs: _edgesd(work, "cuda", **FP16),
+    "edgesd-cuda-fp16-unbound": lambda work, configs: _edgesd(work, "cuda", folder=FP16["folder"],
+                                                              label="fp16-compute io-binding off", io_binding="off"),
+    "edgesd-cuda-fp16-4gb": lambda work, configs: _edgesd(
+        work, "cuda", folder=FP16["folder"], label="fp16-compute gpu_mem_limit 4 GB",
+        provider_options=(("gpu_mem_limit", str(GPU_MEM_LIMIT)), ("arena_extend_strategy", "kSameAsRequested"))),
 }
 
 

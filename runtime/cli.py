@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from .backends.base import BACKENDS, CACHE_MODES, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES, RuntimeOptions
+from .backends.base import (BACKENDS, CACHE_MODES, IO_BINDINGS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES,
+                            RuntimeOptions)
 from .errors import Cancelled, EdgesdError
 from .lora import LoraSpec
 from .noise import NOISE_GENERATORS
@@ -202,6 +203,8 @@ _RUNTIME_OPTIONS = [
                  help="onnxruntime: an option of the first provider (repeatable)."),
     click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
                  help="onnxruntime: graph optimisation level."),
+    click.option("--io-binding", default="auto", show_default=True, type=click.Choice(IO_BINDINGS),
+                 help="onnxruntime: on a GPU provider, keep outputs and the repeated inputs in its memory."),
     click.option("--device", default="CPU", show_default=True, help="openvino: device (CPU, GPU, NPU, AUTO, ...)."),
     click.option("--ov-hint", default="latency", show_default=True, type=click.Choice(OV_HINTS),
                  help="openvino: performance hint."),

@@ -218,3 +218,40 @@ def test_a_failing_configuration_is_a_row_with_its_error():
     row = measure_in_child(BenchTarget(edgesd.models_path.default_model_path(), "x", {"provider": "cuda"}),
                            BenchSettings(steps=1))
     assert "provider 'cuda' is not available" in row["error"]
+
+
+def test_io_binding_is_asked_for_providers_with_their_own_memory():
+    registry = ProviderRegistry(FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"], {}), _modules())
+    assert registry.session_providers("cuda,cpu", {"device_id": "1"}).memory == ("cuda", 1)
+    assert registry.session_providers("cpu", {}).memory is None
+    with pytest.raises(EdgesdError, match="device_id 'x' is not a device number"):
+        registry.session_providers("cuda", {"device_id": "x"})
+
+
+def test_io_binding_keeps_repeated_inputs_in_device_memory(monkeypatch):
+    """The bound path on ONNX Runtime's own CPU memory (CI has no GPU): the prompt's embeddings are copied
+    once per picture, not once per step, and the pictures equal the plain run's bit for bit."""
+    import dataclasses
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgesd.backends import providers
+
+    monkeypatch.setitem(providers.PROVIDERS, "cpu", dataclasses.replace(PROVIDERS["cpu"], device_memory="cpu"))
+    made = []
+    real = ort.OrtValue.ortvalue_from_numpy
+
+    def counting(value, *args):
+        made.append(value.shape)
+        return real(value, *args)
+
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(counting))
+    run = dict(num_inference_steps=4, guidance_scale=3.0, seed=2)
+    bound = edgesd.Pipeline.load(cache="off")("a red circle", **run)
+    unet_inputs = [shape for shape in made if len(shape) == 3 and shape[1] == 77]  # encoder_hidden_states
+    assert len(unet_inputs) == 1 and bound.timings["unet_calls"] >= 4
+    made.clear()
+    plain = edgesd.Pipeline.load(cache="off", io_binding="off")("a red circle", **run)
+    assert not made
+    assert np.array_equal(np.asarray(bound.images[0]), np.asarray(plain.images[0]))

@@ -17,6 +17,7 @@ OvHint = Literal["latency", "throughput"]
 OvPrecision = Literal["f32", "bf16", "f16", "device-default"]
 OvShapes = Literal["static", "dynamic"]
 CacheMode = Literal["on", "off"]
+IoBinding = Literal["auto", "off"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -24,6 +25,7 @@ OV_HINTS: tuple[str, ...] = get_args(OvHint)
 OV_PRECISIONS: tuple[str, ...] = get_args(OvPrecision)
 OV_SHAPES: tuple[str, ...] = get_args(OvShapes)
 CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
+IO_BINDINGS: tuple[str, ...] = get_args(IoBinding)
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +52,9 @@ class RuntimeOptions:
     provider: str = "cpu"  # execution providers, comma-separated, in order of preference
     provider_options: tuple[tuple[str, str], ...] = ()  # KEY=VALUE pairs for the first provider
     ort_optimization: OrtOptimization = "all"  # graph optimisation level
+    # auto: on a provider with its own memory (CUDA), outputs are made there and inputs that repeat from one
+    # call to the next (the prompt's embeddings over the steps) are copied there once (I/O binding)
+    io_binding: IoBinding = "auto"
     # OpenVINO only
     device: str = "CPU"  # an OpenVINO device name: CPU, GPU, NPU, AUTO, ...
     ov_hint: OvHint = "latency"  # latency: one request as fast as possible; throughput: many streams
@@ -59,6 +64,7 @@ class RuntimeOptions:
 
     def __post_init__(self):
         for name, allowed in (("backend", BACKENDS), ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
+                              ("io_binding", IO_BINDINGS),
                               ("ov_hint", OV_HINTS), ("ov_precision", OV_PRECISIONS), ("ov_shapes", OV_SHAPES)):
             if getattr(self, name) not in allowed:
                 raise EdgesdError(f"unknown {name} '{getattr(self, name)}'", f"use one of: {', '.join(allowed)}")

@@ -84,6 +84,7 @@ class OrtGraph:
                                     "export it with `edgesd export` or `optimum-cli export onnx`")
         self._ranks = {name: len(i.shape) for name, i in self._inputs.items()}
         self._dtypes = {name: self.input_dtype(name) for name in self._inputs}
+        self._memory = providers.memory if options.io_binding == "auto" else None  # (device type, id) or None
 
     def input_dtype(self, name: str) -> np.dtype:
         onnx_type = self._inputs[name].type
@@ -96,7 +97,10 @@ class OrtGraph:
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         try:
-            values = self._session.run(self._outputs, cast)
+            if self._memory is None:
+                values = self._session.run(self._outputs, cast)
+            else:
+                values = self._run_bound(feeds, cast, {} if local is None else local)
         except Exception as e:  # a graph that loads but cannot run these shapes
             reason = str(e).splitlines()[0][:240]
             shapes = {k: v.shape for k, v in cast.items()}
@@ -104,6 +108,25 @@ class OrtGraph:
                               "check the requested size and batch, or re-export the model") from None
         return {name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
                 for name, v in zip(self._outputs, values)}
+
+
+    def _run_bound(self, feeds: dict[str, np.ndarray], cast: dict[str, np.ndarray], local: dict) -> list:
+        """One run with I/O binding: outputs made in the provider's memory and copied out once; an input that
+        is the same array as in the caller's last run (`local`) stays in that memory, copied there once."""
+        device, device_id = self._memory
+        binding = self._session.io_binding()
+        kept = local.setdefault("on_device", {})  # input name -> (the caller's array, its OrtValue there)
+        for name, value in cast.items():
+            if name in kept and kept[name][0] is feeds[name]:
+                binding.bind_ortvalue_input(name, kept[name][1])
+                continue
+            on_device = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
+            kept[name] = (feeds[name], on_device)  # the array is held, so `is` cannot match a new one
+            binding.bind_ortvalue_input(name, on_device)
+        for name in self._outputs:
+            binding.bind_output(name, device, device_id)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
 
 def _changed_model(path: Path, deltas: dict, session_options) -> tuple[str | bytes, list]:

@@ -25,12 +25,16 @@ class Provider:
     install: str  # what adds it
     plugin: str | None = None  # the plugin EP package's module: get_library_path(), get_ep_name()
     needs: str = "a device it supports"  # what its devices need, said when it is installed but finds none
+    # OrtValue device type of its memory where graph inputs/outputs can stay between runs (I/O binding)
+    device_memory: str | None = None
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cpu", "CPUExecutionProvider", "pip install onnxruntime"),
-    Provider("cuda", "CUDAExecutionProvider", "pip install onnxruntime-gpu (1.31: CUDA 13) in place of onnxruntime"),
-    Provider("tensorrt", "TensorrtExecutionProvider", "pip install onnxruntime-gpu and NVIDIA TensorRT"),
+    Provider("cuda", "CUDAExecutionProvider", "pip install onnxruntime-gpu (1.31: CUDA 13) in place of onnxruntime",
+             device_memory="cuda"),
+    Provider("tensorrt", "TensorrtExecutionProvider", "pip install onnxruntime-gpu and NVIDIA TensorRT",
+             device_memory="cuda"),
     Provider("tensorrt-rtx", "NvTensorRTRTXExecutionProvider", "pip install onnxruntime-ep-nv-tensorrt-rtx",
              plugin="onnxruntime_ep_nv_tensorrt_rtx", needs="an NVIDIA RTX GPU and its driver"),
     Provider("webgpu", "WebGpuExecutionProvider", "pip install onnxruntime-ep-webgpu", plugin="onnxruntime_ep_webgpu",
@@ -78,6 +82,7 @@ class SessionProviders:
 
     providers: list | None  # InferenceSession(providers=...) when every provider is built in
     devices: tuple[tuple[tuple, dict], ...] = ()  # ((OrtEpDevice, ...), options) per provider, in order
+    memory: tuple[str, int] | None = None  # the first provider's (OrtValue device type, device id), if it has one
 
     def apply(self, session_options) -> dict:
         """Set up `session_options`; returns the InferenceSession keyword arguments."""
@@ -165,16 +170,20 @@ class ProviderRegistry:
                                   f"it needs {s.fix}; usable here: {here}" if s.reason == NO_DEVICE else
                                   f"{s.fix}; usable here: {here}")
         options = [dict(first_options) if i == 0 else {} for i in range(len(chosen))]
+        first, device_id = chosen[0], str(first_options.get("device_id", "0"))
+        if not device_id.isdigit():
+            raise EdgesdError(f"provider option device_id '{device_id}' is not a device number", "e.g. device_id=0")
+        memory = None if first.device_memory is None else (first.device_memory, int(device_id))
         if all(s.how == "built in" for s in statuses):
             return SessionProviders([(s.provider.ep_name, o) if o else s.provider.ep_name
-                                     for s, o in zip(statuses, options)])
+                                     for s, o in zip(statuses, options)], memory=memory)
         devices = []
         for s, o in zip(statuses, options):
             if not s.devices:  # a built-in provider that lists no device cannot be mixed with plugin EPs
                 raise EdgesdError(f"provider '{s.provider.name}' cannot be combined with plugin EPs here",
                                   f"run it on its own: --provider {s.provider.name}")
             devices.append((_pick(s, o.pop(DEVICE_OPTION, None)), o))
-        return SessionProviders(None, tuple(devices))
+        return SessionProviders(None, tuple(devices), memory)
 
 
 def _pick(status: ProviderStatus, wanted: str | None) -> tuple:
