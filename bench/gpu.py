@@ -1,17 +1,18 @@
 """edgesd on a GPU machine against diffusers on PyTorch CUDA, on the SD 1.5 architecture with RANDOM weights,
 512x512, 20 Euler steps, guidance 7.5 (the U-Net at batch 2).
 
-    python3 bench/gpu.py --work /tmp/work --configs DIR --out OUT --phases build,export,diffusers-cuda,edgesd-cpu
+    python3 bench/gpu.py --work /tmp/work --configs DIR --out OUT --phases build,export,fp16-compute,diffusers-cuda,edgesd-cuda-fp16
     python3 bench/gpu.py --work /tmp/work --out OUT --phases edgesd-webgpu     # after the first (same machine)
-    python3 bench/gpu.py --report OUT/*.json                                    # here: bench/results/gpu-*.md
+    python3 bench/gpu.py --report OUT/results.json [MORE.json]                  # here: bench/results/gpu-*.md
 
 Runs on the device machine of the developers' guide (one H200, a 16-core Xeon): the phases build the
 random-weight SD 1.5 folder from the reference configs, export it with edgesd (fp32 ONNX), then time each
 configuration in a fresh process: after a warm-up picture, one 20-step and one 1-step picture, so
-s/step = (t20 - t1) / 19 holds the U-Net and the sampler only. GPU memory is the peak of nvidia-smi's
-memory.used over the run less the reading before it (the process's own share of the card); diffusers also
-gives torch's max_memory_reserved. edgesd's providers are those `edgesd devices` lists there (the CUDA EP
-needs the onnxruntime-gpu wheel, see the closing notes for why it was not carried).
+s/step = (t20 - t1) / 19 holds the U-Net and the sampler only. GPU memory is edgesd.benchmark.DeviceMemory's
+peak (nvidia-smi polled every 50 ms: the process's own use, or the card's less its reading before the run
+where nvidia-smi does not list the process); diffusers also gives torch's max_memory_reserved. The
+machine has no network: bench/gpu_session.sh installs what travels (onnxruntime-gpu for the CUDA EP,
+onnxruntime-ep-webgpu, diffusers) and runs the phases.
 """
 
 from __future__ import annotations
@@ -22,47 +23,11 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 PROMPT = "a photograph of an astronaut riding a horse"
 STEPS, SIZE, GUIDANCE, SEED = 20, 512, 7.5, 0
-
-
-class GpuMemory:
-    """Polls nvidia-smi's memory.used (MiB) in a thread; `peak_mb` less the reading at the start."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.base, self.peak = interval, self.read(), 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    @staticmethod
-    def read() -> int:
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10).stdout
-            return int(out.split()[0])
-        except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-            return 0
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.read())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def peak_mb(self) -> int:
-        return max(0, self.peak - self.base)
 
 
 def _clock(run) -> dict:
@@ -120,6 +85,8 @@ def phase_fp16_compute(work: Path, configs: Path) -> dict:
 
 def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
     import numpy as np
+
+    from edgesd.benchmark import DeviceMemory
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
@@ -139,10 +106,10 @@ def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
         torch.cuda.synchronize()
 
     torch.cuda.reset_peak_memory_stats()
-    with GpuMemory() as memory:
+    with DeviceMemory() as memory:
         clock = _clock(run)
     return {"config": "diffusers torch CUDA fp16", "load_s": round(load_s, 2), **clock,
-            "gpu_peak_mb": memory.peak_mb, "torch_max_reserved_mb": round(torch.cuda.max_memory_reserved() / 2**20),
+            "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how, "torch_max_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
             "torch": torch.__version__}
 
 
@@ -151,8 +118,9 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
     import onnxruntime
 
     import edgesd
+    from edgesd.benchmark import DeviceMemory
 
-    with GpuMemory() as memory:
+    with DeviceMemory() as memory:
         start = time.perf_counter()
         pipe = edgesd.Pipeline.load(work / folder, provider=provider, cache="off", **options)
         load_s = time.perf_counter() - start
@@ -170,12 +138,16 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
     t = timings[STEPS]
     return {"config": f"edgesd onnxruntime {provider} {label}", "load_s": round(load_s, 2), **clock,
             "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
-            "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_mb": memory.peak_mb,
+            "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how,
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
 
 FP16 = dict(folder="sd15-fp16-compute", label="fp16-compute")
-GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": ONNX Runtime's CUDA arena capped at 4 GB
+GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 4 GB
+# CUDA EP options that trade a little speed for memory: the arena grows by what is asked (not doubling),
+# cuDNN picks convolution algorithms by heuristics with a small workspace instead of trying all of them.
+LEAN = (("arena_extend_strategy", "kSameAsRequested"), ("cudnn_conv_algo_search", "HEURISTIC"),
+        ("cudnn_conv_use_max_workspace", "0"))
 PHASES = {
     "build": phase_build,
     "export": phase_export,
@@ -191,6 +163,12 @@ PHASES = {
     "edgesd-cuda-fp16-4gb": lambda work, configs: _edgesd(
         work, "cuda", folder=FP16["folder"], label="fp16-compute gpu_mem_limit 4 GB",
         provider_options=(("gpu_mem_limit", str(GPU_MEM_LIMIT)), ("arena_extend_strategy", "kSameAsRequested"))),
+    "edgesd-cuda-fp16-lean": lambda work, configs: _edgesd(
+        work, "cuda", folder=FP16["folder"], label="fp16-compute lean (arena as requested, cuDNN heuristics)",
+        provider_options=LEAN),
+    "edgesd-cuda-fp16-lean-4gb": lambda work, configs: _edgesd(
+        work, "cuda", folder=FP16["folder"], label="fp16-compute lean, gpu_mem_limit 4 GB",
+        provider_options=(*LEAN, ("gpu_mem_limit", str(GPU_MEM_LIMIT)))),
 }
 
 
@@ -203,9 +181,10 @@ def machine() -> dict:
 
 
 def run_phases(phases: list[str], work: Path, configs: Path, out: Path) -> None:
-    """Each phase in a fresh process; its JSON (or its error's last line) into out/<phase>.json."""
+    """Each phase in a fresh process; its JSON (or its error's last line) into out/results.json, rewritten
+    after each phase (a call cut short still returns what was done)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "machine.json").write_text(json.dumps(machine(), indent=2))
+    results = {"machine": machine()}
     for phase in phases:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--phase", phase, "--work", str(work),
@@ -214,17 +193,26 @@ def run_phases(phases: list[str], work: Path, configs: Path, out: Path) -> None:
         row = json.loads(lines[-1]) if done.returncode == 0 and lines else \
             {"error": "\n".join(done.stderr.strip().splitlines()[-6:])[-1500:]}
         row["phase_wall_s"] = round(time.perf_counter() - start, 1)
-        (out / f"{phase}.json").write_text(json.dumps(row, indent=2))
+        results[phase] = row
+        (out / "results.json").write_text(json.dumps(results, indent=2))
         print(phase, json.dumps(row)[:600], flush=True)
 
 
+def _gpu_gb(row: dict) -> str:
+    if row.get("gpu_peak_gb") is not None:
+        return f"{row['gpu_peak_gb']:.2f}" + (" (card)" if row.get("gpu_memory_of") == "card" else "")
+    return f"{row['gpu_peak_mb'] / 1000:.2f} (card)" if "gpu_peak_mb" in row else "-"  # rows of 2026-12-02's first run
+
+
 def report(paths: list[Path], date: str) -> str:
-    rows = {p.stem: json.loads(p.read_text()) for p in paths}
+    rows = {}
+    for path in paths:  # results.json files: phase -> row
+        rows.update({k: v for k, v in json.loads(path.read_text()).items() if isinstance(v, dict)})
     m = rows.pop("machine", {})
     lines = [f"# edgesd on a GPU, {date}", "",
              "SD 1.5 architecture, RANDOM weights, 512x512, 20 Euler steps, guidance 7.5 (U-Net batch 2); "
              "`bench/gpu.py` on the device machine: " + f"{m.get('gpu', '?')}; {m.get('cpu', '?')}, {m.get('cores')} cores.",
-             "", "| configuration | load s | 20 steps s | s/step | GPU memory MB | nodes on the asked provider |",
+             "", "| configuration | load s | 20 steps s | s/step | GPU memory GB | nodes on the asked provider |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "config" not in r:
@@ -232,7 +220,7 @@ def report(paths: list[Path], date: str) -> str:
         asked = r["config"].split()[2] if r["config"].startswith("edgesd") else None
         nodes = "-" if asked is None else ", ".join(
             f"{g}: {n.get(asked, 0)}/{sum(n.values())}" for g, n in r.get("placement", {}).items())
-        lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | {r['gpu_peak_mb']} | "
+        lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | {_gpu_gb(r)} | "
                      f"{nodes} |")
     for name, r in rows.items():
         if "error" in r:

@@ -20,7 +20,7 @@ from edgesd.graphs import GraphSpec
 from edgesd.lora import LORA_COMPONENTS, write_weight_map
 
 from .parity import ParityResult, compare
-from .recipes import dedupe_in_place
+from .recipes import lossless_passes
 from .weight_map import traced_weight_map
 
 OPSET = 17
@@ -107,7 +107,7 @@ def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
         )
     if big:
         _attach_weights(path, module, spec)
-    dedupe_in_place(path)
+    lossless_passes(path)
     return path
 
 

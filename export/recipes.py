@@ -5,10 +5,10 @@
   op still computes in fp32 (no fp16 overflow, no black or NaN images) while the file is half
   the size. ONNX Runtime folds the casts when it loads the graph, so speed equals fp32. This is
   what OpenVINO's `compress_to_fp16` does for IR.
-- fp16-compute (ONNX): weights and arithmetic in half precision, as GPUs want it (ONNX Runtime's own
-  float16 converter). The graph's inputs and outputs stay float32 (the runtime is unchanged), softmax stays
-  float32, and so does the attention-score product where the U-Net's config asks (`upcast_attention`,
-  SD 2.x, whose scores overflow fp16). The VAE gets fp16 (fp32 arithmetic): its decoder overflows fp16,
+- fp16-compute (ONNX): attention fused into ONNX Runtime's MultiHeadAttention (fusion.py), then weights and
+  arithmetic in half precision, as GPUs want it (ONNX Runtime's own float16 converter). The graph's inputs
+  and outputs stay float32 (the runtime is unchanged); attention stays float32 where the U-Net's config
+  asks (`upcast_attention`, SD 2.x, whose scores overflow fp16). The VAE gets fp16 (fp32 arithmetic): its decoder overflows fp16,
   which diffusers handles with `force_upcast`. On a CPU, ONNX Runtime casts each fp16 op it has no kernel
   for back to fp32: it runs, slower than fp32; the recipe is for GPU providers.
 - int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py` (ONNX) and `openvino_ir.py`.
@@ -16,9 +16,10 @@
 
 A recipe names what each component gets (`component_recipes`): "int8" (the U-Net's activations too)
 and "int4-weights" apply to the U-Net, the other graphs get int8 weights; any component can be overridden
-(`--recipe int8 --vae-recipe fp16`). Every graph also gets the lossless `dedupe_gather_tables` pass: an
-embedding table whose rows repeat (the embedded model's text encoder ties all tokens it never saw to
-one row) is stored once per distinct row, with an index map in front.
+(`--recipe int8 --vae-recipe fp16`). Every traced graph first gets the lossless passes (`lossless_passes`):
+attention fused into one node (fusion.py), and an embedding table whose rows repeat (the embedded model's
+text encoder ties all tokens it never saw to one row) stored once per distinct row, with an index map in
+front.
 """
 
 from __future__ import annotations
@@ -91,17 +92,23 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
     return chosen
 
 
-def dedupe_in_place(path: Path) -> None:
-    """The lossless pass every traced graph gets (embedding tables are small: they stay in model.onnx)."""
+def lossless_passes(path: Path) -> None:
+    """What every traced graph gets before its parity check: attention fused (fusion.py; on the CPU EP the
+    SD 1.5 U-Net at 512x512 ran twice as fast in 2/3 of the memory) and repeated embedding rows stored once
+    (the tables are small: they stay in model.onnx)."""
     import onnx
 
     from .components import save_graph
+    from .fusion import fuse_attention
 
     # The graph alone first: an fp32 export of SD 1.5 should not read its 3.4 GB of U-Net weights back.
     model = onnx.load(str(path), load_external_data=False)
+    fused = fuse_attention(model)
     if dedupe_gather_tables(model.graph):
         onnx.load_external_data_for_model(model, str(path.parent))  # all of it, before the file is rewritten
         save_graph(model, path)
+    elif fused:
+        onnx.save_model(model, str(path))  # the weights stay where they are, in model.onnx_data if large
 
 
 def write_recipe(src: Path, dst: Path, recipe: Recipe, calibration: list | None = None) -> None:
@@ -160,28 +167,34 @@ def store_weights_fp16(graph, keep: frozenset[str] = frozenset()) -> bool:
 
 
 def fp16_compute_graph(src: Path):
-    """The fp32 graph at `src` with fp16 weights and arithmetic, float32 inputs/outputs and softmax (and the
-    attention scores when the component's config.json has `upcast_attention`)."""
+    """The fp32 graph at `src` with its attention fused (fusion.py: the scores are never stored) and fp16
+    weights and arithmetic; float32 inputs and outputs. Where the component's config.json has
+    `upcast_attention` (SD 2.x, whose scores overflow fp16) attention stays float32."""
     import json
 
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    from .fusion import fuse_attention
+
     # Types from the graph alone (shape inference of a > 2 GB proto fails), then the weights.
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    model = onnx.load(str(src), load_external_data=False)
+    fuse_attention(model)
+    model = onnx.shape_inference.infer_shapes(model)
     onnx.load_external_data_for_model(model, str(src.parent))
     config_file = src.parent / "config.json"
     upcast = config_file.is_file() and bool(json.loads(config_file.read_text()).get("upcast_attention"))
-    keep = attention_score_nodes(model.graph) if upcast else []
+    keep = attention_nodes(model.graph) if upcast else []
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
-                                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, "Softmax"], node_block_list=keep)
+                                    op_block_list=DEFAULT_OP_BLOCK_LIST, node_block_list=keep)
 
 
-def attention_score_nodes(graph) -> list[str]:
-    """The nodes from each Softmax back to its Q·K^T MatMul (the scale and mask between them): scores of
-    (B·heads, Q, K) that overflow fp16 in SD 2.x (diffusers' upcast_attention)."""
+def attention_nodes(graph) -> list[str]:
+    """Fused attention nodes, and the nodes from each unfused Softmax back to its Q·K^T MatMul (the scale and
+    mask between them): what computes scores of (B, heads, Q, K), which overflow fp16 in SD 2.x (diffusers'
+    upcast_attention)."""
     made_by = {out: node for node in graph.node for out in node.output}
-    names = []
+    names = [node.name for node in graph.node if node.op_type == "MultiHeadAttention"]
     for node in graph.node:
         if node.op_type != "Softmax":
             continue

@@ -9,9 +9,12 @@ OpenVINO's compile for the size), then one measured picture whose timings come f
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +25,8 @@ from .errors import EdgesdError
 PROMPT = "a photograph of an astronaut riding a horse"
 COLUMNS = [("label", "configuration", "{}"), ("load_s", "load s", "{:.2f}"), ("first_s", "first s", "{:.2f}"),
            ("text_encoder_s", "text enc s", "{:.3f}"), ("unet_s_per_step", "U-Net s/step", "{:.3f}"),
-           ("vae_s", "VAE s", "{:.3f}"), ("total_s", "total s", "{:.2f}"), ("peak_rss_gb", "peak RSS GB", "{:.2f}")]
+           ("vae_s", "VAE s", "{:.3f}"), ("total_s", "total s", "{:.2f}"), ("peak_rss_gb", "peak RSS GB", "{:.2f}"),
+           ("peak_device_gb", "peak GPU GB", "{:.2f}")]
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,61 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class DeviceMemory:
+    """Peak NVIDIA GPU memory while a block runs, from nvidia-smi polled in a thread: this process's own where
+    nvidia-smi lists it (`how` "process"), else the whole card's less its reading at the start ("card": in a
+    container nvidia-smi may not see our process ids). `peak_gb` is None without nvidia-smi (no NVIDIA GPU;
+    other GPUs' memory is not read)."""
+
+    QUERY = {"process": ["--query-compute-apps=pid,used_memory"], "card": ["--query-gpu=memory.used"]}
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.available = interval, shutil.which("nvidia-smi") is not None
+        self.base = self._card() if self.available else 0
+        self.peak = {"process": 0, "card": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @classmethod
+    def _read(cls, what: str) -> list[list[str]]:
+        try:
+            out = subprocess.run(["nvidia-smi", *cls.QUERY[what], "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [[cell.strip() for cell in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+
+    def _card(self) -> int:  # MiB, summed over the cards
+        return sum(int(row[0]) for row in self._read("card") if row and row[0].isdigit())
+
+    def _poll(self):
+        pid = str(os.getpid())
+        while not self._stop.is_set():
+            mine = [int(row[1]) for row in self._read("process") if len(row) == 2 and row[0] == pid
+                    and row[1].isdigit()]
+            self.peak["process"] = max(self.peak["process"], sum(mine))
+            self.peak["card"] = max(self.peak["card"], self._card() - self.base)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.available:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def how(self) -> str | None:
+        return None if not self.available else "process" if self.peak["process"] else "card"
+
+    @property
+    def peak_gb(self) -> float | None:
+        return None if self.how is None else round(self.peak[self.how] * 2**20 / 1e9, 2)
 
 
 def measure_graphs(pipe, unet_runs: int, latent_side: int = 64) -> dict:
@@ -90,13 +149,14 @@ def measure_generation(target: BenchTarget, settings: BenchSettings) -> dict:
     """One configuration, in this process: load, a warm-up picture, a measured picture."""
     from .pipeline import Pipeline
 
-    start = time.perf_counter()
-    pipe = Pipeline.load(target.model, RuntimeOptions(**_options(target.options)))
-    load_s = time.perf_counter() - start
-    args = dict(num_inference_steps=settings.steps, width=settings.width, height=settings.height,
-                guidance_scale=settings.guidance, seed=settings.seed)
-    first = pipe(PROMPT, **{**args, "num_inference_steps": 1}).timings["total_s"]
-    result = pipe(PROMPT, **args)
+    with DeviceMemory() as device:
+        start = time.perf_counter()
+        pipe = Pipeline.load(target.model, RuntimeOptions(**_options(target.options)))
+        load_s = time.perf_counter() - start
+        args = dict(num_inference_steps=settings.steps, width=settings.width, height=settings.height,
+                    guidance_scale=settings.guidance, seed=settings.seed)
+        first = pipe(PROMPT, **{**args, "num_inference_steps": 1}).timings["total_s"]
+        result = pipe(PROMPT, **args)
     t = result.timings
     steps = max(1, result.parameters["steps"])
     return {"load_s": round(load_s, 2), "first_s": round(first, 2),
@@ -104,6 +164,7 @@ def measure_generation(target: BenchTarget, settings: BenchSettings) -> dict:
             "unet_s_per_step": round(t["unet_s"] / steps, 3), "unet_calls": t["unet_calls"],
             "vae_s": round(t.get("vae_decoder_s", 0.0), 3), "total_s": round(t["total_s"], 2),
             "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2),
+            "peak_device_gb": device.peak_gb, "device_memory_of": device.how,
             "placement": {name: nodes for name, nodes in pipe.placement().items() if name != "vae_encoder"},
             "size": f"{result.parameters['width']}x{result.parameters['height']}", "steps": steps,
             "guidance": result.parameters["guidance_scale"]}

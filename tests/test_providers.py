@@ -192,6 +192,8 @@ def test_edgesd_bench_measures_the_default_model_per_backend(tmp_path):
         assert "error" not in row, row
         assert row["steps"] == 3 and row["size"] == "64x64" and row["unet_s_per_step"] > 0
         assert row["total_s"] >= row["unet_s_per_step"] and 0 < row["peak_rss_gb"] < 8
+        assert row["peak_device_gb"] is None  # no NVIDIA GPU here
+    assert "peak GPU GB" in run.stdout
     assert rows[0]["placement"]["unet"] == {"cpu": rows[0]["placement"]["unet"]["cpu"]}
     from PIL import Image
 
@@ -255,3 +257,47 @@ def test_io_binding_keeps_repeated_inputs_in_device_memory(monkeypatch):
     plain = edgesd.Pipeline.load(cache="off", io_binding="off")("a red circle", **run)
     assert not made
     assert np.array_equal(np.asarray(bound.images[0]), np.asarray(plain.images[0]))
+
+
+def test_out_of_device_memory_is_one_line_saying_so():
+    """What the CUDA EP raised on the GPU machine with gpu_mem_limit at 4 GB, said as one line with a fix."""
+    pipe = edgesd.Pipeline.load(cache="off")
+    graph = pipe.graph("vae_decoder")
+
+    class Exhausted:
+        def run(self, *args):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                               "running Softmax node. Status Message: /onnxruntime_src/onnxruntime/core/framework/"
+                               "bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal Failed to "
+                               "allocate memory for requested buffer of size 1073741824")
+
+    graph._session = Exhausted()
+    with pytest.raises(EdgesdError, match=r"ran out of memory on inputs .*\(provider cpu\)") as caught:
+        pipe("a red circle", num_inference_steps=1, seed=1)
+    assert "gpu_mem_limit" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _fake_nvidia_smi(folder, process_rows: str, card_mib: int):
+    script = folder / "nvidia-smi"
+    script.write_text("#!/bin/sh\n"
+                      f'case "$1" in --query-compute-apps*) printf "{process_rows}" ;; *) echo {card_mib} ;; esac\n')
+    script.chmod(0o755)
+
+
+@pytest.mark.parametrize("listed, want_how", [(True, "process"), (False, "card")])
+def test_device_memory_reads_the_process_or_else_the_card(tmp_path, monkeypatch, listed, want_how):
+    """edgesd bench's GPU column (and bench/gpu.py's): nvidia-smi's line for this process where it has one,
+    else the card's memory less its reading at the start (a container may hide our process ids)."""
+    import os
+    import time
+
+    from edgesd.benchmark import DeviceMemory
+
+    rows = f"{os.getpid()}, 1500\\n{os.getpid() + 1}, 9000\\n" if listed else "77, 9000\\n"
+    _fake_nvidia_smi(tmp_path, rows, 2000)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with DeviceMemory(interval=0.01) as memory:
+        _fake_nvidia_smi(tmp_path, rows.replace("1500", "3000"), 2600)  # the card's use grows by 600 MiB
+        time.sleep(0.3)
+    assert memory.how == want_how
+    assert memory.peak_gb == (round(3000 * 2**20 / 1e9, 2) if listed else round(600 * 2**20 / 1e9, 2))

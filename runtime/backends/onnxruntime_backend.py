@@ -30,6 +30,9 @@ OPTIMIZATION_LEVELS = {
 }
 
 
+# How ONNX Runtime's allocators say they are out of memory (its arena; CUDA's cudaMalloc)
+OUT_OF_MEMORY = ("bfc_arena", "Failed to allocate memory", "out of memory", "std::bad_alloc")
+
 REGISTRY = ProviderRegistry(ort)  # ONNX Runtime registers plugin EP libraries once per process
 
 
@@ -85,6 +88,7 @@ class OrtGraph:
         self._ranks = {name: len(i.shape) for name, i in self._inputs.items()}
         self._dtypes = {name: self.input_dtype(name) for name in self._inputs}
         self._memory = providers.memory if options.io_binding == "auto" else None  # (device type, id) or None
+        self._provider_names = options.provider
 
     def input_dtype(self, name: str) -> np.dtype:
         onnx_type = self._inputs[name].type
@@ -93,7 +97,8 @@ class OrtGraph:
         return np.dtype(ONNX_TO_NUMPY[onnx_type])
 
     def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
-        """InferenceSession.run may be called from several threads at once; no per-caller state is needed."""
+        """InferenceSession.run may be called from several threads at once; per-caller state (I/O binding's
+        inputs kept in device memory) is in `local`."""
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         try:
@@ -102,13 +107,16 @@ class OrtGraph:
             else:
                 values = self._run_bound(feeds, cast, {} if local is None else local)
         except Exception as e:  # a graph that loads but cannot run these shapes
-            reason = str(e).splitlines()[0][:240]
             shapes = {k: v.shape for k, v in cast.items()}
+            if any(sign in str(e) for sign in OUT_OF_MEMORY):
+                raise EdgesdError(f"{self.path} ran out of memory on inputs {shapes} (provider {self._provider_names})",
+                                  "use a smaller size or batch, the fp16-compute recipe on a GPU, or raise the "
+                                  "provider's memory limit (e.g. --provider-option gpu_mem_limit=BYTES)") from None
+            reason = str(e).splitlines()[0][:240]
             raise EdgesdError(f"{self.path} failed on inputs {shapes} ({reason})",
                               "check the requested size and batch, or re-export the model") from None
         return {name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
                 for name, v in zip(self._outputs, values)}
-
 
     def _run_bound(self, feeds: dict[str, np.ndarray], cast: dict[str, np.ndarray], local: dict) -> list:
         """One run with I/O binding: outputs made in the provider's memory and copied out once; an input that
