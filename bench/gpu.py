@@ -142,6 +142,63 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
 
+def _process_gpu_gb() -> float:
+    """This process's GPU memory now (nvidia-smi's line for its pid; 0 where it has none)."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    used = [int(line.split(",")[1]) for line in out.splitlines() if line.split(",")[0].strip() == str(os.getpid())]
+    return round(sum(used) * 2**20 / 1e9, 2)
+
+
+def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-compute") -> dict:
+    """Where the CUDA EP's memory goes: this process's GPU memory after each graph loads and after each
+    runs once (fp16-compute, lean options); with `shared_arena` the three sessions share one env allocator
+    (session.use_env_allocators) instead of an arena each."""
+    import numpy as np
+    import onnxruntime as ort
+
+    readings = {"start": _process_gpu_gb()}
+    options = {"device_id": "0", **dict(LEAN)}
+    if shared_arena:
+        info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, {"device_id": "0"},
+                                             ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+    sessions = {}
+    for name, folder in (("text_encoder", "sd15-fp16-compute"), ("unet", "sd15-fp16-compute"), ("vae_decoder", vae)):
+        made = ort.SessionOptions()
+        if shared_arena:
+            made.add_session_config_entry("session.use_env_allocators", "1")
+        sessions[name] = ort.InferenceSession(str(work / folder / name / "model.onnx"), made,
+                                              providers=[("CUDAExecutionProvider", options)])
+        readings[f"{name} loaded"] = _process_gpu_gb()
+    rng = np.random.default_rng(0)
+    hidden = sessions["text_encoder"].run(None, {"input_ids": np.full((2, 77), 49407, np.int64)})[0]
+    readings["text_encoder run"] = _process_gpu_gb()
+    feeds = {"sample": rng.standard_normal((2, 4, 64, 64), dtype=np.float32),
+             "timestep": np.array([500.0, 500.0], np.float32), "encoder_hidden_states": hidden.astype(np.float32)}
+    for _ in range(2):
+        sessions["unet"].run(None, feeds)
+    readings["unet run"] = _process_gpu_gb()
+    image = sessions["vae_decoder"].run(None, {"latent_sample": rng.standard_normal((1, 4, 64, 64), dtype=np.float32)})[0]
+    readings["vae_decoder run"] = _process_gpu_gb()
+    return {"config": f"memory breakdown, {'one shared arena' if shared_arena else 'an arena per graph'}"
+                      f"{', VAE fp16-compute' if vae != 'sd15-fp16-compute' else ''}",
+            "gpu_gb": readings, "image_finite": bool(np.isfinite(image).all())}
+
+
+def phase_vae_fp16(work: Path, configs: Path) -> dict:
+    """The decoder in fp16-compute too (diffusers runs SD 1.5's VAE in fp16; edgesd's recipe keeps it fp32)."""
+    import shutil
+
+    from edgesd.export.recipes import write_recipe
+
+    dst = work / "sd15-vae-fp16-compute"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(work / "sd15-onnx" / "vae_decoder", dst / "vae_decoder", ignore=shutil.ignore_patterns("model.onnx*"))
+    write_recipe(work / "sd15-onnx" / "vae_decoder" / "model.onnx", dst / "vae_decoder" / "model.onnx", "fp16-compute")
+    return {"vae_fp16_s": 0}
+
+
 FP16 = dict(folder="sd15-fp16-compute", label="fp16-compute")
 GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 4 GB
 # CUDA EP options that trade a little speed for memory: the arena grows by what is asked (not doubling),
@@ -166,6 +223,10 @@ PHASES = {
     "edgesd-cuda-fp16-lean": lambda work, configs: _edgesd(
         work, "cuda", folder=FP16["folder"], label="fp16-compute lean (arena as requested, cuDNN heuristics)",
         provider_options=LEAN),
+    "vae-fp16": phase_vae_fp16,
+    "memory-own": lambda work, configs: _memory_breakdown(work, shared_arena=False),
+    "memory-shared": lambda work, configs: _memory_breakdown(work, shared_arena=True),
+    "memory-shared-vae16": lambda work, configs: _memory_breakdown(work, True, vae="sd15-vae-fp16-compute"),
     "edgesd-cuda-fp16-lean-4gb": lambda work, configs: _edgesd(
         work, "cuda", folder=FP16["folder"], label="fp16-compute lean, gpu_mem_limit 4 GB",
         provider_options=(*LEAN, ("gpu_mem_limit", str(GPU_MEM_LIMIT)))),
@@ -215,13 +276,20 @@ def report(paths: list[Path], date: str) -> str:
              "", "| configuration | load s | 20 steps s | s/step | GPU memory GB | nodes on the asked provider |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        if "config" not in r:
+        if "config" not in r or "s_per_step" not in r:
             continue
         asked = r["config"].split()[2] if r["config"].startswith("edgesd") else None
         nodes = "-" if asked is None else ", ".join(
             f"{g}: {n.get(asked, 0)}/{sum(n.values())}" for g, n in r.get("placement", {}).items())
         lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | {_gpu_gb(r)} | "
                      f"{nodes} |")
+    breakdowns = [r for r in rows.values() if "gpu_gb" in r]
+    if breakdowns:
+        stages = list(breakdowns[0]["gpu_gb"])
+        lines += ["", "Where the CUDA EP's memory goes (GB on the GPU for this process, after each stage):", "",
+                  "| configuration | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+        lines += [f"| {r['config']} | " + " | ".join(str(r["gpu_gb"].get(s, "-")) for s in stages) + " |"
+                  for r in breakdowns]
     for name, r in rows.items():
         if "error" in r:
             lines.append(f"\n{name} failed: `{r['error'].splitlines()[-1][:300]}`")

@@ -91,7 +91,8 @@ def test_short_names_aliases_and_full_names():
 def test_built_in_providers_are_a_providers_list_with_the_first_ones_options():
     registry, _ = _registry(built_in=["CUDAExecutionProvider", "CPUExecutionProvider"])
     chosen = registry.session_providers("cuda, cpu", {"device_id": "1"})
-    assert chosen.providers == [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    assert chosen.providers == [("CUDAExecutionProvider", {**dict(PROVIDERS["cuda"].defaults), "device_id": "1"}),
+                                "CPUExecutionProvider"]
     assert chosen.apply(_SessionOptions()) == {"providers": chosen.providers}
 
 
@@ -301,3 +302,12 @@ def test_device_memory_reads_the_process_or_else_the_card(tmp_path, monkeypatch,
         time.sleep(0.3)
     assert memory.how == want_how
     assert memory.peak_gb == (round(3000 * 2**20 / 1e9, 2) if listed else round(600 * 2**20 / 1e9, 2))
+
+
+def test_cuda_gets_its_lean_defaults_and_the_users_options_win():
+    registry = ProviderRegistry(FakeOrt(["CUDAExecutionProvider", "CPUExecutionProvider"], {}), _modules())
+    cuda, cpu = registry.session_providers("cuda,cpu", {"cudnn_conv_algo_search": "EXHAUSTIVE"}).providers
+    assert cuda == ("CUDAExecutionProvider", {"arena_extend_strategy": "kSameAsRequested",
+                                              "cudnn_conv_algo_search": "EXHAUSTIVE",
+                                              "cudnn_conv_use_max_workspace": "0"})
+    assert cpu == "CPUExecutionProvider"
