@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/recipes_backends.py                       # build what is missing, measure all
     .venv/bin/python bench/recipes_backends.py --configs onnxruntime:fp32,openvino:int8 --runs 3
+    .venv/bin/python bench/recipes_backends.py --attention unfused    # the same without the attention fusion
 
-Needs the fp32 ONNX export made by `bench/sd15_foundation.py` (bench/work/sd15-random-onnx). Builds each
+Starts from the fp32 ONNX export of `bench/sd15_foundation.py` (bench/work/sd15-random-onnx), made first
+where missing (`foundation`). Builds each
 recipe's graphs from it with the exporter's own functions (`write_recipe` for ONNX, `write_ir_recipe` for
 OpenVINO IR) into bench/work/recipes/<format>-<recipe>/. The activation-quantized recipes (int8,
 int8-hybrid) are calibrated on the U-Net inputs of the fp32 pipeline run over CALIBRATION_PROMPTS at
@@ -36,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FP32 = HERE / "work" / "sd15-random-onnx"
 WORK = HERE / "work" / "recipes"
+# --attention unfused: the same from an export without the attention fusion (what that lever gains)
+UNFUSED_FP32, UNFUSED_WORK = HERE / "work" / "sd15-random-onnx-unfused", HERE / "work" / "recipes-unfused"
 GRAPHS3 = ("text_encoder", "unet", "vae_decoder")
 CALIBRATION_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor fox in the snow")
 CALIBRATION_SIZE, CALIBRATION_STEPS = 256, 4
@@ -80,11 +84,40 @@ def calibration() -> list:
     return feeds
 
 
+def use_unfused_baseline() -> None:
+    """Measure from the unfused export: FP32 and WORK name its folders for the rest of this process (and,
+    through --attention, its children)."""
+    global FP32, WORK
+    FP32, WORK = UNFUSED_FP32, UNFUSED_WORK
+    if not (FP32 / "edgesd.json").is_file():
+        foundation("build")
+        edgesd = Path(sys.executable).parent / "edgesd"  # the console script of this environment
+        done = subprocess.run([str(edgesd), "export", str(HERE / "work" / "sd15-random"), str(FP32), "--overwrite",
+                               "--attention", "unfused"])
+        if done.returncode:
+            raise SystemExit(f"error: the unfused export to {FP32} failed")
+
+
+def foundation(phase: str = "export") -> Path:
+    """The random-weight SD 1.5 folder ("build") or also its fp32 ONNX export ("export"), made by
+    bench/sd15_foundation.py's phases (each in its own process) where missing, so one command on a fresh
+    clone builds everything it measures."""
+    wanted = {"build": HERE / "work" / "sd15-random" / "model_index.json", "export": FP32 / "edgesd.json"}
+    for step in ("build", "export")[: ("build", "export").index(phase) + 1]:
+        if not wanted[step].is_file():
+            print(f"making {wanted[step].parent} (bench/sd15_foundation.py --phase {step})", flush=True)
+            done = subprocess.run([sys.executable, str(HERE / "sd15_foundation.py"), "--phase", step])
+            if done.returncode or not wanted[step].is_file():
+                raise SystemExit(f"error: bench/sd15_foundation.py --phase {step} did not make {wanted[step]}")
+    return FP32
+
+
 def build(backend: str, recipe: str) -> None:
     from edgesd.export.openvino_ir import write_ir_recipe
     from edgesd.export.recipes import CALIBRATED, component_recipes, write_recipe
 
     out = folder(backend, recipe)
+    foundation()
     if (out / "done").is_file() or out == FP32:
         return
     shutil.rmtree(out, ignore_errors=True)
@@ -116,7 +149,8 @@ def measure(backend: str, recipe: str, runs: int, cache_dir: str | None) -> dict
     from edgesd import Pipeline
     from edgesd.benchmark import measure_graphs
 
-    options = {"backend": backend, "threads": None}
+    # the cache only where a cold/warm start is measured (by default it fills the user's cache folder)
+    options = {"backend": backend, "threads": None, "cache": "on" if cache_dir else "off"}
     if cache_dir:
         options["cache_dir"] = Path(cache_dir)
     start = time.perf_counter()
@@ -127,6 +161,8 @@ def measure(backend: str, recipe: str, runs: int, cache_dir: str | None) -> dict
 
 def run_child(backend: str, recipe: str, runs: int, cache_dir: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--measure", f"{backend}:{recipe}", "--runs", str(runs)]
+    if FP32 == UNFUSED_FP32:
+        cmd += ["--attention", "unfused"]
     if cache_dir:
         cmd += ["--cache-dir", cache_dir]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -146,12 +182,12 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def write_results(rows: list[dict], caches: list[dict]) -> Path:
+def write_results(rows: list[dict], caches: list[dict], suffix: str = "") -> Path:
     import onnxruntime
     import openvino
 
     today = str(date.today())
-    stem = HERE / "results" / f"recipes-backends-vm-{today}"
+    stem = HERE / "results" / f"recipes-backends-vm-{today}{suffix}"
     result = {"date": today, "machine": machine(), "onnxruntime": onnxruntime.__version__,
               "openvino": openvino.__version__, "weights": "random (SD 1.5 architecture)", "size": 512,
               "unet_batch": 2, "rows": rows, "cache": caches}
@@ -210,13 +246,16 @@ def main() -> None:
     parser.add_argument("--no-cache-check", action="store_true", help="skip the cold/warm --cache-dir starts")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the child process
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--attention", choices=["fused", "unfused"], default="fused",
+                        help="unfused: from an export without the attention fusion (--attention unfused)")
     args = parser.parse_args()
+    if args.attention == "unfused":
+        use_unfused_baseline()
     if args.measure:
         backend, recipe = args.measure.split(":")
         print(json.dumps(measure(backend, recipe, args.runs, args.cache_dir)))
         return
-    if not (FP32 / "unet" / "model.onnx").is_file():
-        sys.exit(f"error: {FP32} is missing; run bench/sd15_foundation.py --phase build and --phase export first")
+    foundation()
     configs = [c.split(":") for c in args.configs.split(",")]
     for backend, recipe in configs:
         build(backend, recipe)
@@ -241,7 +280,7 @@ def main() -> None:
                            "cold_s": round(cold["load_s"] + cold["unet_first_call_s"], 1),
                            "warm_s": round(warm["load_s"] + warm["unet_first_call_s"], 1)})
             print(caches[-1], flush=True)
-    stem = write_results(rows, caches)
+    stem = write_results(rows, caches, "-unfused" if FP32 == UNFUSED_FP32 else "")
     print(f"wrote {stem}.json, .md and .png")
 
 

@@ -22,8 +22,8 @@ from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
 from .single_file import PredictionType
-from .recipes import (CALIBRATED, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Format, Recipe,
-                      component_recipes)
+from .recipes import (ATTENTION_MODES, CALIBRATED, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Attention,
+                      Format, Recipe, component_recipes)
 
 if TYPE_CHECKING:
     from .fidelity import FidelityReport
@@ -55,9 +55,14 @@ class ExportOptions:
     prediction_type: PredictionType | None = None
     vae: Path | None = None  # another VAE than the source's own: a .safetensors file or a diffusers vae/ folder
     loras: tuple[LoraSpec, ...] = ()  # merged into the weights before tracing (every recipe then takes them)
+    # fused: attention as one MultiHeadAttention node (fusion.py); unfused: torch's nodes, for a runtime or
+    # provider without that op (or to measure what the fusion gains)
+    attention: Attention = "fused"
 
     def __post_init__(self):
         component_recipes(self.recipe, self.component_overrides, self.format)  # raises on unknown names
+        if self.attention not in ATTENTION_MODES:
+            raise EdgesdError(f"unknown attention '{self.attention}'", f"use one of: {', '.join(ATTENTION_MODES)}")
         if self.calibration_prompts is not None and not [p for p in self.calibration_prompts if p.strip()]:
             raise EdgesdError("the calibration prompts are empty", "give at least one prompt, one per line")
         if self.calibration_size < 1:
@@ -144,7 +149,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             stage(component)
             sizes = family.sample_sizes(component, cfg, latent)
             parity += export_graph(lambda: model.load(component), specs[component], sizes, tmp / component,
-                                   threshold)
+                                   threshold, options.attention)
         report = ExportReport(out, parity, time.perf_counter() - started, notes=model.notes)
         if not report.passed:
             failed = ", ".join(f"{r.component}.{r.output} {r.psnr_db:.1f} dB" for r in parity if not r.passed)

@@ -20,7 +20,7 @@ from edgesd.graphs import GraphSpec
 from edgesd.lora import LORA_COMPONENTS, write_weight_map
 
 from .parity import ParityResult, compare
-from .recipes import lossless_passes
+from .recipes import Attention, lossless_passes
 from .weight_map import traced_weight_map
 
 OPSET = 17
@@ -90,7 +90,8 @@ def save_graph(proto, path: Path) -> None:
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
 
 
-def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path) -> Path:
+def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir: Path,
+                 attention: Attention = "fused") -> Path:
     """Trace `module` to out_dir/model.onnx in fp32 (the recipes start from it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
@@ -107,7 +108,7 @@ def _write_graph(module: torch.nn.Module, args: tuple, spec: GraphSpec, out_dir:
         )
     if big:
         _attach_weights(path, module, spec)
-    lossless_passes(path)
+    lossless_passes(path, attention)
     return path
 
 
@@ -210,7 +211,7 @@ WRAPPERS = {"text_encoder": _TextEncoder, "text_encoder_2": _TextEncoder, "unet"
 
 
 def export_graph(load: Callable[[], torch.nn.Module], spec: GraphSpec, sizes: dict[str, int], out_dir: Path,
-                 threshold_db: float) -> list[ParityResult]:
+                 threshold_db: float, attention: Attention = "fused") -> list[ParityResult]:
     """Trace one component (`load()` makes its PyTorch module) to out_dir/model.onnx on its description's
     sample inputs, then check the graph against PyTorch on the same inputs (PSNR >= threshold_db per output).
     The module is freed before ONNX Runtime loads the graph, so the two never share the memory."""
@@ -218,7 +219,7 @@ def export_graph(load: Callable[[], torch.nn.Module], spec: GraphSpec, sizes: di
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
     module = WRAPPERS[spec.component](load(), spec).eval()
     reference = _torch_outputs(module, args, spec)
-    path = _write_graph(module, args, spec, out_dir)
+    path = _write_graph(module, args, spec, out_dir, attention)
     if spec.component in LORA_COMPONENTS:  # where each weight went, for LoRA at load time
         write_weight_map(out_dir, traced_weight_map(module, path))
     del module

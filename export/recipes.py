@@ -5,11 +5,11 @@
   op still computes in fp32 (no fp16 overflow, no black or NaN images) while the file is half
   the size. ONNX Runtime folds the casts when it loads the graph, so speed equals fp32. This is
   what OpenVINO's `compress_to_fp16` does for IR.
-- fp16-compute (ONNX): attention fused into ONNX Runtime's MultiHeadAttention (fusion.py), then weights and
-  arithmetic in half precision, as GPUs want it (ONNX Runtime's own float16 converter). The graph's inputs
-  and outputs stay float32 (the runtime is unchanged); attention stays float32 where the U-Net's config
-  asks (`upcast_attention`, SD 2.x, whose scores overflow fp16). The VAE gets fp16 (fp32 arithmetic): its decoder overflows fp16,
-  which diffusers handles with `force_upcast`. On a CPU, ONNX Runtime casts each fp16 op it has no kernel
+- fp16-compute (ONNX): weights and arithmetic in half precision, as GPUs want it (ONNX Runtime's own
+  float16 converter). The graph's inputs and outputs stay float32 (the runtime is unchanged); attention
+  stays float32 where the U-Net's config asks (`upcast_attention`, SD 2.x, whose scores overflow fp16).
+  The VAE gets fp16 (fp32 arithmetic): its decoder overflows fp16, which diffusers handles with
+  `force_upcast`. On a CPU, ONNX Runtime casts each fp16 op it has no kernel
   for back to fp32: it runs, slower than fp32; the recipe is for GPU providers.
 - int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py` (ONNX) and `openvino_ir.py`.
 - int8-hybrid (U-Net only, OpenVINO IR only): MatMul weights int8 weight-only, convolutions static W8A8.
@@ -34,6 +34,8 @@ from edgesd.errors import EdgesdError
 Recipe = Literal["fp32", "fp16", "fp16-compute", "int8-weights", "int8", "int4-weights", "int8-hybrid"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 Format = Literal["onnx", "openvino"]
+Attention = Literal["fused", "unfused"]  # the traced graphs' attention (fusion.py), see lossless_passes
+ATTENTION_MODES: tuple[str, ...] = get_args(Attention)
 FORMATS: tuple[str, ...] = get_args(Format)
 # What each output format can write (int8-hybrid is NNCF's; onnxruntime.quantization has no such mode).
 # OpenVINO picks its arithmetic precision per device at load (its inference_precision hint: f16 on GPUs),
@@ -92,10 +94,10 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
     return chosen
 
 
-def lossless_passes(path: Path) -> None:
+def lossless_passes(path: Path, attention: Attention = "fused") -> None:
     """What every traced graph gets before its parity check: attention fused (fusion.py; on the CPU EP the
-    SD 1.5 U-Net at 512x512 ran twice as fast in 2/3 of the memory) and repeated embedding rows stored once
-    (the tables are small: they stay in model.onnx)."""
+    SD 1.5 U-Net at 512x512 ran twice as fast in 2/3 of the memory), unless `attention` is "unfused", and
+    repeated embedding rows stored once (the tables are small: they stay in model.onnx)."""
     import onnx
 
     from .components import save_graph
@@ -103,7 +105,7 @@ def lossless_passes(path: Path) -> None:
 
     # The graph alone first: an fp32 export of SD 1.5 should not read its 3.4 GB of U-Net weights back.
     model = onnx.load(str(path), load_external_data=False)
-    fused = fuse_attention(model)
+    fused = fuse_attention(model) if attention == "fused" else 0
     if dedupe_gather_tables(model.graph):
         onnx.load_external_data_for_model(model, str(path.parent))  # all of it, before the file is rewritten
         save_graph(model, path)
@@ -167,20 +169,16 @@ def store_weights_fp16(graph, keep: frozenset[str] = frozenset()) -> bool:
 
 
 def fp16_compute_graph(src: Path):
-    """The fp32 graph at `src` with its attention fused (fusion.py: the scores are never stored) and fp16
-    weights and arithmetic; float32 inputs and outputs. Where the component's config.json has
+    """The fp32 graph at `src` (attention fused by the trace's lossless passes unless exported unfused) with
+    fp16 weights and arithmetic; float32 inputs and outputs. Where the component's config.json has
     `upcast_attention` (SD 2.x, whose scores overflow fp16) attention stays float32."""
     import json
 
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    from .fusion import fuse_attention
-
     # Types from the graph alone (shape inference of a > 2 GB proto fails), then the weights.
-    model = onnx.load(str(src), load_external_data=False)
-    fuse_attention(model)
-    model = onnx.shape_inference.infer_shapes(model)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
     onnx.load_external_data_for_model(model, str(src.parent))
     config_file = src.parent / "config.json"
     upcast = config_file.is_file() and bool(json.loads(config_file.read_text()).get("upcast_attention"))

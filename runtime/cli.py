@@ -68,12 +68,16 @@ def main():
 @click.option("--calibration-size", type=int, default=4, show_default=True,
               help="int8: how many built-in calibration prompts to run (10 steps each).")
 @click.option("--allow-lossy", is_flag=True, help="Write the export even below its recipe's fidelity threshold.")
+@click.option("--attention", type=click.Choice(["fused", "unfused"]), default="fused", show_default=True,
+              help="fused: each attention as one onnxruntime MultiHeadAttention node (faster, less memory); "
+                   "unfused: torch's own nodes, for a runtime or provider without that op.")
 @click.option("--default-steps", type=int, default=None, help="Record the model's own default step count.")
 @click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
 def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, fmt: str,
            text_encoder_recipe: str | None, unet_recipe: str | None, vae_recipe: str | None, vae: Path | None,
            config: Path | None, loras: tuple[str, ...], prediction_type: str | None, calibration_prompts: Path | None,
-           calibration_size: int, allow_lossy: bool, default_steps: int | None, default_guidance: float | None):
+           calibration_size: int, allow_lossy: bool, attention: str, default_steps: int | None,
+           default_guidance: float | None):
     """Export SRC, a diffusers-layout SD folder or a single-file .safetensors checkpoint, to ONNX graphs (or
     OpenVINO IR) in OUT."""
     if not src.exists():  # said at once, before seconds of importing torch
@@ -111,7 +115,7 @@ def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: 
                             component_overrides=overrides, allow_lossy=allow_lossy,
                             calibration_prompts=_read_prompts(calibration_prompts) if calibration_prompts else None,
                             calibration_size=calibration_size, defaults=defaults, config=config,
-                            prediction_type=prediction_type, vae=vae,
+                            prediction_type=prediction_type, vae=vae, attention=attention,
                             loras=tuple(LoraSpec.parse(text) for text in loras))
     with click.progressbar(length=len(stages), label="export", file=sys.stderr,
                            item_show_func=lambda s: s) as bar:

@@ -136,3 +136,32 @@ def test_combine_takes_the_best_peaks_and_every_part_s_rows(tmp_path, monkeypatc
     assert [r["name"] for r in result["rows"]] == ["edgesd-onnxruntime-int8", "edgesd-openvino-fp32"]
     assert result["machine"]["cores"] == 16
     assert result["versions"] == {"edgesd": {"onnxruntime": "1"}}  # only the environments that ran rows
+
+
+def test_a_fresh_clone_builds_the_foundation_before_any_recipe(tmp_path, monkeypatch):
+    """side_by_side on a fresh clone: the random-weight folder and its fp32 export are made (by
+    sd15_foundation.py's build and export phases, in that order) before a recipe is built from them."""
+    import recipes_backends
+
+    monkeypatch.setattr(recipes_backends, "HERE", tmp_path)
+    monkeypatch.setattr(recipes_backends, "FP32", tmp_path / "work" / "sd15-random-onnx")
+    made = []
+
+    def fake_phase(cmd, **kwargs):
+        phase = cmd[-1]
+        made.append(phase)
+        out = tmp_path / "work" / ("sd15-random" if phase == "build" else "sd15-random-onnx")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ("model_index.json" if phase == "build" else "edgesd.json")).write_text("{}")
+        return Namespace(returncode=0)
+
+    monkeypatch.setattr(recipes_backends.subprocess, "run", fake_phase)
+    assert recipes_backends.foundation() == recipes_backends.FP32
+    assert made == ["build", "export"]
+    recipes_backends.foundation()  # both there: nothing made again
+    assert made == ["build", "export"]
+
+    monkeypatch.setattr(recipes_backends.subprocess, "run", lambda cmd, **kw: Namespace(returncode=1))
+    (recipes_backends.FP32 / "edgesd.json").unlink()
+    with pytest.raises(SystemExit, match="did not make"):
+        recipes_backends.foundation()

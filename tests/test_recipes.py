@@ -212,16 +212,18 @@ def test_fp16_compute_gate_on_the_embedded_model(tmp_path):
     """The recipe for GPUs: U-Net and text encoder in fp16 arithmetic, float32 at the edges, softmax in
     float32, the VAE fp16-stored only (force_upcast); the embedded model's pictures pass its fidelity gate."""
     from edgesd.export.fidelity import measure
-    from edgesd.export.recipes import MIN_IMAGE_PSNR_DB, component_recipes, write_recipe
+    from edgesd.export.recipes import MIN_IMAGE_PSNR_DB, component_recipes, lossless_passes, write_recipe
     from edgesd.models_path import default_model_path as default_model
 
     reference = default_model()
     chosen = component_recipes("fp16-compute", components=("text_encoder", "unet", "vae_decoder"))
     assert chosen == {"text_encoder": "fp16-compute", "unet": "fp16-compute", "vae_decoder": "fp16"}
-    candidate = tmp_path / "fp16-compute"
+    candidate, fused = tmp_path / "fp16-compute", tmp_path / "fused"
     shutil.copytree(reference, candidate, ignore=shutil.ignore_patterns("model.onnx*"))
-    for component, recipe in chosen.items():
-        write_recipe(reference / component / "model.onnx", candidate / component / "model.onnx", recipe)
+    shutil.copytree(reference, fused)
+    for component, recipe in chosen.items():  # from graphs with their attention fused, as an export's are
+        lossless_passes(fused / component / "model.onnx")
+        write_recipe(fused / component / "model.onnx", candidate / component / "model.onnx", recipe)
     unet = onnx.load(str(candidate / "unet" / "model.onnx")).graph
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*unet.input, *unet.output])
     assert all(_computes_in_fp16(unet, "Conv")) and all(_computes_in_fp16(unet, "MatMul"))
@@ -234,11 +236,12 @@ def test_fp16_compute_gate_on_the_embedded_model(tmp_path):
 
 def test_fp16_compute_keeps_attention_scores_fp32_where_the_config_upcasts(tmp_path):
     """SD 2.x (`upcast_attention`): the fused attention stays float32, the projections fp16."""
-    from edgesd.export.recipes import write_recipe
+    from edgesd.export.recipes import lossless_passes, write_recipe
     from edgesd.models_path import default_model_path as default_model
 
     src = tmp_path / "unet"
     shutil.copytree(default_model() / "unet", src)
+    lossless_passes(src / "model.onnx")
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "upcast_attention": True}))
     write_recipe(src / "model.onnx", tmp_path / "out" / "model.onnx", "fp16-compute")
@@ -260,3 +263,22 @@ def test_fp16_compute_export_takes_a_lora_and_openvino_refuses_it(tiny_src, tmp_
     assert json.loads((out / "unet" / "weights.json").read_text())  # a LoRA can be added at load
     with pytest.raises(EdgesdError, match="fp16-compute recipe cannot be written as openvino.*--format onnx"):
         ExportOptions(recipe="fp16-compute", format="openvino")
+
+
+def test_an_unfused_export_keeps_torchs_attention_nodes(tiny_src, tmp_path):
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path / "unfused"
+    assert export_model(tiny_src, out, ExportOptions(with_vae_encoder=False, attention="unfused")).passed
+    unet = onnx.load(str(out / "unet" / "model.onnx")).graph
+    assert not any(n.op_type == "MultiHeadAttention" for n in unet.node)
+    assert sum(n.op_type == "Softmax" for n in unet.node) == 8
+    with pytest.raises(EdgesdError, match="unknown attention 'flash'.*fused, unfused"):
+        ExportOptions(attention="flash")
+
+
+def test_exports_fuse_attention_by_default(tiny_onnx):
+    for component, fused in (("unet", 8), ("vae_decoder", 1), ("text_encoder", 0)):  # CLIP's is masked
+        graph = onnx.load(str(tiny_onnx / component / "model.onnx")).graph
+        assert sum(n.op_type == "MultiHeadAttention" for n in graph.node) == fused, component
+    assert not any(n.op_type == "Softmax" for n in onnx.load(str(tiny_onnx / "unet" / "model.onnx")).graph.node)

@@ -73,7 +73,10 @@ def source() -> Path:
     if (SRC / "model_index.json").is_file():
         return SRC
     if not (ORIGINAL / "model_index.json").is_file():
-        raise SystemExit(f"error: {ORIGINAL} is missing; run .venv/bin/python bench/sd15_foundation.py --phase build")
+        sys.path.insert(0, str(BENCH))
+        import recipes_backends
+
+        recipes_backends.foundation("build")
     from safetensors.numpy import load_file, save_file
 
     partial = SRC.with_name(SRC.name + ".partial")
