@@ -56,12 +56,14 @@ class ExportOptions:
     vae: Path | None = None  # another VAE than the source's own: a .safetensors file or a diffusers vae/ folder
     loras: tuple[LoraSpec, ...] = ()  # merged into the weights before tracing (every recipe then takes them)
     # fused: attention as one MultiHeadAttention node (fusion.py); unfused: torch's nodes, for a runtime or
-    # provider without that op (or to measure what the fusion gains)
-    attention: Attention = "fused"
+    # provider without that op (or to measure what the fusion gains). None: fused for ONNX; unfused for
+    # OpenVINO IR: OpenVINO fuses torch's nodes into its own SDPA for each device (on the CPU the fused graph
+    # ran no faster: bench/results/recipes-backends-vm-2026-12-02*)
+    attention: Attention | None = None
 
     def __post_init__(self):
         component_recipes(self.recipe, self.component_overrides, self.format)  # raises on unknown names
-        if self.attention not in ATTENTION_MODES:
+        if self.attention is not None and self.attention not in ATTENTION_MODES:
             raise EdgesdError(f"unknown attention '{self.attention}'", f"use one of: {', '.join(ATTENTION_MODES)}")
         if self.calibration_prompts is not None and not [p for p in self.calibration_prompts if p.strip()]:
             raise EdgesdError("the calibration prompts are empty", "give at least one prompt, one per line")
@@ -73,6 +75,9 @@ class ExportOptions:
         """The recipe of each of a family's `components` this export writes."""
         chosen = component_recipes(self.recipe, self.component_overrides, self.format, components)
         return {c: r for c, r in chosen.items() if self.with_vae_encoder or c != "vae_encoder"}
+
+    def attention_mode(self) -> Attention:
+        return self.attention or ("unfused" if self.format == "openvino" else "fused")
 
     def calibration(self) -> list[str]:
         from .fidelity import CALIBRATION_PROMPTS
@@ -149,7 +154,7 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
             stage(component)
             sizes = family.sample_sizes(component, cfg, latent)
             parity += export_graph(lambda: model.load(component), specs[component], sizes, tmp / component,
-                                   threshold, options.attention)
+                                   threshold, options.attention_mode())
         report = ExportReport(out, parity, time.perf_counter() - started, notes=model.notes)
         if not report.passed:
             failed = ", ".join(f"{r.component}.{r.output} {r.psnr_db:.1f} dB" for r in parity if not r.passed)

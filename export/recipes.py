@@ -95,9 +95,10 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
 
 
 def lossless_passes(path: Path, attention: Attention = "fused") -> None:
-    """What every traced graph gets before its parity check: attention fused (fusion.py; on the CPU EP the
-    SD 1.5 U-Net at 512x512 ran twice as fast in 2/3 of the memory), unless `attention` is "unfused", and
-    repeated embedding rows stored once (the tables are small: they stay in model.onnx)."""
+    """What every traced graph gets before its parity check: attention fused (fusion.py; on ONNX Runtime's
+    CPU EP the SD 1.5 U-Net at 512x512 ran 15% (fp32) to 20% (int8) faster with a quarter less peak memory,
+    on the CUDA EP twice as fast in half the memory), unless `attention` is "unfused", and repeated
+    embedding rows stored once (the tables are small: they stay in model.onnx)."""
     import onnx
 
     from .components import save_graph

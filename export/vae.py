@@ -52,7 +52,7 @@ def export_vae(src: Path, out: Path, options) -> list:
         sizes = {"batch": 1, "channels": int(config.get("latent_channels", 4)), "latent_height": 16,
                  "latent_width": 16}
         parity = export_graph(lambda: build_module("vae", config, weights), VAE_DECODER, sizes,
-                              tmp / "fp32" / "vae_decoder", FP32_MIN_PSNR_DB)
+                              tmp / "fp32" / "vae_decoder", FP32_MIN_PSNR_DB, options.attention_mode())
         failed = [r for r in parity if not r.passed]
         if failed:
             raise EdgesdError(f"parity check failed: vae_decoder {failed[0].psnr_db:.1f} dB",

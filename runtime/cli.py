@@ -68,15 +68,15 @@ def main():
 @click.option("--calibration-size", type=int, default=4, show_default=True,
               help="int8: how many built-in calibration prompts to run (10 steps each).")
 @click.option("--allow-lossy", is_flag=True, help="Write the export even below its recipe's fidelity threshold.")
-@click.option("--attention", type=click.Choice(["fused", "unfused"]), default="fused", show_default=True,
-              help="fused: each attention as one onnxruntime MultiHeadAttention node (faster, less memory); "
-                   "unfused: torch's own nodes, for a runtime or provider without that op.")
+@click.option("--attention", type=click.Choice(["fused", "unfused"]), default=None,
+              help="fused (default for ONNX): each attention as one onnxruntime MultiHeadAttention node (faster, "
+                   "less memory); unfused (default for OpenVINO IR, which fuses them itself): torch's nodes.")
 @click.option("--default-steps", type=int, default=None, help="Record the model's own default step count.")
 @click.option("--default-guidance", type=float, default=None, help="Record the model's own default guidance.")
 def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, fmt: str,
            text_encoder_recipe: str | None, unet_recipe: str | None, vae_recipe: str | None, vae: Path | None,
            config: Path | None, loras: tuple[str, ...], prediction_type: str | None, calibration_prompts: Path | None,
-           calibration_size: int, allow_lossy: bool, attention: str, default_steps: int | None,
+           calibration_size: int, allow_lossy: bool, attention: str | None, default_steps: int | None,
            default_guidance: float | None):
     """Export SRC, a diffusers-layout SD folder or a single-file .safetensors checkpoint, to ONNX graphs (or
     OpenVINO IR) in OUT."""

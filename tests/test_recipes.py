@@ -282,3 +282,11 @@ def test_exports_fuse_attention_by_default(tiny_onnx):
         graph = onnx.load(str(tiny_onnx / component / "model.onnx")).graph
         assert sum(n.op_type == "MultiHeadAttention" for n in graph.node) == fused, component
     assert not any(n.op_type == "Softmax" for n in onnx.load(str(tiny_onnx / "unet" / "model.onnx")).graph.node)
+
+
+def test_attention_is_fused_for_onnx_and_left_to_openvino_for_ir():
+    from edgesd.export import ExportOptions
+
+    assert ExportOptions().attention_mode() == "fused"
+    assert ExportOptions(format="openvino").attention_mode() == "unfused"  # its own SDPA fusion ran faster
+    assert ExportOptions(format="openvino", attention="fused").attention_mode() == "fused"
