@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .backends.base import (BACKENDS, CACHE_MODES, IO_BINDINGS, ORT_OPTIMIZATIONS, OV_HINTS, OV_PRECISIONS, OV_SHAPES,
-                            RuntimeOptions)
+from .backends.base import (BACKENDS, CACHE_MODES, IO_BINDINGS, MEMORY_MODES, ORT_OPTIMIZATIONS, OV_HINTS,
+                            OV_PRECISIONS, OV_SHAPES, RuntimeOptions)
 from .errors import Cancelled, EdgesdError
 from .lora import LoraSpec
 from .noise import NOISE_GENERATORS
@@ -197,6 +197,8 @@ _RUNTIME_OPTIONS = [
     click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS),
                  help="auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime."),
     click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core)."),
+    click.option("--memory", default="fast", show_default=True, type=click.Choice(MEMORY_MODES),
+                 help="low: load each graph for its stage only (one component in memory at a time; slower starts)."),
     click.option("--cache", default="on", show_default=True, type=click.Choice(CACHE_MODES),
                  help="Keep optimised (onnxruntime) or compiled (openvino) graphs: the next start is faster."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,

@@ -98,6 +98,8 @@ class Pipeline:
         self._weight_deltas = dict(weight_deltas or {})
         self._lora_components = frozenset(self._weight_deltas)
         self._loading = threading.Lock()
+        self._from_folder: set[str] = set()  # graphs graph() loaded from the folder (memory "low" frees them)
+        self._one_at_a_time = threading.Lock()  # memory "low": a call's stages free graphs another would use
         encode = (lambda x: self._encode_pixels(x, RunContext(self), "off")) if folder.has("vae_encoder") else None
         self.previewer = Previewer(encode, self.decode, folder.constants.vae_scale_factor, self.decoder is not self.vae)
 
@@ -130,7 +132,10 @@ class Pipeline:
         specs = _lora_specs(loras)
         pipe = cls(folder, graphs, tokenizers, options, decoder, specs, _lora_constants(folder, specs))
         for name in (*folder.family.text_components, "unet", "vae_decoder"):
-            pipe.graph(name)
+            if options.memory == "fast":
+                pipe.graph(name)
+            elif not folder.has(name):  # memory "low" loads it at its stage; a missing one is said now
+                raise EdgesdError(f"model '{folder.root}' has no {name}", "re-export the model")
         return pipe
 
     def with_loras(self, loras) -> "Pipeline":
@@ -141,8 +146,9 @@ class Pipeline:
         kept = {name: graph for name, graph in self.graphs.items() if name not in changed}
         pipe = Pipeline(self.folder, kept, self.tokenizers, self.options, self.decoder if self.decoder is not
                         self.vae else None, specs, deltas)
-        for name in (*self.family.text_components, "unet"):
-            pipe.graph(name)
+        if self.options.memory == "fast":
+            for name in (*self.family.text_components, "unet"):
+                pipe.graph(name)
         return pipe
 
     def graph(self, name: str) -> Graph:
@@ -152,9 +158,23 @@ class Pipeline:
                 if not self.folder.has(name):
                     fix = "re-export the model" + (" without --no-vae-encoder" if name == "vae_encoder" else "")
                     raise EdgesdError(f"model '{self.folder.root}' has no {name}", fix)
-                self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name], self.options,
-                                               self._weight_deltas.pop(name, None))
+                # a LoRA's deltas are freed once used, unless memory "low" will load the graph again
+                deltas = (self._weight_deltas.get(name) if self.options.memory == "low"
+                          else self._weight_deltas.pop(name, None))
+                self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name], self.options, deltas)
+                self._from_folder.add(name)
             return self.graphs[name]
+
+    def _stage_done(self, *names: str) -> None:
+        """Memory "low": free the graphs of a finished stage (those loaded from the folder; another decoder
+        given at load stays)."""
+        if self.options.memory != "low":
+            return
+        with self._loading:
+            for name in names:
+                if name in self._from_folder:
+                    self._from_folder.discard(name)
+                    del self.graphs[name]
 
     def placement(self) -> dict[str, dict[str, int]]:
         """Each graph's nodes per provider (or OpenVINO device); every graph the model has is loaded for it."""
@@ -253,6 +273,16 @@ class Pipeline:
     def run(self, request: GenerationRequest, callback: ProgressCallback | None = None,
             noise: sampling.NoiseFn | None = None) -> GenerationResult:
         """Generate the pictures of `request` (built by GenerationRequest.build, which checks it)."""
+        if self.options.memory == "low":
+            with self._one_at_a_time:
+                try:
+                    return self._generate(request, callback, noise)
+                finally:  # a cancelled or failed call leaves nothing loaded either
+                    self._stage_done(*self.family.text_components, "unet", "vae_decoder", "vae_encoder")
+        return self._generate(request, callback, noise)
+
+    def _generate(self, request: GenerationRequest, callback: ProgressCallback | None,
+                  noise: sampling.NoiseFn | None) -> GenerationResult:
         ctx = RunContext(self)
         sched = resolve_scheduler(request.scheduler, self.folder.scheduler_config)
         draw = noise_source(request.noise_generator, request.seed)
@@ -260,7 +290,9 @@ class Pipeline:
         start = _Start()
         if request.image is not None:
             start = self._picture_start(request, ctx, noise_x)
+            self._stage_done("vae_encoder")
         cond = self.family.conditioning(request, self.folder.configs, self.tokenizers, ctx.run)
+        self._stage_done(*self.family.text_components)
         denoiser = Denoiser(
             unet=ctx.unet, cond=cond.stacked(),
             guidance_scale=request.guidance_scale if self.family.classifier_free else 1.0,
@@ -270,7 +302,9 @@ class Pipeline:
         step = _checked(callback, lambda: self.previewer(denoiser.latest_x0))
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
+        self._stage_done("unet")
         images = self.decode(x, ctx, request.vae_tiling)
+        self._stage_done("vae_decoder")
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())
         return GenerationResult(images=images, seed=request.seed, parameters=params, latents=x,
                                 timings=ctx.timings(), warnings=self._warnings(request), request=request)

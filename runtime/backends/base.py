@@ -18,6 +18,7 @@ OvPrecision = Literal["f32", "bf16", "f16", "device-default"]
 OvShapes = Literal["static", "dynamic"]
 CacheMode = Literal["on", "off"]
 IoBinding = Literal["auto", "off"]
+MemoryMode = Literal["fast", "low"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -26,6 +27,7 @@ OV_PRECISIONS: tuple[str, ...] = get_args(OvPrecision)
 OV_SHAPES: tuple[str, ...] = get_args(OvShapes)
 CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
 IO_BINDINGS: tuple[str, ...] = get_args(IoBinding)
+MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +47,9 @@ class RuntimeOptions:
 
     backend: Backend = "auto"  # auto: openvino for a folder of OpenVINO IR graphs, else onnxruntime
     threads: int | None = None  # intra-op threads (default: the backend's, one per core)
+    # fast: every graph stays loaded; low: a graph is loaded when its stage starts and freed when it ends, so
+    # one component is in memory at a time (each picture loads them again; calls take turns)
+    memory: MemoryMode = "fast"
     # onnxruntime keeps optimised graphs, openvino compiled models: the next start skips that work
     cache: CacheMode = "on"
     cache_dir: Path | None = None  # None: default_cache_dir()
@@ -63,7 +68,7 @@ class RuntimeOptions:
     ov_shapes: OvShapes = "static"  # static: recompile for each new size/batch (faster steps)
 
     def __post_init__(self):
-        for name, allowed in (("backend", BACKENDS), ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
+        for name, allowed in (("backend", BACKENDS), ("memory", MEMORY_MODES), ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
                               ("io_binding", IO_BINDINGS),
                               ("ov_hint", OV_HINTS), ("ov_precision", OV_PRECISIONS), ("ov_shapes", OV_SHAPES)):
             if getattr(self, name) not in allowed:
