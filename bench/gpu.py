@@ -5,7 +5,7 @@
     python3 bench/gpu.py --work /tmp/work --out OUT --phases edgesd-webgpu     # after the first (same machine)
     python3 bench/gpu.py --report OUT/results.json [MORE.json]                  # here: bench/results/gpu-*.md
 
-Runs on the device machine of the developers' guide (one H200, a 16-core Xeon): the phases build the
+Runs on a machine with one NVIDIA H200 and a 16-core Intel Xeon, without network: the phases build the
 random-weight SD 1.5 folder from the reference configs, export it with edgesd (fp32 ONNX), then time each
 configuration in a fresh process: after a warm-up picture, one 20-step and one 1-step picture, so
 s/step = (t20 - t1) / 19 holds the U-Net and the sampler only. GPU memory is edgesd.benchmark.DeviceMemory's
@@ -272,7 +272,7 @@ def report(paths: list[Path], date: str) -> str:
     m = rows.pop("machine", {})
     lines = [f"# edgesd on a GPU, {date}", "",
              "SD 1.5 architecture, RANDOM weights, 512x512, 20 Euler steps, guidance 7.5 (U-Net batch 2); "
-             "`bench/gpu.py` on the device machine: " + f"{m.get('gpu', '?')}; {m.get('cpu', '?')}, {m.get('cores')} cores.",
+             "`bench/gpu.py` on " + f"{m.get('gpu', '?')}; {m.get('cpu', '?')}, {m.get('cores')} cores.",
              "", "| configuration | load s | 20 steps s | s/step | GPU memory GB | nodes on the asked provider |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
