@@ -143,11 +143,10 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
 
 
 def _process_gpu_gb() -> float:
-    """This process's GPU memory now (nvidia-smi's line for its pid; 0 where it has none)."""
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True).stdout
-    used = [int(line.split(",")[1]) for line in out.splitlines() if line.split(",")[0].strip() == str(os.getpid())]
-    return round(sum(used) * 2**20 / 1e9, 2)
+    """This process's GPU memory now."""
+    from edgesd.benchmark import DeviceMemory
+
+    return round(DeviceMemory.process_mib() * 2**20 / 1e9, 2)
 
 
 def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-compute") -> dict:

@@ -57,6 +57,20 @@ MIN_IMAGE_PSNR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 40.0, "fp16
 # export's pictures (one LCM tiny model: 83 dB), so it gets fp16's threshold instead of fp32's "identical".
 MIN_IMAGE_PSNR_DB_CONVERTED_FP32 = 40.0
 
+# What a recipe gives the graphs it is not made for, by kind of graph. The activation-quantized recipes and
+# int4-weights are U-Net recipes: the other graphs (small, and the text encoder sensitive to 4 bits: one
+# embedded-model prompt fell to 7 dB) get int8 weights. fp16-compute leaves the VAE fp16-stored with fp32
+# arithmetic (diffusers' force_upcast).
+_INT8_ELSEWHERE: dict[str, Recipe] = {"text_encoder": "int8-weights", "vae": "int8-weights"}
+OTHER_GRAPHS: dict[str, dict[str, Recipe]] = {"int8": _INT8_ELSEWHERE, "int8-hybrid": _INT8_ELSEWHERE,
+                                              "int4-weights": _INT8_ELSEWHERE, "fp16-compute": {"vae": "fp16"}}
+
+
+def _kind(component: str) -> str:
+    """text_encoder, text_encoder_2 -> text_encoder; vae_decoder, vae_encoder -> vae; unet -> unet."""
+    return next((kind for kind in ("text_encoder", "vae") if component.startswith(kind)), component)
+
+
 # Weights smaller than this stay fp32 (biases, norms: little to gain, and they are the sensitive ones).
 FP16_MIN_ELEMENTS = 256
 # Dedupe a Gather table only when it shrinks to at most this fraction of its rows.
@@ -76,12 +90,7 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
             other = next(f for f in FORMATS if name in FORMAT_RECIPES[f])
             raise EdgesdError(f"the {name} recipe cannot be written as {fmt}",
                               f"use --format {other}, or one of: {', '.join(FORMAT_RECIPES[fmt])}")
-    # The activation-quantized recipes and int4-weights are U-Net recipes; the other graphs (small, and the text
-    # encoder sensitive to 4 bits: one embedded-model prompt fell to 7 dB) get int8 weights.
-    integer_unet = recipe in (*CALIBRATED, "int4-weights")
-    chosen = {c: ("int8-weights" if integer_unet and c != "unet" else recipe) for c in components}
-    if recipe == "fp16-compute":  # diffusers' force_upcast: the VAE computes in fp32
-        chosen.update({c: "fp16" for c in components if c.startswith("vae")})
+    chosen = {c: OTHER_GRAPHS.get(recipe, {}).get(_kind(c), recipe) for c in components}
     for component, name in (overrides or {}).items():
         if component not in COMPONENTS:
             raise EdgesdError(f"unknown component '{component}'", f"choose one of: {', '.join(COMPONENTS)}")

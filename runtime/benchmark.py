@@ -85,12 +85,16 @@ class DeviceMemory:
     def _card(self) -> int:  # MiB, summed over the cards
         return sum(int(row[0]) for row in self._read("card") if row and row[0].isdigit())
 
-    def _poll(self):
+    @classmethod
+    def process_mib(cls) -> int:
+        """This process's GPU memory now, as nvidia-smi lists it (0 where it lists none)."""
         pid = str(os.getpid())
+        return sum(int(row[1]) for row in cls._read("process") if len(row) == 2 and row[0] == pid
+                   and row[1].isdigit())
+
+    def _poll(self):
         while not self._stop.is_set():
-            mine = [int(row[1]) for row in self._read("process") if len(row) == 2 and row[0] == pid
-                    and row[1].isdigit()]
-            self.peak["process"] = max(self.peak["process"], sum(mine))
+            self.peak["process"] = max(self.peak["process"], self.process_mib())
             self.peak["card"] = max(self.peak["card"], self._card() - self.base)
             self._stop.wait(self.interval)
 
