@@ -60,27 +60,38 @@ def phase_export(work: Path, configs: Path) -> dict:
     return {"export_s": round(time.perf_counter() - start, 1)}
 
 
-def phase_fp16_compute(work: Path, configs: Path) -> dict:
-    """The fp16-compute recipe of each graph, written from the fp32 export by the exporter's own function
-    (what `edgesd export --recipe fp16-compute` writes, without its CPU fidelity runs)."""
+def _recipe_folder(work: Path, folder: str, recipe: str, overrides: dict | None = None) -> float:
+    """work/folder: `recipe` of each graph (with `overrides` per component), written from the fp32 export by
+    the exporter's own function (what `edgesd export --recipe R` writes, without its CPU fidelity runs)."""
     import json as json_
     import shutil
 
     from edgesd.export.recipes import component_recipes, write_recipe
 
     start = time.perf_counter()
-    src, dst = work / "sd15-onnx", work / "sd15-fp16-compute"
+    src, dst = work / "sd15-onnx", work / folder
     if not (dst / "edgesd.json").exists():
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx*", "edgesd.json"))
-        chosen = component_recipes("fp16-compute", components=("text_encoder", "unet", "vae_decoder"))
-        for component, recipe in chosen.items():
-            write_recipe(src / component / "model.onnx", dst / component / "model.onnx", recipe)
+        chosen = component_recipes(recipe, overrides, components=("text_encoder", "unet", "vae_decoder"))
+        for component, name in chosen.items():
+            write_recipe(src / component / "model.onnx", dst / component / "model.onnx", name)
         manifest = json_.loads((src / "edgesd.json").read_text())
-        for component, recipe in chosen.items():
-            manifest["graphs"][component]["precision"] = recipe
+        for component, name in chosen.items():
+            manifest["graphs"][component]["precision"] = name
         (dst / "edgesd.json").write_text(json_.dumps(manifest, indent=2))
-    return {"fp16_compute_s": round(time.perf_counter() - start, 1)}
+    return round(time.perf_counter() - start, 1)
+
+
+def phase_fp16_compute(work: Path, configs: Path) -> dict:
+    return {"fp16_compute_s": _recipe_folder(work, "sd15-fp16-compute", "fp16-compute")}
+
+
+def phase_int8_fp16(work: Path, configs: Path) -> dict:
+    """The modest-VRAM folder: int8 weights with fp16 arithmetic, the VAE in fp16 arithmetic too (as diffusers
+    runs SD 1.5's; the recipe alone keeps it fp32, force_upcast)."""
+    return {"int8_fp16_s": _recipe_folder(work, INT8_FP16["folder"], "int8-weights-fp16-compute",
+                                          {"vae_decoder": "fp16-compute"})}
 
 
 def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
@@ -149,7 +160,8 @@ def _process_gpu_gb() -> float:
     return round(DeviceMemory.process_mib() * 2**20 / 1e9, 2)
 
 
-def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-compute") -> dict:
+def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-compute",
+                      folder: str = "sd15-fp16-compute") -> dict:
     """Where the CUDA EP's memory goes: this process's GPU memory after each graph loads and after each
     runs once (fp16-compute, lean options); with `shared_arena` the three sessions share one env allocator
     (session.use_env_allocators) instead of an arena each."""
@@ -163,11 +175,11 @@ def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-comp
         ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, {"device_id": "0"},
                                              ort.OrtArenaCfg({"arena_extend_strategy": 1}))
     sessions = {}
-    for name, folder in (("text_encoder", "sd15-fp16-compute"), ("unet", "sd15-fp16-compute"), ("vae_decoder", vae)):
+    for name, graphs in (("text_encoder", folder), ("unet", folder), ("vae_decoder", vae)):
         made = ort.SessionOptions()
         if shared_arena:
             made.add_session_config_entry("session.use_env_allocators", "1")
-        sessions[name] = ort.InferenceSession(str(work / folder / name / "model.onnx"), made,
+        sessions[name] = ort.InferenceSession(str(work / graphs / name / "model.onnx"), made,
                                               providers=[("CUDAExecutionProvider", options)])
         readings[f"{name} loaded"] = _process_gpu_gb()
     rng = np.random.default_rng(0)
@@ -180,7 +192,8 @@ def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-comp
     readings["unet run"] = _process_gpu_gb()
     image = sessions["vae_decoder"].run(None, {"latent_sample": rng.standard_normal((1, 4, 64, 64), dtype=np.float32)})[0]
     readings["vae_decoder run"] = _process_gpu_gb()
-    return {"config": f"memory breakdown, {'one shared arena' if shared_arena else 'an arena per graph'}"
+    return {"config": f"memory breakdown{'' if folder == 'sd15-fp16-compute' else ', ' + folder}, "
+                      f"{'one shared arena' if shared_arena else 'an arena per graph'}"
                       f"{', VAE fp16-compute' if vae != 'sd15-fp16-compute' else ''}",
             "gpu_gb": readings, "image_finite": bool(np.isfinite(image).all())}
 
@@ -199,6 +212,7 @@ def phase_vae_fp16(work: Path, configs: Path) -> dict:
 
 
 FP16 = dict(folder="sd15-fp16-compute", label="fp16-compute")
+INT8_FP16 = dict(folder="sd15-int8-fp16", label="int8-weights-fp16-compute, VAE fp16-compute")
 GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 4 GB
 # CUDA EP options that trade a little speed for memory: the arena grows by what is asked (not doubling),
 # cuDNN picks convolution algorithms by heuristics with a small workspace instead of trying all of them.
@@ -208,6 +222,7 @@ PHASES = {
     "build": phase_build,
     "export": phase_export,
     "fp16-compute": phase_fp16_compute,
+    "int8-fp16": phase_int8_fp16,
     "diffusers-cuda": phase_diffusers_cuda,
     "edgesd-cpu": lambda work, configs: _edgesd(work, "cpu"),
     "edgesd-webgpu": lambda work, configs: _edgesd(work, "webgpu"),
@@ -226,6 +241,13 @@ PHASES = {
     "memory-own": lambda work, configs: _memory_breakdown(work, shared_arena=False),
     "memory-shared": lambda work, configs: _memory_breakdown(work, shared_arena=True),
     "memory-shared-vae16": lambda work, configs: _memory_breakdown(work, True, vae="sd15-vae-fp16-compute"),
+    "edgesd-cuda-fp16-low": lambda work, configs: _edgesd(work, "cuda", folder=FP16["folder"],
+                                                          label="fp16-compute --memory low", memory="low"),
+    "edgesd-cuda-int8fp16": lambda work, configs: _edgesd(work, "cuda", **INT8_FP16),
+    "edgesd-cuda-int8fp16-low": lambda work, configs: _edgesd(
+        work, "cuda", folder=INT8_FP16["folder"], label=INT8_FP16["label"] + " --memory low", memory="low"),
+    "memory-int8fp16": lambda work, configs: _memory_breakdown(work, True, vae=INT8_FP16["folder"],
+                                                               folder=INT8_FP16["folder"]),
     "edgesd-cuda-fp16-lean-4gb": lambda work, configs: _edgesd(
         work, "cuda", folder=FP16["folder"], label="fp16-compute lean, gpu_mem_limit 4 GB",
         provider_options=(*LEAN, ("gpu_mem_limit", str(GPU_MEM_LIMIT)))),

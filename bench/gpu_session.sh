@@ -8,7 +8,7 @@
 # Usage there: bash bench/gpu_session.sh PHASES SHA256_OF_THE_TAR_XZ
 set -euo pipefail
 phases=$1 sha=$2
-for f in .gl/*.deb; do dpkg -x "$f" /; done
+for f in .gl/*.deb; do [ -f "$f" ] && dpkg -x "$f" /; done  # Vulkan, for the WebGPU phases only
 ldconfig
 nvidia_icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [ -f "$nvidia_icd" ]; then export VK_DRIVER_FILES=$nvidia_icd; fi
@@ -18,7 +18,7 @@ cp .ort/* /tmp/chunks/ 2>/dev/null || true
 cat /tmp/chunks/ort.tar.xz.* > /tmp/ort.tar.xz
 echo "$sha  /tmp/ort.tar.xz" | sha256sum -c --quiet
 tar -xJf /tmp/ort.tar.xz -C /tmp/site  # onnxruntime (GPU build) ahead of the machine's CPU one on PYTHONPATH
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl .whl2/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $(ls .whl/*.whl .whl2/*.whl 2>/dev/null)
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/edgesd .
 export PYTHONPATH=/tmp/edgesd:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The CUDA EP loads CUDA 13 and cuDNN 9 from the machine's torch wheels (nvidia/*/lib).

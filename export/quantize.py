@@ -6,6 +6,9 @@ the fp32 graph stays, as the reference for the fidelity report.
 - `write_int8_weights`: Conv / MatMul / Gemm weights as int8, symmetric per output channel, each behind a
   DequantizeLinear; the other large tensors (embeddings) stored as fp16 behind a Cast. Every op still computes
   in fp32: a quarter of the size, the same speed.
+- `write_int8_weights_fp16_compute`: the fp16-compute graph (recipes.fp16_compute_graph) with its fp16 weights
+  stored the same way, with fp16 scales, behind ONNX Runtime's com.microsoft.DequantizeLinear (opset 17's
+  DequantizeLinear takes float32 scales only): weights a quarter of fp32's size, arithmetic in fp16.
 - `write_int4_weights`: MatMul weights in 4 bits, symmetric, in blocks of INT4_BLOCK_SIZE along the input
   dimension (onnxruntime's MatMulNBits); the convolutions as in `write_int8_weights`.
 - `write_int8_static`: onnxruntime's static QDQ quantization of the Conv / MatMul / Gemm ops that have a weight
@@ -21,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .components import save_graph
-from .recipes import FP16_MIN_ELEMENTS, prepend_nodes, store_weights_fp16
+from .fusion import MS_DOMAIN
+from .recipes import FP16_MIN_ELEMENTS, fp16_compute_graph, prepend_nodes, store_weights_fp16
 
 INT4_BLOCK_SIZE = 32
 # Layers left in fp32 by the static recipe: the U-Net's first and last convolutions and its timestep embedding.
@@ -54,35 +58,73 @@ def _weight_axes(graph) -> dict[str, int]:
 
 
 def store_weights_int8(graph) -> None:
-    """Weights of Conv / MatMul / Gemm as int8 (symmetric, one scale per output channel) + DequantizeLinear;
-    the other float32 tensors of >= FP16_MIN_ELEMENTS as fp16 + Cast (`store_weights_fp16`)."""
+    """Weights of Conv / MatMul / Gemm as int8 (symmetric, one scale per output channel) + DequantizeLinear to
+    the weight's own type (float32, or float16 through com.microsoft's); the other float32 tensors of
+    >= FP16_MIN_ELEMENTS as fp16 + Cast (`store_weights_fp16`)."""
     from onnx import TensorProto, helper, numpy_helper
 
     axes = _weight_axes(graph)
     nodes, scales = [], set()
     for init in graph.initializer:
         small = int(np.prod(init.dims)) < FP16_MIN_ELEMENTS
-        if init.name not in axes or init.data_type != TensorProto.FLOAT or small:
+        if init.name not in axes or init.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) or small:
             continue
-        name, values, axis = init.name, numpy_helper.to_array(init), axes[init.name]
+        name, axis, half = init.name, axes[init.name], init.data_type == TensorProto.FLOAT16
+        values = numpy_helper.to_array(init).astype(np.float32)
         reduce = tuple(i for i in range(values.ndim) if i != axis)
-        scale = (np.abs(values).max(axis=reduce) / 127.0).astype(np.float32)
+        scale = (np.abs(values).max(axis=reduce) / 127.0).astype(np.float16 if half else np.float32)
         scale[scale == 0] = 1.0
         shape = [1] * values.ndim
         shape[axis] = -1
-        q = np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+        q = np.clip(np.round(values / scale.astype(np.float32).reshape(shape)), -127, 127).astype(np.int8)
         init.CopyFrom(numpy_helper.from_array(q, f"{name}.int8"))
         graph.initializer.append(numpy_helper.from_array(scale, f"{name}.scale"))
         scales.add(f"{name}.scale")
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name],
-                                      name=f"{name}.dequantize", axis=axis))
+                                      name=f"{name}.dequantize", axis=axis, domain=MS_DOMAIN if half else ""))
     prepend_nodes(graph, nodes)
-    store_weights_fp16(graph, keep=frozenset(scales))  # the scales stay float32, as DequantizeLinear wants them
+    store_weights_fp16(graph, keep=frozenset(scales))  # float32 scales stay so, as opset 17 wants them
 
 
 def write_int8_weights(src: Path, dst: Path) -> None:
     model = _load(src)
     store_weights_int8(model.graph)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_graph(model, dst)
+
+
+def fold_initializer_casts(graph) -> None:
+    """A Cast whose input is an initializer read by it alone (fp16 storage: `store_weights_fp16`) becomes the
+    initializer it gives, so weight ops read initializers again."""
+    from collections import Counter
+
+    from onnx import helper, numpy_helper
+
+    inits = {init.name: init for init in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input)
+    outputs = {o.name for o in graph.output}
+    folded, kept = [], []
+    for node in graph.node:
+        source = node.input[0] if node.op_type == "Cast" else None
+        if source in inits and readers[source] == 1 and node.output[0] not in outputs:
+            to = helper.tensor_dtype_to_np_dtype(next(a.i for a in node.attribute if a.name == "to"))
+            folded.append(numpy_helper.from_array(numpy_helper.to_array(inits.pop(source)).astype(to), node.output[0]))
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend([*inits.values(), *folded])
+
+
+def write_int8_weights_fp16_compute(src: Path, dst: Path) -> None:
+    from onnx import helper
+
+    model = fp16_compute_graph(src)
+    fold_initializer_casts(model.graph)  # a source stored as fp16 keeps its weights behind Casts
+    store_weights_int8(model.graph)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_graph(model, dst)
 

@@ -11,6 +11,9 @@
   The VAE gets fp16 (fp32 arithmetic): its decoder overflows fp16, which diffusers handles with
   `force_upcast`. On a CPU, ONNX Runtime casts each fp16 op it has no kernel
   for back to fp32: it runs, slower than fp32; the recipe is for GPU providers.
+- int8-weights-fp16-compute (ONNX): fp16-compute with the Conv / MatMul / Gemm weights stored as int8 (one
+  fp16 scale per output channel), each dequantized to fp16 where it is used: for GPUs with little memory
+  (SD 1.5's U-Net weights take 0.86 GB instead of 1.72). The VAE as in fp16-compute.
 - int8-weights, int4-weights, int8 (static W8A8, U-Net only): see `quantize.py` (ONNX) and `openvino_ir.py`.
 - int8-hybrid (U-Net only, OpenVINO IR only): MatMul weights int8 weight-only, convolutions static W8A8.
 
@@ -31,7 +34,8 @@ import numpy as np
 
 from edgesd.errors import EdgesdError
 
-Recipe = Literal["fp32", "fp16", "fp16-compute", "int8-weights", "int8", "int4-weights", "int8-hybrid"]
+Recipe = Literal["fp32", "fp16", "fp16-compute", "int8-weights-fp16-compute", "int8-weights", "int8", "int4-weights",
+                 "int8-hybrid"]
 RECIPES: tuple[str, ...] = get_args(Recipe)
 Format = Literal["onnx", "openvino"]
 Attention = Literal["fused", "unfused"]  # the traced graphs' attention (fusion.py), see lossless_passes
@@ -39,9 +43,10 @@ ATTENTION_MODES: tuple[str, ...] = get_args(Attention)
 FORMATS: tuple[str, ...] = get_args(Format)
 # What each output format can write (int8-hybrid is NNCF's; onnxruntime.quantization has no such mode).
 # OpenVINO picks its arithmetic precision per device at load (its inference_precision hint: f16 on GPUs),
-# so fp16-compute is an ONNX recipe.
+# so the fp16-compute recipes are ONNX recipes.
+_FP16_COMPUTE = ("fp16-compute", "int8-weights-fp16-compute")
 FORMAT_RECIPES: dict[str, tuple[str, ...]] = {"onnx": tuple(r for r in RECIPES if r != "int8-hybrid"),
-                                               "openvino": tuple(r for r in RECIPES if r != "fp16-compute")}
+                                               "openvino": tuple(r for r in RECIPES if r not in _FP16_COMPUTE)}
 # Recipes with activation quantization: U-Net only, calibrated on U-Net inputs of fp32 pipeline runs.
 CALIBRATED = ("int8", "int8-hybrid")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -51,6 +56,7 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # (worst prompt, bench/results/recipes-fidelity-edgesd-tiny-*.md: fp16 66, int8-weights 48, int8 35 dB; its
 # int4-weights falls to 7 dB on a prompt it cannot draw and fails) with a margin for other models.
 MIN_IMAGE_PSNR_DB: dict[str, float] = {"fp32": float("inf"), "fp16": 40.0, "fp16-compute": 30.0,
+                                       "int8-weights-fp16-compute": 30.0,
                                        "int8-weights": 30.0, "int8": 25.0,
                                        "int4-weights": 25.0, "int8-hybrid": 25.0}
 # fp32 in another format (OpenVINO IR) is the same network run by another runtime: not bit for bit the ONNX
@@ -59,11 +65,12 @@ MIN_IMAGE_PSNR_DB_CONVERTED_FP32 = 40.0
 
 # What a recipe gives the graphs it is not made for, by kind of graph. The activation-quantized recipes and
 # int4-weights are U-Net recipes: the other graphs (small, and the text encoder sensitive to 4 bits: one
-# embedded-model prompt fell to 7 dB) get int8 weights. fp16-compute leaves the VAE fp16-stored with fp32
-# arithmetic (diffusers' force_upcast).
+# embedded-model prompt fell to 7 dB) get int8 weights. The fp16-compute recipes leave the VAE fp16-stored with
+# fp32 arithmetic (diffusers' force_upcast; `--vae-recipe fp16-compute` for fp16 arithmetic there too).
 _INT8_ELSEWHERE: dict[str, Recipe] = {"text_encoder": "int8-weights", "vae": "int8-weights"}
 OTHER_GRAPHS: dict[str, dict[str, Recipe]] = {"int8": _INT8_ELSEWHERE, "int8-hybrid": _INT8_ELSEWHERE,
-                                              "int4-weights": _INT8_ELSEWHERE, "fp16-compute": {"vae": "fp16"}}
+                                              "int4-weights": _INT8_ELSEWHERE,
+                                              **{r: {"vae": "fp16"} for r in _FP16_COMPUTE}}
 
 
 def _kind(component: str) -> str:
@@ -143,6 +150,8 @@ def write_recipe(src: Path, dst: Path, recipe: Recipe, calibration: list | None 
         save_graph(model, dst)
     elif recipe == "fp16-compute":
         save_graph(fp16_compute_graph(src), dst)
+    elif recipe == "int8-weights-fp16-compute":
+        quantize.write_int8_weights_fp16_compute(src, dst)
     elif recipe == "int8-weights":
         quantize.write_int8_weights(src, dst)
     elif recipe == "int4-weights":

@@ -170,12 +170,13 @@ def test_bad_loras_are_named(models, tmp_path, make, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_quantized_graphs_refuse_a_load_time_lora(models, tmp_path):
+@pytest.mark.parametrize("recipe", ["int8-weights", "int8-weights-fp16-compute"])
+def test_quantized_graphs_refuse_a_load_time_lora(models, tmp_path, recipe):
     from edgesd.export import ExportOptions, export_model
 
-    export_model(models["sd"][0], tmp_path / "int8", ExportOptions(recipe="int8-weights"))
+    export_model(models["sd"][0], tmp_path / "int8", ExportOptions(recipe=recipe, with_vae_encoder=False))
     path = _lora("sd", "kohya", models, tmp_path)
-    with pytest.raises(EdgesdError, match="int8-weights graph holds quantized weights.*export the model with --lora"):
+    with pytest.raises(EdgesdError, match=f"{recipe} graph holds quantized weights.*export the model with --lora"):
         edgesd.Pipeline.load(tmp_path / "int8", loras=[(path, 1.0)])
 
 

@@ -208,30 +208,41 @@ def _computes_in_fp16(graph, op_type: str) -> list[bool]:
     return [types.get(n.input[0]) == onnx.TensorProto.FLOAT16 for n in graph.node if n.op_type == op_type]
 
 
-def test_fp16_compute_gate_on_the_embedded_model(tmp_path):
-    """The recipe for GPUs: U-Net and text encoder in fp16 arithmetic, float32 at the edges, softmax in
-    float32, the VAE fp16-stored only (force_upcast); the embedded model's pictures pass its fidelity gate."""
+@pytest.mark.parametrize("recipe", ["fp16-compute", "int8-weights-fp16-compute"])
+def test_fp16_compute_gate_on_the_embedded_model(tmp_path, recipe):
+    """The recipes for GPUs: U-Net and text encoder in fp16 arithmetic, float32 at the edges, the VAE
+    fp16-stored only (force_upcast); int8-weights-fp16-compute stores the weights as int8, dequantized to
+    fp16; the embedded model's pictures pass the fidelity gate."""
     from edgesd.export.fidelity import measure
     from edgesd.export.recipes import MIN_IMAGE_PSNR_DB, component_recipes, lossless_passes, write_recipe
     from edgesd.models_path import default_model_path as default_model
 
     reference = default_model()
-    chosen = component_recipes("fp16-compute", components=("text_encoder", "unet", "vae_decoder"))
-    assert chosen == {"text_encoder": "fp16-compute", "unet": "fp16-compute", "vae_decoder": "fp16"}
-    candidate, fused = tmp_path / "fp16-compute", tmp_path / "fused"
+    chosen = component_recipes(recipe, components=("text_encoder", "unet", "vae_decoder"))
+    assert chosen == {"text_encoder": recipe, "unet": recipe, "vae_decoder": "fp16"}
+    candidate, fused = tmp_path / recipe, tmp_path / "fused"
     shutil.copytree(reference, candidate, ignore=shutil.ignore_patterns("model.onnx*"))
     shutil.copytree(reference, fused)
-    for component, recipe in chosen.items():  # from graphs with their attention fused, as an export's are
+    for component, name in chosen.items():  # from graphs with their attention fused, as an export's are
         lossless_passes(fused / component / "model.onnx")
-        write_recipe(fused / component / "model.onnx", candidate / component / "model.onnx", recipe)
+        write_recipe(fused / component / "model.onnx", candidate / component / "model.onnx", name)
     unet = onnx.load(str(candidate / "unet" / "model.onnx")).graph
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*unet.input, *unet.output])
     assert all(_computes_in_fp16(unet, "Conv")) and all(_computes_in_fp16(unet, "MatMul"))
     assert not any(n.op_type == "Softmax" for n in unet.node)  # every attention fused (fusion.py)
     assert len(_computes_in_fp16(unet, "MultiHeadAttention")) == 14 and all(_computes_in_fp16(unet, "MultiHeadAttention"))
-    report = measure(reference, candidate, chosen, MIN_IMAGE_PSNR_DB["fp16-compute"])
+    if recipe == "int8-weights-fp16-compute":
+        weights = {n.input[1] for n in unet.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+        dequantize = [n for n in unet.node if n.output[0] in weights]
+        assert dequantize and all(n.op_type == "DequantizeLinear" and n.domain == "com.microsoft" for n in dequantize)
+        kinds = {i.name: i.data_type for i in unet.initializer}
+        assert {kinds[n.input[0]] for n in dequantize} == {onnx.TensorProto.INT8}
+        assert {kinds[n.input[1]] for n in dequantize} == {onnx.TensorProto.FLOAT16}
+        assert _graph_bytes(candidate, "unet") < 0.6 * _graph_bytes(reference, "unet")  # the reference is fp16
+    report = measure(reference, candidate, chosen, MIN_IMAGE_PSNR_DB[recipe])
     assert report.passed, report.to_json()
-    assert report.worst_image_psnr_db > MIN_IMAGE_PSNR_DB["fp16-compute"]
+    assert report.worst_image_psnr_db > MIN_IMAGE_PSNR_DB[recipe]
+    print(recipe, "worst picture", report.worst_image_psnr_db, "dB")
 
 
 def test_fp16_compute_keeps_attention_scores_fp32_where_the_config_upcasts(tmp_path):
@@ -290,3 +301,24 @@ def test_attention_is_fused_for_onnx_and_left_to_openvino_for_ir():
     assert ExportOptions().attention_mode() == "fused"
     assert ExportOptions(format="openvino").attention_mode() == "unfused"  # its own SDPA fusion ran faster
     assert ExportOptions(format="openvino", attention="fused").attention_mode() == "fused"
+
+
+def test_int8_weights_fp16_compute_export_generates_and_refuses_a_lora(tiny_src, tmp_path):
+    """The modest-VRAM recipe through the exporter (its VAE overridden to fp16 arithmetic), then generating
+    with it in both memory modes: the same picture. (Its int8 weights take no LoRA: tests/test_lora.py.)"""
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path / "out"
+    report = export_model(tiny_src, out, ExportOptions(recipe="int8-weights-fp16-compute", with_vae_encoder=False,
+                                                       component_overrides={"vae_decoder": "fp16-compute"}))
+    assert report.passed
+    manifest = json.loads((out / "edgesd.json").read_text())
+    assert {c: g["precision"] for c, g in manifest["graphs"].items()} == {
+        "text_encoder": "int8-weights-fp16-compute", "unet": "int8-weights-fp16-compute",
+        "vae_decoder": "fp16-compute"}
+    assert not (out / "unet" / "weights.json").exists()
+    pictures = [np.asarray(edgesd.Pipeline.load(out, memory=memory)(
+        "a red circle", num_inference_steps=3, width=64, height=64, seed=1).images[0]) for memory in ("fast", "low")]
+    assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
+    with pytest.raises(EdgesdError, match="int8-weights-fp16-compute recipe cannot be written as openvino"):
+        ExportOptions(recipe="int8-weights-fp16-compute", format="openvino")
