@@ -211,6 +211,75 @@ def phase_vae_fp16(work: Path, configs: Path) -> dict:
     return {"vae_fp16_s": 0}
 
 
+def phase_dequantize_kernels(work: Path, configs: Path) -> dict:
+    """Time on the CUDA EP the ways to turn an int8 weight of SD 1.5's largest convolution (1280x1280x3x3,
+    one scale per output channel) into fp16: com.microsoft.DequantizeLinear (what the int8-weights-fp16-compute
+    recipe writes), opset 21's DequantizeLinear, Cast + Mul; and an fp16 copy (Identity) for the bandwidth."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    q = np.random.default_rng(0).integers(-127, 128, (1280, 1280, 3, 3), dtype=np.int8)
+    scale = np.full((1280,), 0.01, np.float16)
+    ways = {"com.microsoft.DequantizeLinear": ([helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=0,
+                                                                  domain="com.microsoft")], 17),
+            "DequantizeLinear opset 21": ([helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=0)], 21),
+            "Cast + Mul": ([helper.make_node("Cast", ["q"], ["c"], to=TensorProto.FLOAT16),
+                            helper.make_node("Mul", ["c", "s4"], ["y"])], 17)}
+    results = {}
+    for name, (nodes, opset) in ways.items():
+        inputs = [helper.make_tensor_value_info("q", TensorProto.INT8, list(q.shape))]
+        inits = [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(scale.reshape(-1, 1, 1, 1), "s4")]
+        graph = helper.make_graph(nodes, "dq", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
+                                  inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("q", ort.OrtValue.ortvalue_from_numpy(q, "cuda", 0))
+        binding.bind_output("y", "cuda")
+        for _ in range(3):
+            session.run_with_iobinding(binding)
+        start = time.perf_counter()
+        for _ in range(50):
+            session.run_with_iobinding(binding)
+        results[name] = round((time.perf_counter() - start) / 50 * 1e3, 3)
+    return {"config": "int8 -> fp16 weight, 1280x1280x3x3, ms per call (CUDA EP)", "ms": results}
+
+
+def phase_int8_fp16_cast_mul(work: Path, configs: Path) -> dict:
+    """An experiment: the int8-fp16 folder with each com.microsoft.DequantizeLinear replaced by Cast + Mul."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    src, dst = work / INT8_FP16["folder"], work / "sd15-int8-fp16-castmul"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "unet" / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain != "com.microsoft":
+            nodes.append(node)
+            continue
+        q, scale = node.input[0], inits[node.input[1]]
+        axis = next(a.i for a in node.attribute if a.name == "axis")
+        shape = [1] * len(inits[q].dims)
+        shape[axis] = -1
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale).reshape(shape), scale.name))
+        nodes += [helper.make_node("Cast", [q], [q + ".fp16"], to=TensorProto.FLOAT16),
+                  helper.make_node("Mul", [q + ".fp16", scale.name], [node.output[0]])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for f in (dst / "unet").glob("model.onnx*"):
+        f.unlink()
+    onnx.save_model(model, str(dst / "unet" / "model.onnx"), save_as_external_data=True, location="model.onnx_data")
+    return {"cast_mul_nodes": sum(n.op_type == "Mul" for n in nodes)}
+
+
 FP16 = dict(folder="sd15-fp16-compute", label="fp16-compute")
 INT8_FP16 = dict(folder="sd15-int8-fp16", label="int8-weights-fp16-compute, VAE fp16-compute")
 GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 4 GB
@@ -223,6 +292,8 @@ PHASES = {
     "export": phase_export,
     "fp16-compute": phase_fp16_compute,
     "int8-fp16": phase_int8_fp16,
+    "dequantize-kernels": phase_dequantize_kernels,
+    "int8-fp16-castmul": phase_int8_fp16_cast_mul,
     "diffusers-cuda": phase_diffusers_cuda,
     "edgesd-cpu": lambda work, configs: _edgesd(work, "cpu"),
     "edgesd-webgpu": lambda work, configs: _edgesd(work, "webgpu"),
@@ -246,6 +317,10 @@ PHASES = {
     "edgesd-cuda-int8fp16": lambda work, configs: _edgesd(work, "cuda", **INT8_FP16),
     "edgesd-cuda-int8fp16-low": lambda work, configs: _edgesd(
         work, "cuda", folder=INT8_FP16["folder"], label=INT8_FP16["label"] + " --memory low", memory="low"),
+    "edgesd-cuda-int8fp16-castmul": lambda work, configs: _edgesd(
+        work, "cuda", folder="sd15-int8-fp16-castmul", label="int8 weights by Cast + Mul (experiment), VAE fp16-compute"),
+    "memory-int8fp16-own": lambda work, configs: _memory_breakdown(work, False, vae=INT8_FP16["folder"],
+                                                                   folder=INT8_FP16["folder"]),
     "memory-int8fp16": lambda work, configs: _memory_breakdown(work, True, vae=INT8_FP16["folder"],
                                                                folder=INT8_FP16["folder"]),
     "edgesd-cuda-fp16-lean-4gb": lambda work, configs: _edgesd(
