@@ -147,9 +147,16 @@ def fuse_attention(model) -> int:
     unread = [init for init in model.graph.initializer if init.name not in read]  # the scale's constants
     for init in unread:
         model.graph.initializer.remove(init)
+    import_ms_domain(model)
+    return len(replaced)
+
+
+def import_ms_domain(model) -> None:
+    """Declare ONNX Runtime's com.microsoft operator set (its contrib ops) in `model`, once."""
+    from onnx import helper
+
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return len(replaced)
 
 
 def _read_only(nodes: list, wanted: set[str]) -> list:

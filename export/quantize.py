@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .components import save_graph
-from .fusion import MS_DOMAIN
+from .fusion import MS_DOMAIN, import_ms_domain
 from .recipes import FP16_MIN_ELEMENTS, fp16_compute_graph, prepend_nodes, store_weights_fp16
 
 INT4_BLOCK_SIZE = 32
@@ -118,13 +118,10 @@ def fold_initializer_casts(graph) -> None:
 
 
 def write_int8_weights_fp16_compute(src: Path, dst: Path) -> None:
-    from onnx import helper
-
     model = fp16_compute_graph(src)
     fold_initializer_casts(model.graph)  # a source stored as fp16 keeps its weights behind Casts
     store_weights_int8(model.graph)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    import_ms_domain(model)
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_graph(model, dst)
 

@@ -242,7 +242,6 @@ def test_fp16_compute_gate_on_the_embedded_model(tmp_path, recipe):
     report = measure(reference, candidate, chosen, MIN_IMAGE_PSNR_DB[recipe])
     assert report.passed, report.to_json()
     assert report.worst_image_psnr_db > MIN_IMAGE_PSNR_DB[recipe]
-    print(recipe, "worst picture", report.worst_image_psnr_db, "dB")
 
 
 def test_fp16_compute_keeps_attention_scores_fp32_where_the_config_upcasts(tmp_path):
