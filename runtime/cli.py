@@ -245,6 +245,9 @@ def _runtime_options_only(command):
               help="Classifier-free guidance scale (default: the model's, usually 7.5).")
 @click.option("--guidance-rescale", default=0.0, show_default=True, type=float,
               help="0-1: rescale guided predictions towards the conditional one's spread (Lin et al. 2023).")
+@click.option("--guidance-cutoff", default=1.0, show_default=True, type=float,
+              help="(0, 1]: guide only this share of the steps (the first ones); the rest run at half the U-Net "
+                   "batch. Faster, a different picture.")
 @click.option("--seed", default=None, type=int, help="Random seed (default: random, printed).")
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
@@ -267,7 +270,8 @@ def _runtime_options_only(command):
               help="Refuse a call whose pictures x width x height exceed this (checked before any memory is used).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
-def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed,
+def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale,
+             guidance_cutoff, seed,
              width, height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder,
              vae_tiling, count, max_pixels, output, **runtime_options):
     """Generate an image from PROMPT (or from the parameters of a picture: --from PNG)."""
@@ -278,10 +282,11 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
                  if click.get_current_context().get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
         values = _saved_parameters(from_png, given, dict(
             prompt=prompt, negative=negative, prompt_2=prompt_2, negative_2=negative_2, steps=steps,
-            guidance=guidance, guidance_rescale=guidance_rescale, seed=seed, width=width, height=height,
-            scheduler=scheduler, noise_generator=noise_generator, strength=strength, vae_tiling=vae_tiling))
-        (prompt, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, seed, width, height, scheduler,
-         noise_generator, strength, vae_tiling) = values.values()
+            guidance=guidance, guidance_rescale=guidance_rescale, guidance_cutoff=guidance_cutoff, seed=seed,
+            width=width, height=height, scheduler=scheduler, noise_generator=noise_generator, strength=strength,
+            vae_tiling=vae_tiling))
+        (prompt, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, guidance_cutoff, seed, width,
+         height, scheduler, noise_generator, strength, vae_tiling) = values.values()
     if prompt is None:
         raise EdgesdError("no prompt given", "pass PROMPT, or --from PNG to re-run a picture's parameters")
 
@@ -317,7 +322,7 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
             bar.update(1)
 
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-                      guidance_rescale=guidance_rescale,
+                      guidance_rescale=guidance_rescale, guidance_cutoff=guidance_cutoff,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
                       strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2,
@@ -333,8 +338,8 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
 # generate's options -> the Pipeline arguments a picture's parameters name (images.read_parameters)
 _SAVED = {"prompt": "prompt", "negative": "negative_prompt", "prompt_2": "prompt_2", "negative_2": "negative_prompt_2",
           "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
-          "seed": "seed", "width": "width", "height": "height", "scheduler": "scheduler",
-          "noise_generator": "noise_generator", "strength": "strength", "vae_tiling": "vae_tiling"}
+          "guidance_cutoff": "guidance_cutoff", "seed": "seed", "width": "width", "height": "height",
+          "scheduler": "scheduler", "noise_generator": "noise_generator", "strength": "strength", "vae_tiling": "vae_tiling"}
 
 
 def _saved_parameters(path: Path, given: set[str], values: dict) -> dict:

@@ -27,22 +27,34 @@ class Denoiser:
     guidance_rescale: float = 0.0  # phi of Lin et al. 2023, Sec. 3.4; 0 leaves guidance as it is
     # channels appended to the sample before the U-Net (inpainting: mask and masked-image latents), (B, C', h, w)
     concat: np.ndarray | None = field(default=None)
+    # guidance cutoff: only evaluations at train timesteps >= this one are guided; below it the conditional
+    # branch runs alone (batch B). None: every evaluation is guided.
+    guided_down_to: float | None = None
     latest_x0: np.ndarray | None = field(default=None, repr=False)  # the last clean-latent estimate (previews)
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
+    def _guided_at(self, t: float) -> bool:
+        return self.guided and (self.guided_down_to is None or t >= self.guided_down_to)
+
     def _predict(self, x_vp: np.ndarray, t: float) -> np.ndarray:
         """Guided network output for the VP sample x_vp (B, C, h, w) at train timestep t."""
         x_in = x_vp.astype(np.float32)
         if self.concat is not None:
             x_in = np.concatenate([x_in, self.concat], axis=1)  # (B, C + C', h, w)
-        if self.guided:
+        guiding = self._guided_at(t)
+        if guiding:
             x_in = np.concatenate([x_in, x_in])  # (2B, ., h, w)
+            cond = self.cond
+        elif self.guided:  # past the guidance cutoff: the conditional half of each [uncond; cond] input
+            cond = {name: value[value.shape[0] // 2:] for name, value in self.cond.items()}
+        else:
+            cond = self.cond
         t_in = np.full((x_in.shape[0],), t, dtype=np.float32)
-        out = self.unet(x_in, t_in, **self.cond)
-        if not self.guided:
+        out = self.unet(x_in, t_in, **cond)
+        if not guiding:
             return out
         uncond, cond = np.split(out, 2)
         guided = uncond + self.guidance_scale * (cond - uncond)

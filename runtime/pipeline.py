@@ -28,7 +28,7 @@ from .models_path import default_model_path
 from .noise import noise_source
 from .preview import Previewer
 from .request import GenerationRequest, GenerationResult
-from .samplers import noise_at, run_sampler
+from .samplers import guidance_boundary, noise_at, run_sampler
 from .schedulers import alphas_cumprod, resolve_scheduler
 from .tiling import TilingMode, decode_latents, encode_pixels
 from .tokenizer import ClipTokenizer
@@ -253,6 +253,7 @@ class Pipeline:
         ...InpaintPipeline, LatentConsistencyModelPipeline) and are the fields of GenerationRequest:
 
         `width`, `height`, `seed`, `num_images_per_prompt`, `guidance_rescale` (0-1, Lin et al. 2023),
+        `guidance_cutoff` ((0, 1]: guide only the first ceil(cutoff x steps) steps, the rest at half the batch),
         `latents` (initial standard-normal noise (N, C, H/f, W/f), scaled as diffusers does),
         `scheduler` (a name or a diffusers config dict), `eta` (DDIM's noise level, TCD's gamma),
         `noise_generator` ("numpy" or "torch-cpu": torch's CPU randn bit for bit, so diffusers' seeds carry
@@ -298,6 +299,7 @@ class Pipeline:
             guidance_scale=request.guidance_scale if self.family.classifier_free else 1.0,
             guidance_rescale=request.guidance_rescale, prediction_type=sched.prediction_type,
             alphas_cumprod=alphas_cumprod(sched), concat=start.concat,
+            guided_down_to=guidance_boundary(sched, request.steps, start.step, request.guidance_cutoff),
         )
         step = _checked(callback, lambda: self.previewer(denoiser.latest_x0))
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,

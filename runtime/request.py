@@ -47,6 +47,9 @@ class GenerationRequest:
     seed: int
     images_per_prompt: int = 1
     guidance_rescale: float = 0.0
+    # the share of the steps that get classifier-free guidance (the first ceil(cutoff x steps)); the rest run
+    # the conditional branch alone, at half the U-Net batch: faster, and a different picture
+    guidance_cutoff: float = 1.0
     scheduler: str | dict | None = None  # our name, A1111's, a diffusers config dict, or None: the model's own
     noise_generator: NoiseGenerator = "numpy"
     eta: float | None = None
@@ -120,7 +123,7 @@ class GenerationRequest:
         if not isinstance(self.steps, (int, np.integer)) or isinstance(self.steps, bool) \
                 or not 1 <= self.steps <= MAX_STEPS:
             raise EdgesdError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}", "use e.g. 20")
-        for name in ("eta", "strength", "guidance_rescale"):
+        for name in ("eta", "strength", "guidance_rescale", "guidance_cutoff"):
             value = getattr(self, name)
             if value is not None and (not _is_number(value) or not np.isfinite(value)):
                 raise EdgesdError(f"{name} must be a number, got {value!r}")
@@ -142,6 +145,9 @@ class GenerationRequest:
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise EdgesdError(f"guidance_rescale must be between 0 and 1, got {self.guidance_rescale}",
                               "use e.g. 0.7")
+        if not 0.0 < self.guidance_cutoff <= 1.0:
+            raise EdgesdError(f"guidance_cutoff must be in (0, 1], got {self.guidance_cutoff}",
+                              "use e.g. 0.5 to guide the first half of the steps, or 1 to guide every step")
         if not isinstance(self.images_per_prompt, (int, np.integer)) or isinstance(self.images_per_prompt, bool) \
                 or self.images_per_prompt < 1:
             raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
@@ -191,6 +197,8 @@ class GenerationRequest:
                   "steps": self.steps, "scheduler": sampler, "guidance_scale": self.guidance_scale}
         if self.guidance_rescale:
             params["guidance_rescale"] = self.guidance_rescale
+        if self.guidance_cutoff != 1.0:
+            params["guidance_cutoff"] = self.guidance_cutoff
         params.update({"seed": self.seed, "width": self.width, "height": self.height})
         if self.noise_generator != "numpy":
             params["noise_generator"] = self.noise_generator

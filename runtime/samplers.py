@@ -6,6 +6,7 @@ in SAMPLER_TABLE; schedulers.py maps a diffusers scheduler class (or our short n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -81,6 +82,16 @@ def schedule_for(sched: SchedulerConfig, steps: int, start: int = 0):
     """The sigma or alpha schedule of `sched` for `steps` steps, entered at step `start`."""
     build = sigma_schedule if sampler_for(sched).space == "sigma" else alpha_schedule
     return sampling.starting_at(build(sched, steps), start)
+
+
+def guidance_boundary(sched: SchedulerConfig, steps: int, start: int, cutoff: float) -> float | None:
+    """The train timestep below which no evaluation is guided, when only the first ceil(cutoff x n) of the n steps
+    run are (halfway between the last guided step's timestep and the next one's); None: every step is guided."""
+    timesteps = np.asarray(schedule_for(sched, steps, start).timesteps, dtype=np.float64)[start:]
+    guided = math.ceil(cutoff * len(timesteps) - 1e-9)
+    if guided >= len(timesteps):
+        return None
+    return float(timesteps[guided - 1] + timesteps[guided]) / 2.0
 
 
 def noise_at(schedule, step: int, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:

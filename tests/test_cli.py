@@ -154,6 +154,8 @@ def test_bad_model_folders(broken_models, tmp_path):
     (["--height", 30], "height 30 is not a positive multiple of 4"),
     (["--steps", 0], "steps must be between 1"),
     (["--guidance", -1], "guidance scale must be >= 0"),
+    (["--guidance-cutoff", 0], "guidance_cutoff must be in (0, 1]"),
+    (["--guidance-cutoff", 1.5], "guidance_cutoff must be in (0, 1]"),
     (["--scheduler", "warp-drive"], "unknown scheduler 'warp-drive'"),
     (["--provider", "quantum"], "unknown provider 'quantum'"),
     (["--count", 0], "--count must be >= 1"),

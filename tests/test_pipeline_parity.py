@@ -124,6 +124,48 @@ def test_guidance_rescale_matches_diffusers(reference, ours, rescale):
     _assert_latents_close(expected, got)
 
 
+def _guidance_off_after(steps_guided: int):
+    """diffusers' dynamic classifier-free guidance (its callback_on_step_end recipe): after step
+    `steps_guided - 1` guidance is switched off and only the conditional embeddings are kept."""
+    def callback(pipe, i, t, kwargs):
+        if i == steps_guided - 1:
+            pipe._guidance_scale = 0.0
+            kwargs["prompt_embeds"] = kwargs["prompt_embeds"].chunk(2)[-1]
+        return kwargs
+    return callback
+
+
+@pytest.mark.parametrize("scheduler,steps,cutoff,guided", [("euler", 8, 0.4, 4), ("ddim", 10, 0.25, 3),
+                                                           ("dpm++2m", 7, 0.5, 4), ("euler-a", 6, 0.99, 6)])
+def test_guidance_cutoff_matches_diffusers_dynamic_guidance(reference, ours, scheduler, steps, cutoff, guided):
+    """guidance_cutoff guides the first ceil(cutoff x steps) steps and runs the rest at batch B on the
+    conditional prompt alone, as diffusers does with its dynamic-guidance callback; two pictures per prompt
+    and a negative prompt check that the right half of each stacked input is kept."""
+    latents = np.random.default_rng(4).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    cls_name, overrides = SCHEDULERS[scheduler]
+    reference.scheduler = getattr(diffusers, cls_name).from_config(reference.model_scheduler_config, **overrides)
+    gen = torch.Generator().manual_seed(3)
+    expected = reference(PROMPT, negative_prompt="green", num_images_per_prompt=2, num_inference_steps=steps,
+                         guidance_scale=7.5, latents=torch.from_numpy(latents), generator=gen, output_type="latent",
+                         callback_on_step_end=_guidance_off_after(guided),
+                         callback_on_step_end_tensor_inputs=["prompt_embeds"]).images.numpy()
+
+    def run(**cutoff_arg):
+        noise_gen = torch.Generator().manual_seed(3)  # ancestral noise drawn as diffusers draws it
+        return ours(PROMPT, negative_prompt="green", num_images_per_prompt=2, num_inference_steps=steps,
+                    guidance_scale=7.5, latents=latents, scheduler=scheduler,
+                    noise=lambda shape: torch.randn(shape, generator=noise_gen).numpy(), **cutoff_arg)
+
+    result = run(guidance_cutoff=cutoff)
+    _assert_latents_close(expected, result.latents)
+    full = run()
+    if guided < steps:  # a cutoff that guides fewer steps must change the picture, or the check proves nothing
+        with pytest.raises(AssertionError):
+            _assert_latents_close(full.latents, result.latents)
+    else:
+        _assert_latents_close(full.latents, result.latents)
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "euler-a", "dpm2-a-karras", "dpm++2m-sde-karras", "ddpm", "lcm"])
 def test_torch_cpu_noise_reproduces_a_diffusers_seed(reference, ours, scheduler):
     """With no latents given, diffusers draws the initial and every step's noise from the seeded CPU generator;
