@@ -58,6 +58,8 @@ class Config:
     model: str  # edgesd: "<backend>:<recipe>"; peers: a build of bench/peers/build.py, or "source"
     compute: Literal["fp32", "int8"]  # which GEMM peak the U-Net is held against
     cache: bool  # the runtime has a compile cache (--cache-dir)
+    # an opt-in speed-up whose picture differs from the like-for-like run (bf16 arithmetic, fewer guided steps)
+    accelerated: bool = False
 
     def folder(self) -> Path:
         if self.family == "edgesd":
@@ -83,6 +85,15 @@ def all_configs() -> tuple[list[Config], list[Config]]:
                    "int8" if r in INT8_STATIC else "fp32", True)
             for b, recipes in (("onnxruntime", recipes_backends.ONNX_RECIPES),
                                ("openvino", recipes_backends.IR_RECIPES)) for r in recipes]
+    # edgesd variants beyond one per backend and recipe (bench/peers/run_edgesd.py's VARIANTS)
+    for recipe, backend, variant, accelerated in (
+            ("int8", "onnxruntime", "onnxruntime-low-memory", False),
+            ("int8-hybrid", "openvino", "openvino-low-memory", False),
+            ("int8-hybrid", "openvino", "openvino-bf16", True),
+            ("int8", "onnxruntime", "onnxruntime-guidance-cutoff-0.5", True),
+            ("int8-hybrid", "openvino", "openvino-bf16-guidance-cutoff-0.5", True)):
+        ours.append(Config(f"edgesd-{backend}-{recipe}{variant[len(backend):]}", "edgesd", recipe, "edgesd", ".venv", variant,
+                           f"{backend}:{recipe}", "int8", True, accelerated))
     ir = {"fp32": "optimum-intel-fp32", "int8": "optimum-intel-int8", "int8-hybrid": "optimum-intel-int8-hybrid"}
     peers = [Config("diffusers-fp32", "diffusers", "fp32", "diffusers", "diffusers", "diffusers", "source",
                     "fp32", False),
@@ -94,8 +105,11 @@ def all_configs() -> tuple[list[Config], list[Config]]:
                             "optimum-intel", build, compute, True))
         peers.append(Config(f"openvino-genai-{precision}", "openvino-genai", precision, "genai", "openvino-genai",
                             "default", build, compute, True))
-    peers.append(Config("sdcpp-q8_0", "stable-diffusion.cpp", "q8_0", "sdcpp", "sdcpp", "q8_0", "source", "int8",
-                        False))
+    peers.append(Config("openvino-genai-int8-hybrid-bf16", "openvino-genai", "int8-hybrid", "genai",
+                        "openvino-genai", "bf16", ir["int8-hybrid"], "int8", True, True))
+    for variant in ("q8_0", "q8_0-flash"):
+        peers.append(Config(f"sdcpp-{variant}", "stable-diffusion.cpp", "q8_0", "sdcpp", "sdcpp", variant, "source",
+                            "int8", False))
     return ours, peers
 
 

@@ -78,9 +78,26 @@ def test_verdict_says_by_how_much_edgesd_wins_or_loses():
     rows = [_row("edgesd-a", "edgesd", 100.0, 3.0), _row("edgesd-b", "edgesd", 150.0, 2.0),
             _row("peer-x", "x", 200.0, 5.0), _row("peer-y", "y", 80.0, 2.5)]
     lines = report.verdict(rows)
-    assert "edgesd-a" in lines[0] and "not met" in lines[0]
-    assert "vs x" in lines[1] and "faster by 100%" in lines[1]
-    assert "vs y" in lines[2] and "slower by 20%" in lines[2]
+    assert "edgesd-a" in lines[0] and "edgesd/peer = 1.25" in lines[0] and "not met" in lines[0]
+    assert "edgesd-b, 2.0 GB" in lines[1] and "not met" in lines[1]
+    assert any("vs x" in line and "faster by 100%" in line for line in lines)
+    assert any("vs y" in line and "slower by 20%" in line for line in lines)
+
+
+def test_accelerated_rows_are_kept_out_of_the_like_for_like_verdict(tmp_path, monkeypatch):
+    """An opt-in speed-up (another picture) is its own table and never edgesd's 'fastest'."""
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [_row("edgesd-a", "edgesd", 100.0, 1.4), {**_row("edgesd-a-guidance-cutoff-0.5", "edgesd", 50.0, 1.4),
+                                                     "accelerated": True},
+            _row("peer-x", "x", 200.0, 5.0), {**_row("peer-x-bf16", "x", 40.0, 5.0), "accelerated": True}]
+    lines = report.verdict(rows)
+    assert "**edgesd-a**" in lines[0] and "peer-x: 200.0 s" in lines[0] and "0.50 (target <= 0.61: met)" in lines[0]
+    assert "1.4 GB (target <= 1.5 GB: met)" in lines[1]
+    args = Namespace(machine="vm", steps=4, rounds=1, threads=None, python=None)
+    md = report.write(rows, {"fp32": 180.0, "int8": 360.0, "measured": {}}, args).with_suffix(".md").read_text()
+    like, fast = md.split("Opt-in speed-ups")
+    assert "edgesd-a-guidance-cutoff-0.5" in fast and "edgesd-a-guidance-cutoff-0.5" not in like
+    assert "| edgesd-a |" in like
 
 
 def test_report_files_and_readme_section(tmp_path, monkeypatch):

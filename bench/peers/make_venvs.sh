@@ -43,9 +43,18 @@ NAME=openvino-genai; if want "${ALL[@]}"; then
       numpy==2.4.6 pillow==13.0.0
 fi
 NAME=sdcpp; if want "${ALL[@]}"; then
-  # sdist only: pip compiles stable-diffusion.cpp (ggml, CPU) with its default flags, as a user's pip would.
-  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+  # sdist only: pip compiles stable-diffusion.cpp (ggml, CPU) on this machine, as a user's pip would. ggml's
+  # default is GGML_NATIVE (-march=native: AVX2/FMA, AVX-512 where the CPU has them); said here explicitly, and
+  # the build's flags are kept in bench/peers/versions/sdcpp-build.txt.
+  CMAKE_ARGS=${CMAKE_ARGS:--DGGML_NATIVE=ON} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
       make_venv sdcpp stable-diffusion-cpp-python==0.4.7 pillow==13.0.0 numpy==2.4.6
+fi
+if [ -d bench/venvs/sdcpp ] && want "${ALL[@]}"; then  # which instruction sets the built library uses
+  lib=$(find bench/venvs/sdcpp -name 'libggml-cpu*.so' -o -name 'libstable-diffusion*.so' | head -1)
+  { echo "CMAKE_ARGS=${CMAKE_ARGS:--DGGML_NATIVE=ON}"; echo "library: ${lib#bench/venvs/sdcpp/}";
+    echo "zmm (AVX-512) instructions: $(objdump -d "$lib" 2>/dev/null | grep -c zmm || true)";
+    echo "ymm (AVX/AVX2) instructions: $(objdump -d "$lib" 2>/dev/null | grep -c ymm || true)"; } \
+      > bench/peers/versions/sdcpp-build.txt
 fi
 for v in bench/venvs/*/; do
   [ -x "$v/bin/python" ] && "$v/bin/pip" freeze > "bench/peers/versions/$(basename "$v").txt" 2>/dev/null || true

@@ -1,4 +1,9 @@
-"""edgesd on one backend (bench/peers/protocol.py says what is measured). Runs in the project's .venv."""
+"""edgesd on one backend (bench/peers/protocol.py says what is measured). Runs in the project's .venv.
+
+A variant is a backend with, for some, load options or generation options (VARIANTS). Variants whose
+generation differs from the like-for-like one (a different picture for the same seed) are the opt-in fast
+rows of bench/side_by_side.py, marked "accelerated" there.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,31 @@ from protocol import GUIDANCE, NEGATIVE, PROMPT, SCHEDULER, SEED, StepClock, Sto
 
 from edgesd import Pipeline
 
+# variant -> (Pipeline.load options, extra generation arguments)
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "onnxruntime": ({"backend": "onnxruntime"}, {}),
+    "openvino": ({"backend": "openvino"}, {}),
+    # one component in memory at a time (--memory low)
+    "onnxruntime-low-memory": ({"backend": "onnxruntime", "memory": "low"}, {}),
+    "openvino-low-memory": ({"backend": "openvino", "memory": "low"}, {}),
+    # opt-in, not equal to the rows above: bf16 arithmetic where the CPU has it; guidance for half the steps
+    "openvino-bf16": ({"backend": "openvino", "ov_precision": "bf16"}, {}),
+    "onnxruntime-guidance-cutoff-0.5": ({"backend": "onnxruntime"}, {"guidance_cutoff": 0.5}),
+    "openvino-bf16-guidance-cutoff-0.5": ({"backend": "openvino", "ov_precision": "bf16"}, {"guidance_cutoff": 0.5}),
+}
+
 
 def main() -> None:
-    args = arguments(variants=("onnxruntime", "openvino"))
+    args = arguments(variants=tuple(VARIANTS))
+    load_options, generation = VARIANTS[args.variant]
     with Stopwatch() as load:
-        pipe = Pipeline.load(args.model, backend=args.variant, threads=args.threads, cache_dir=args.cache_dir)
+        pipe = Pipeline.load(args.model, threads=args.threads, cache_dir=args.cache_dir, **load_options)
     clock = StepClock()
 
     def generate(steps: int):
         return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=GUIDANCE,
-                    width=args.size, height=args.size, seed=SEED, scheduler=SCHEDULER, callback=clock.tick)
+                    width=args.size, height=args.size, seed=SEED, scheduler=SCHEDULER, callback=clock.tick,
+                    **generation)
 
     warm = generate(1)  # OpenVINO compiles here, for the static shapes of this size
     compile_s = warm.timings.get("compile_s", 0.0)
@@ -26,8 +46,11 @@ def main() -> None:
     with Stopwatch() as total:
         result = generate(args.steps)
     t = result.timings
+    # with a guidance cutoff the steps differ (batch 2, then 1): the mean U-Net call, not the median step, is
+    # the figure (without OpenVINO's recompiling for the new batch, which total_s keeps)
+    per_step = clock.per_step() if not generation else (t["unet_s"] - t.get("compile_s", 0.0)) / t["unet_calls"]
     report(load_s=load.seconds, compile_s=compile_s, text_encoder_s=t["text_encoder_s"],
-           unet_s_per_step=clock.per_step(), vae_decode_s=t["vae_decoder_s"], total_s=total.seconds,
+           unet_s_per_step=per_step, vae_decode_s=t["vae_decoder_s"], total_s=total.seconds,
            steps=args.steps, unet_calls=t["unet_calls"])
 
 

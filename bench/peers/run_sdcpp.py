@@ -1,6 +1,7 @@
 """stable-diffusion.cpp through stable-diffusion-cpp-python (bench/peers/protocol.py says what is measured).
-Runs in bench/venvs/sdcpp (the pip build: ggml CPU backend compiled with its default flags). Reads the
-diffusers folder directly and quantizes the weights to the --variant type (q8_0) while loading.
+Runs in bench/venvs/sdcpp (the pip build: ggml's CPU backend compiled from source for this CPU, GGML_NATIVE).
+Reads the diffusers folder directly and quantizes the weights to q8_0 while loading; variant "q8_0-flash" also
+turns on flash attention in the U-Net (diffusion_flash_attn, stable-diffusion.cpp's low-memory setting).
 The text encoder and VAE times are the ones stable-diffusion.cpp logs ("get_learned_condition completed",
 "decode_first_stage completed").
 """
@@ -25,10 +26,10 @@ def on_log(level: int, text: bytes, data: ctypes.c_void_p) -> None:
 
 
 def main() -> None:
-    args = arguments(variants=("q8_0",))
+    args = arguments(variants=("q8_0", "q8_0-flash"))
     with Stopwatch() as loading:
-        sd = StableDiffusion(model_path=str(args.model), wtype=args.variant, n_threads=args.threads or -1,
-                             vae_decode_only=True, verbose=False)
+        sd = StableDiffusion(model_path=str(args.model), wtype="q8_0", n_threads=args.threads or -1,
+                             vae_decode_only=True, verbose=False, diffusion_flash_attn=args.variant.endswith("-flash"))
     sd_cpp.sd_set_log_callback(on_log, ctypes.c_void_p(0))  # after construction: it installs its own
     clock = StepClock()
 
