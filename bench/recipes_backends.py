@@ -46,8 +46,10 @@ CALIBRATION_SIZE, CALIBRATION_STEPS = 256, 4
 # U-Net inputs used, evenly spaced over the runs: onnxruntime's MinMax calibration keeps every intermediate
 # tensor of every input in memory (its CalibMaxIntermediateOutputs option drops them uncounted in 1.32).
 CALIBRATION_FEEDS = 3
-ONNX_RECIPES = ("fp32", "fp16", "int8-weights", "int4-weights", "int8")
-IR_RECIPES = ONNX_RECIPES + ("int8-hybrid",)
+ONNX_RECIPES = ("fp32", "fp16", "int8-weights", "int4-weights", "int8", "int8+vae-int8")
+IR_RECIPES = ONNX_RECIPES[:-1] + ("int8-hybrid",)
+# bench names for a recipe with per-component overrides -> (recipe, overrides)
+WITH_OVERRIDES = {"int8+vae-int8": ("int8", {"vae_decoder": "int8"})}
 DEFAULT_CONFIGS = [f"onnxruntime:{r}" for r in ONNX_RECIPES] + [f"openvino:{r}" for r in IR_RECIPES]
 # The issue's targets for this machine.
 TARGET_UNET_S, TARGET_VAE_S, TARGET_INT8_UNET_GB = 1.35, 2.2, 0.9
@@ -59,26 +61,27 @@ def folder(backend: str, recipe: str) -> Path:
     return WORK / f"{'onnx' if backend == 'onnxruntime' else 'openvino'}-{recipe}"
 
 
-def calibration() -> list:
-    """U-Net inputs of the fp32 pipeline (cached in WORK, they take minutes to record)."""
+def calibration(graph: str = "unet") -> list:
+    """The inputs of `graph` (unet: every call; vae_decoder: the final latents, cropped as the exporter crops
+    them) over the fp32 pipeline's runs, cached in WORK per graph (they take minutes to record)."""
     import numpy as np
 
-    cache = WORK / "calibration.npz"
+    cache = WORK / ("calibration.npz" if graph == "unet" else f"calibration-{graph}.npz")
     if cache.is_file():
         data = np.load(cache)
         n = len({k.split("/")[0] for k in data.files})
-        return [{name: data[f"{i}/{name}"] for name in ("sample", "timestep", "encoder_hidden_states")}
-                for i in range(n)]
+        names = dict.fromkeys(k.split("/", 1)[1] for k in data.files)
+        return [{name: data[f"{i}/{name}"] for name in names} for i in range(n)]
     from edgesd import Pipeline
-    from edgesd.export.fidelity import _Recording
+    from edgesd.export.fidelity import _Recording, cropped_latents
 
     pipe = Pipeline.load(FP32)
     runs: list = []
-    pipe.graphs["unet"] = _Recording(pipe.graphs["unet"], runs)
+    pipe.graphs[graph] = _Recording(pipe.graphs[graph], runs)
     for prompt in CALIBRATION_PROMPTS:
         pipe(prompt, num_inference_steps=CALIBRATION_STEPS, width=CALIBRATION_SIZE, height=CALIBRATION_SIZE,
              seed=0)
-    feeds = [f for f, _ in runs]
+    feeds = [f if graph == "unet" else cropped_latents(f) for f, _ in runs]
     WORK.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **{f"{i}/{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
     return feeds
@@ -124,17 +127,17 @@ def build(backend: str, recipe: str) -> None:
     shutil.copytree(FP32, out, ignore=shutil.ignore_patterns("model.onnx*", "vae_encoder", "edgesd.json"))
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
     for component in GRAPHS3:
-        r = component_recipes(recipe, fmt=fmt)[component]
+        r = component_recipes(*WITH_OVERRIDES.get(recipe, (recipe, None)), fmt=fmt)[component]
         feeds = None
         if r in CALIBRATED:
-            every = calibration()
+            every = calibration(component)
             feeds = every[:: max(1, len(every) // CALIBRATION_FEEDS)][:CALIBRATION_FEEDS]
         start = time.perf_counter()
         src = FP32 / component / "model.onnx"
         if fmt == "openvino":
             write_ir_recipe(src, out / component, r, feeds)
         else:
-            write_recipe(src, out / component / "model.onnx", r, feeds)
+            write_recipe(src, out / component / "model.onnx", r, feeds, component)
         print(f"built {backend}:{recipe} {component} ({r}) in {time.perf_counter() - start:.0f} s", flush=True)
     (out / "done").write_text("ok\n")
 

@@ -236,11 +236,12 @@ def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], opt
     calibrated = any(r in CALIBRATED for r in recipes.values())
     calibration = calibration_feeds(reference, options.calibration()) if calibrated else None
     for component, recipe in recipes.items():
-        feeds = calibration if recipe in CALIBRATED else None
+        feeds = calibration[component] if recipe in CALIBRATED else None
         if options.format == "openvino":
             write_ir_recipe(reference / component / GRAPH_FILE, final / component, recipe, feeds)
         else:
-            write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe, feeds)
+            write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe, feeds,
+                         component)
         recipe_weight_map(component, reference / component, final / component, recipe, options.format)
 
 

@@ -238,7 +238,7 @@ def test_ir_recipes_store_the_recipes_weights(tiny_onnx, tmp_path, recipe, weigh
     from edgesd.export.fidelity import calibration_feeds
     from edgesd.export.openvino_ir import write_ir_recipe
 
-    feeds = calibration_feeds(tiny_onnx, ["a red circle"])[:2] if recipe == "int8-hybrid" else None
+    feeds = calibration_feeds(tiny_onnx, ["a red circle"])["unet"][:2] if recipe == "int8-hybrid" else None
     path = write_ir_recipe(tiny_onnx / "unet" / "model.onnx", tmp_path / "unet", recipe, feeds)
     model = ov.Core().read_model(str(path))
     sizes: dict[str, int] = {}
@@ -267,7 +267,9 @@ def test_ir_recipes_store_the_recipes_weights(tiny_onnx, tmp_path, recipe, weigh
 @pytest.mark.parametrize("kwargs, needle", [
     ({"recipe": "int8-hybrid"}, "int8-hybrid recipe cannot be written as onnx"),
     ({"recipe": "int8-hybrid", "format": "openvino", "component_overrides": {"text_encoder": "int8-hybrid"}},
-     "int8-hybrid recipe .* is for the U-Net"),
+     "int8-hybrid recipe .* is not for the text_encoder"),
+    ({"recipe": "int8", "format": "openvino", "component_overrides": {"vae_decoder": "int8"}},
+     "static int8 VAE decoder is an ONNX recipe"),
     ({"format": "tflite"}, "unknown format 'tflite'"),
 ])
 def test_bad_format_options(kwargs, needle):

@@ -110,7 +110,7 @@ def test_export_with_a_recipe_and_a_component_override_prints_fidelity(tiny_src,
 @pytest.mark.parametrize("args, needle", [
     (["--recipe", "int3"], "unknown recipe 'int3'"),
     (["--unet-recipe", "bf8"], "unknown recipe 'bf8'"),
-    (["--recipe", "int8", "--vae-recipe", "int8"], "is for the U-Net"),
+    (["--recipe", "int8", "--text-encoder-recipe", "int8"], "is not for the text_encoder"),
     (["--recipe", "int8", "--calibration-prompts", "missing.txt"], "calibration prompts file 'missing.txt' does not"),
     (["--recipe", "int8", "--calibration-prompts", "empty.txt"], "has no prompts"),
 ])

@@ -141,6 +141,26 @@ def test_int8_quantizes_the_unet_and_stores_int8_weights_elsewhere(tiny_onnx, ti
     assert images[0].size == (32, 32)
 
 
+def test_int8_vae_recipe_exports_a_static_int8_decoder(tiny_src, tmp_path):
+    """`--recipe int8 --vae-recipe int8` (the CLI gives the override to both VAE graphs): the decoder static
+    int8, calibrated on the calibration runs' latents; the encoder, with no calibration inputs, int8 weights;
+    the folder generates and does img2img."""
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path / "int8-vae"
+    export_model(tiny_src, out, ExportOptions(recipe="int8", component_overrides={"vae_decoder": "int8",
+                                                                                  "vae_encoder": "int8"},
+                                              calibration_size=2, allow_lossy=True))
+    manifest = json.loads((out / "edgesd.json").read_text())
+    precision = {name: g["precision"] for name, g in manifest["graphs"].items()}
+    assert precision == {"text_encoder": "int8-weights", "unet": "int8", "vae_decoder": "int8",
+                         "vae_encoder": "int8-weights"}
+    assert "QuantizeLinear" in _op_types(out, "vae_decoder")
+    pipe = edgesd.Pipeline.load(out)
+    picture = pipe("a red circle", num_inference_steps=2, seed=1).images[0]
+    assert pipe("a red circle", image=picture, strength=0.5, num_inference_steps=2, seed=1).images[0].size == (32, 32)
+
+
 def test_fidelity_report_is_written_and_returned(tiny_int8):
     out, report = tiny_int8
     written = json.loads((out / "fidelity.json").read_text())
@@ -186,7 +206,9 @@ def test_below_the_fidelity_threshold_nothing_is_written(tiny_src, tmp_path, mon
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"recipe": "int8", "component_overrides": {"vae_decoder": "int8"}}, "int8 recipe .* is for the U-Net"),
+    ({"recipe": "int8", "component_overrides": {"text_encoder": "int8"}}, "int8 recipe .* is not for the text_encoder"),
+    ({"format": "openvino", "recipe": "int8-hybrid", "component_overrides": {"vae_decoder": "int8-hybrid"}},
+     "int8-hybrid recipe .* is not for the vae_decoder"),
     ({"component_overrides": {"safety_checker": "fp16"}}, "unknown component 'safety_checker'"),
     ({"component_overrides": {"unet": "int2"}}, "unknown recipe 'int2'"),
     ({"recipe": "int8", "calibration_prompts": ("", "  ")}, "calibration prompts are empty"),
@@ -242,6 +264,35 @@ def test_fp16_compute_gate_on_the_embedded_model(tmp_path, recipe):
     report = measure(reference, candidate, chosen, MIN_IMAGE_PSNR_DB[recipe])
     assert report.passed, report.to_json()
     assert report.worst_image_psnr_db > MIN_IMAGE_PSNR_DB[recipe]
+
+
+def test_static_int8_vae_decoder_passes_its_gate_on_the_embedded_model(tmp_path):
+    """`--vae-recipe int8`: the VAE decoder's convolutions static int8 (QDQ), calibrated on the fp32 pipeline's
+    final latents (cropped); the layers at latent resolution and conv_out stay float; the embedded model's
+    pictures keep >= 30 dB (42 to 47 dB measured)."""
+    from edgesd.export.fidelity import CALIBRATION_PROMPTS, calibration_feeds, measure
+    from edgesd.export.recipes import component_recipes, lossless_passes, write_recipe
+    from edgesd.models_path import default_model_path as default_model
+
+    reference = default_model()
+    chosen = component_recipes("fp32", {"vae_decoder": "int8", "vae_encoder": "int8"})
+    assert chosen["vae_decoder"] == "int8" and chosen["vae_encoder"] == "int8-weights"  # no encoder inputs
+    feeds = calibration_feeds(reference, list(CALIBRATION_PROMPTS))["vae_decoder"]
+    assert len(feeds) == len(CALIBRATION_PROMPTS) and all(f["latent_sample"].shape[0] == 1 for f in feeds)
+    candidate = tmp_path / "int8-vae"
+    shutil.copytree(reference, candidate)
+    src = tmp_path / "fused" / "model.onnx"
+    shutil.copytree(reference / "vae_decoder", src.parent)
+    lossless_passes(src)
+    write_recipe(src, candidate / "vae_decoder" / "model.onnx", "int8", feeds, "vae_decoder")
+    graph = onnx.load(str(candidate / "vae_decoder" / "model.onnx")).graph
+    quantized = {n.input[0] for n in graph.node if n.op_type == "Conv" and n.input[0].endswith("DequantizeLinear_Output")}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(quantized) > len(convs) // 2  # most convolutions read a dequantized (int8) activation
+    for layer in ("conv_out", "post_quant_conv", "mid_block"):  # export/quantize.py's KEEP_FLOAT
+        assert not any(layer in n.name and n.input[0].endswith("DequantizeLinear_Output") for n in convs)
+    report = measure(reference, candidate, {"vae_decoder": "int8"}, 30.0)
+    assert report.passed, report.to_json()
 
 
 def test_fp16_compute_keeps_attention_scores_fp32_where_the_config_upcasts(tmp_path):
