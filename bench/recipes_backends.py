@@ -47,9 +47,11 @@ CALIBRATION_SIZE, CALIBRATION_STEPS = 256, 4
 # tensor of every input in memory (its CalibMaxIntermediateOutputs option drops them uncounted in 1.32).
 CALIBRATION_FEEDS = 3
 ONNX_RECIPES = ("fp32", "fp16", "int8-weights", "int4-weights", "int8", "int8+vae-int8")
-IR_RECIPES = ONNX_RECIPES[:-1] + ("int8-hybrid",)
-# bench names for a recipe with per-component overrides -> (recipe, overrides)
-WITH_OVERRIDES = {"int8+vae-int8": ("int8", {"vae_decoder": "int8"})}
+IR_RECIPES = ONNX_RECIPES[:-1] + ("int8-hybrid", "int8-hybrid+vae-int8")
+# bench names for a recipe with per-component overrides -> (recipe, overrides); +vae-int8: `--vae-recipe int8`
+# (the static int8 VAE decoder, ONNX QDQ in an IR folder too)
+WITH_OVERRIDES = {"int8+vae-int8": ("int8", {"vae_decoder": "int8"}),
+                  "int8-hybrid+vae-int8": ("int8-hybrid", {"vae_decoder": "int8"})}
 DEFAULT_CONFIGS = [f"onnxruntime:{r}" for r in ONNX_RECIPES] + [f"openvino:{r}" for r in IR_RECIPES]
 # The targets for this machine.
 TARGET_UNET_S, TARGET_VAE_S, TARGET_INT8_UNET_GB = 1.35, 2.2, 0.9
@@ -117,7 +119,7 @@ def foundation(phase: str = "export") -> Path:
 
 def build(backend: str, recipe: str) -> None:
     from edgesd.export.openvino_ir import write_ir_recipe
-    from edgesd.export.recipes import CALIBRATED, component_recipes, write_recipe
+    from edgesd.export.recipes import CALIBRATED, component_recipes, graph_file_format, write_recipe
 
     out = folder(backend, recipe)
     foundation()
@@ -126,15 +128,21 @@ def build(backend: str, recipe: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(FP32, out, ignore=shutil.ignore_patterns("model.onnx*", "vae_encoder", "edgesd.json"))
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
+    base, overrides = WITH_OVERRIDES.get(recipe, (recipe, None))
     for component in GRAPHS3:
-        r = component_recipes(*WITH_OVERRIDES.get(recipe, (recipe, None)), fmt=fmt)[component]
+        r = component_recipes(base, overrides, fmt=fmt)[component]
+        if base != recipe and r == component_recipes(base, fmt=fmt)[component]:
+            build(backend, base)  # the graphs an override leaves as they are: from the base recipe's folder
+            shutil.rmtree(out / component)
+            shutil.copytree(folder(backend, base) / component, out / component)
+            continue
         feeds = None
         if r in CALIBRATED:
             every = calibration(component)
             feeds = every[:: max(1, len(every) // CALIBRATION_FEEDS)][:CALIBRATION_FEEDS]
         start = time.perf_counter()
         src = FP32 / component / "model.onnx"
-        if fmt == "openvino":
+        if graph_file_format(component, r, fmt) == "openvino":
             write_ir_recipe(src, out / component, r, feeds)
         else:
             write_recipe(src, out / component / "model.onnx", r, feeds, component)

@@ -77,7 +77,7 @@ def _edgesd_folder(backend: str, recipe: str) -> Path:
     return recipes_backends.folder(backend, recipe)
 
 
-INT8_STATIC = {"int8", "int8-hybrid"}
+INT8_STATIC = {"int8", "int8-hybrid", "int8+vae-int8", "int8-hybrid+vae-int8"}
 
 
 def all_configs() -> tuple[list[Config], list[Config]]:
@@ -87,11 +87,11 @@ def all_configs() -> tuple[list[Config], list[Config]]:
                                ("openvino", recipes_backends.IR_RECIPES)) for r in recipes]
     # edgesd variants beyond one per backend and recipe (bench/peers/run_edgesd.py's VARIANTS)
     for recipe, backend, variant, accelerated in (
-            ("int8", "onnxruntime", "onnxruntime-low-memory", False),
-            ("int8-hybrid", "openvino", "openvino-low-memory", False),
-            ("int8-hybrid", "openvino", "openvino-bf16", True),
-            ("int8", "onnxruntime", "onnxruntime-guidance-cutoff-0.5", True),
-            ("int8-hybrid", "openvino", "openvino-bf16-guidance-cutoff-0.5", True)):
+            ("int8+vae-int8", "onnxruntime", "onnxruntime-low-memory", False),
+            ("int8-hybrid+vae-int8", "openvino", "openvino-low-memory", False),
+            ("int8-hybrid+vae-int8", "openvino", "openvino-bf16", True),
+            ("int8+vae-int8", "onnxruntime", "onnxruntime-guidance-cutoff-0.5", True),
+            ("int8-hybrid+vae-int8", "openvino", "openvino-bf16-guidance-cutoff-0.5", True)):
         ours.append(Config(f"edgesd-{backend}-{recipe}{variant[len(backend):]}", "edgesd", recipe, "edgesd", ".venv", variant,
                            f"{backend}:{recipe}", "int8", True, accelerated))
     ir = {"fp32": "optimum-intel-fp32", "int8": "optimum-intel-int8", "int8-hybrid": "optimum-intel-int8-hybrid"}

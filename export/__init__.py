@@ -22,7 +22,7 @@ from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
 from .single_file import PredictionType
-from .recipes import (ATTENTION_MODES, CALIBRATED, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Attention,
+from .recipes import (ATTENTION_MODES, CALIBRATED, graph_file_format, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Attention,
                       Format, Recipe, component_recipes)
 
 if TYPE_CHECKING:
@@ -221,7 +221,9 @@ def _threshold(recipes: dict[str, Recipe], fmt: Format) -> float:
 
 def _graph_entries(recipes: dict[str, Recipe], fmt: Format) -> dict[str, dict]:
     """The manifest's graph entries: each component's file, format and recipe."""
-    return {c: {"file": f"{c}/{GRAPH_FILES[fmt]}", "format": fmt, "precision": r} for c, r in recipes.items()}
+    formats = {c: graph_file_format(c, r, fmt) for c, r in recipes.items()}
+    return {c: {"file": f"{c}/{GRAPH_FILES[formats[c]]}", "format": formats[c], "precision": r}
+            for c, r in recipes.items()}
 
 
 def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], options: ExportOptions) -> None:
@@ -237,7 +239,7 @@ def _write_recipes(reference: Path, final: Path, recipes: dict[str, Recipe], opt
     calibration = calibration_feeds(reference, options.calibration()) if calibrated else None
     for component, recipe in recipes.items():
         feeds = calibration[component] if recipe in CALIBRATED else None
-        if options.format == "openvino":
+        if graph_file_format(component, recipe, options.format) == "openvino":
             write_ir_recipe(reference / component / GRAPH_FILE, final / component, recipe, feeds)
         else:
             write_recipe(reference / component / GRAPH_FILE, final / component / GRAPH_FILE, recipe, feeds,

@@ -48,7 +48,8 @@ _FP16_COMPUTE = ("fp16-compute", "int8-weights-fp16-compute")
 FORMAT_RECIPES: dict[str, tuple[str, ...]] = {"onnx": tuple(r for r in RECIPES if r != "int8-hybrid"),
                                                "openvino": tuple(r for r in RECIPES if r not in _FP16_COMPUTE)}
 # Recipes with activation quantization, calibrated on each graph's inputs over fp32 pipeline runs. The U-Net
-# takes them all; the VAE decoder takes static int8 as an override (`--vae-recipe int8`, ONNX): its convolutions
+# takes them all; the VAE decoder takes static int8 as an override (`--vae-recipe int8`, written as ONNX QDQ in
+# either format, see graph_file_format): its convolutions
 # at full picture size are most of the decode (SD 1.5 at 512x512 on 2 cores, random weights: 2.3x faster).
 # The VAE encoder, which text-to-image runs never call (so no calibration inputs), gets int8 weights instead.
 CALIBRATED = ("int8", "int8-hybrid")
@@ -108,16 +109,20 @@ def component_recipes(recipe: Recipe, overrides: dict[str, Recipe] | None = None
             raise EdgesdError(f"unknown component '{component}'", f"choose one of: {', '.join(COMPONENTS)}")
         for target in components:
             if target == component or (component == "text_encoder" and target.startswith("text_encoder")):
-                chosen[target] = _calibratable(target, name, fmt)
+                chosen[target] = _calibratable(target, name)
     return chosen
 
 
-def _calibratable(component: str, recipe: Recipe, fmt: Format) -> Recipe:
+def graph_file_format(component: str, recipe: Recipe, fmt: Format) -> Format:
+    """The format `component`'s graph is written in: the export's, but for the static int8 VAE decoder, always
+    ONNX (QDQ): OpenVINO reads it and runs it in int8, and NNCF would quantize its latent input (see
+    quantize.KEEP_FLOAT). A folder may mix formats; the runtime goes by each component's file."""
+    return "onnx" if component == "vae_decoder" and recipe in CALIBRATED else fmt
+
+
+def _calibratable(component: str, recipe: Recipe) -> Recipe:
     """`recipe` for `component`, checked: static activation quantization only where CALIBRATED_GRAPHS says."""
     if recipe not in CALIBRATED or recipe in CALIBRATED_GRAPHS.get(component, ()):
-        if component == "vae_decoder" and recipe in CALIBRATED and fmt != "onnx":
-            raise EdgesdError(f"the static {recipe} VAE decoder is an ONNX recipe", "use --format onnx, or "
-                              "--vae-recipe int8-weights")
         return recipe
     if component in UNCALIBRATED_STAND_IN:
         return UNCALIBRATED_STAND_IN[component]

@@ -201,6 +201,25 @@ def tiny_ir_int8(tiny_src, tmp_path_factory):
     return out
 
 
+def test_openvino_export_keeps_a_static_int8_vae_decoder_as_onnx_qdq(tiny_src, tmp_path):
+    """--format openvino --vae-recipe int8: the decoder is written as ONNX QDQ beside the IR graphs (OpenVINO
+    runs it in int8; NNCF would quantize its latent input); the mixed folder loads with either backend rule."""
+    from edgesd.export import ExportOptions, export_model
+
+    out = tmp_path / "mixed"
+    export_model(tiny_src, out, ExportOptions(recipe="int8-hybrid", format="openvino", allow_lossy=True,
+                                              calibration_size=2, with_vae_encoder=False,
+                                              component_overrides={"vae_decoder": "int8"}))
+    manifest = json.loads((out / "edgesd.json").read_text())
+    assert manifest["graphs"]["vae_decoder"] == {**manifest["graphs"]["vae_decoder"], "file": "vae_decoder/model.onnx",
+                                                 "format": "onnx", "precision": "int8"}
+    assert manifest["graphs"]["unet"]["format"] == "openvino"
+    assert (out / "unet" / "openvino_model.xml").is_file() and not (out / "vae_decoder" / "openvino_model.xml").exists()
+    pipe = edgesd.Pipeline.load(out)  # auto: OpenVINO, for the IR graphs and the ONNX one
+    assert pipe.options.backend == "openvino"
+    assert pipe("a red circle", num_inference_steps=2, seed=1).images[0].size == (32, 32)
+
+
 def test_openvino_export_writes_ir_with_manifest_and_fidelity(tiny_ir_int8):
     for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert (tiny_ir_int8 / component / "openvino_model.xml").is_file()
@@ -268,8 +287,6 @@ def test_ir_recipes_store_the_recipes_weights(tiny_onnx, tmp_path, recipe, weigh
     ({"recipe": "int8-hybrid"}, "int8-hybrid recipe cannot be written as onnx"),
     ({"recipe": "int8-hybrid", "format": "openvino", "component_overrides": {"text_encoder": "int8-hybrid"}},
      "int8-hybrid recipe .* is not for the text_encoder"),
-    ({"recipe": "int8", "format": "openvino", "component_overrides": {"vae_decoder": "int8"}},
-     "static int8 VAE decoder is an ONNX recipe"),
     ({"format": "tflite"}, "unknown format 'tflite'"),
 ])
 def test_bad_format_options(kwargs, needle):
