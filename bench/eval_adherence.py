@@ -1,12 +1,15 @@
 """Prompt adherence of a shapes model on held-out captions, by pixel analysis.
 
     .venv/bin/python bench/eval_adherence.py [MODEL ...] [--pytorch DIFFUSERS_DIR] [--guidance G[,G...]]
+        [--guidance-cutoff C[,C...]] [--backend openvino --ov-precision bf16]
 
 MODEL: edgesd model folders (default: the embedded model), each scored and labelled by its
 recipe; --pytorch also scores the diffusers folder they came from, with diffusers on
 PyTorch. Prompts: every held-out (colour, shape, background) combination at every position,
 one seed each (100 prompts). Steps and guidance default to the first model's own defaults;
-several guidance values give a sweep. Prints a table and writes JSON (--json).
+several guidance values give a sweep. Each --guidance-cutoff below 1 (an opt-in speed-up) is also scored
+against the same model's pictures at cutoff 1 (PSNR per picture: mean and worst); so is a --backend /
+--ov-precision other than the default, against onnxruntime's. Prints a table and writes JSON (--json).
 """
 
 from __future__ import annotations
@@ -21,15 +24,25 @@ from edgesd.models.training import shapes
 
 
 def generate_edgesd(model: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 10,
-                    rescale: float = 0.0):
+                    rescale: float = 0.0, cutoff: float = 1.0, **load_options):
     import edgesd
 
-    pipe = edgesd.Pipeline.load(model)
+    pipe = edgesd.Pipeline.load(model, **load_options)
     images = []
     for i in range(0, len(prompts), batch):
         images += pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                       guidance_rescale=rescale, seed=seed + i).images
+                       guidance_rescale=rescale, guidance_cutoff=cutoff, seed=seed + i).images
     return images
+
+
+def psnr_against(reference: list, images: list) -> dict:
+    """Per-picture PSNR (dB, peak max |reference| as in the fidelity gate) of `images` against `reference`."""
+    import numpy as np
+
+    from edgesd.export.parity import psnr
+
+    values = [psnr(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in zip(reference, images)]
+    return {"psnr_mean_db": round(float(np.mean(values)), 1), "psnr_worst_db": round(float(np.min(values)), 1)}
 
 
 def generate_diffusers(folder: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 10):
@@ -52,6 +65,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--guidance", help="guidance scale, or several separated by commas (default: the model's)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="edgesd models only")
+    parser.add_argument("--guidance-cutoff", default="1",
+                        help="share of the steps that are guided, or several separated by commas (edgesd only)")
+    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
+    parser.add_argument("--ov-precision", default="f32", help="openvino: inference precision (f32, bf16, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="where to write the scores")
     parser.add_argument("--save-grid", type=Path, help="write a PNG grid of the first model's first 40 pictures")
@@ -70,16 +87,27 @@ def main() -> None:
     results = {"prompts": len(prompts), "held_out_combos": len(shapes.held_out_combos()), "steps": steps,
                "chance": {k: round(100 * v, 1) for k, v in CHANCE.items()}, "scores": []}
     rows = [("chance", "", results["chance"])]
+    cutoffs = [float(c) for c in args.guidance_cutoff.split(",")]
+    load = {"backend": args.backend, **({"ov_precision": args.ov_precision} if args.backend == "openvino" else {})}
     for guidance in guidances:
         for folder in models:
             recipes = {g.get("precision") for g in (ModelFolder.open(folder).manifest or {}).get("graphs", {}).values()}
-            label = f"edgesd onnx {'/'.join(sorted(recipes)) or 'fp32'} ({folder.name})"
-            images = generate_edgesd(folder, prompts, steps, guidance, args.seed, rescale=args.guidance_rescale)
-            if args.guidance_rescale:
-                label += f", rescale {args.guidance_rescale}"
-            rows.append((label, guidance, score(images, scenes)))
+            label = f"edgesd {args.backend} {'/'.join(sorted(recipes)) or 'fp32'} ({folder.name})"
+            if args.backend == "openvino":
+                label += f" {args.ov_precision}"
+            # the like-for-like pictures: cutoff 1 on onnxruntime; what an opt-in changes is measured against them
+            reference = generate_edgesd(folder, prompts, steps, guidance, args.seed, rescale=args.guidance_rescale)
+            for cutoff in cutoffs:
+                images = generate_edgesd(folder, prompts, steps, guidance, args.seed, rescale=args.guidance_rescale,
+                                         cutoff=cutoff, **load)
+                name = label + (f", rescale {args.guidance_rescale}" if args.guidance_rescale else "") \
+                    + (f", cutoff {cutoff}" if cutoff != 1.0 else "")
+                scores = score(images, scenes)
+                if cutoff != 1.0 or args.backend != "onnxruntime":
+                    scores.update(psnr_against(reference, images))
+                rows.append((name, guidance, scores))
             if args.save_grid and folder == models[0] and guidance == guidances[0]:
-                _save_grid(images[:40], args.save_grid)
+                _save_grid(reference[:40], args.save_grid)
         if args.pytorch:
             images = generate_diffusers(args.pytorch, prompts, steps, guidance, args.seed)
             rows.append(("diffusers pytorch fp32", guidance, score(images, scenes)))
@@ -88,9 +116,10 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{steps} steps, {len(prompts)} held-out prompts")
-    print(f"{'':<44}{'guidance':>9}{'background':>11}{'colour':>8}{'shape':>7}{'position':>9}")
+    print(f"{'':<60}{'guidance':>9}{'background':>11}{'colour':>8}{'shape':>7}{'position':>9}{'PSNR mean/worst':>17}")
     for name, g, r in rows:
-        print(f"{name:<44}{g!s:>9}{r['background']:>11}{r['color']:>8}{r['shape']:>7}{r['position']:>9}")
+        versus = f"{r['psnr_mean_db']}/{r['psnr_worst_db']}" if "psnr_mean_db" in r else ""
+        print(f"{name:<60}{g!s:>9}{r['background']:>11}{r['color']:>8}{r['shape']:>7}{r['position']:>9}{versus:>17}")
 
 
 def _save_grid(images, path: Path) -> None:

@@ -543,3 +543,18 @@ def test_dpmpp_third_order_loop_equals_diffusers(steps, spacing, karras):
         second = resolve_scheduler({**config, "solver_order": 2}, {})
         other = _run_sampler(second, stand_in_denoiser(second, "epsilon"), start, steps, None, None)
         assert np.abs(other - got).max() > 1e-4 * np.abs(got).max()
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim"])
+def test_guidance_boundary_counts_the_steps_that_run(name):
+    """guidance_cutoff guides the first ceil(cutoff x n) of the n steps run (img2img: after the start step);
+    the boundary lies between the last guided timestep and the next, and 1 guides every step."""
+    from edgesd.samplers import guidance_boundary, schedule_for
+
+    sched = resolve_scheduler(name, SD)
+    timesteps = np.asarray(schedule_for(sched, 10, 0).timesteps, dtype=np.float64)
+    assert guidance_boundary(sched, 10, 0, 1.0) is None
+    assert guidance_boundary(sched, 10, 0, 0.3) == pytest.approx((timesteps[2] + timesteps[3]) / 2)
+    assert guidance_boundary(sched, 10, 0, 0.31) == pytest.approx((timesteps[3] + timesteps[4]) / 2)
+    assert guidance_boundary(sched, 10, 4, 0.5) == pytest.approx((timesteps[6] + timesteps[7]) / 2)  # 3 of 6 run
+    assert guidance_boundary(sched, 10, 0, 0.01) == pytest.approx((timesteps[0] + timesteps[1]) / 2)  # at least one
