@@ -6,10 +6,11 @@
 #   bash bench/device_scaling.sh prepare     # here: .device/call1 (wheels but OpenVINO's, the SD 1.5 configs),
 #                                            # .device/call2 (OpenVINO, CPU plugin only, as .tar.xz)
 #   bash bench/device_scaling.sh call1       # there (carry .device/call1): install, build the SD 1.5 architecture
-#                                            # with RANDOM weights, export fp32 ONNX and the ONNX int8 recipe
-#   bash bench/device_scaling.sh call2       # there (carry .device/call2): install OpenVINO, write the IR recipes,
-#                                            # sweep the ONNX Runtime configurations; results to $OUT
-#   bash bench/device_scaling.sh call3       # there: sweep the OpenVINO configurations; results to $OUT
+#                                            # with RANDOM weights, export fp32 ONNX, the ONNX int8 recipes
+#   bash bench/device_scaling.sh call2       # there (carry .device/call2): install OpenVINO, sweep the ONNX Runtime
+#                                            # configurations (results to $OUT), write the IR int8-hybrid recipe
+#   bash bench/device_scaling.sh call3       # there: the IR recipe with the int8 VAE, sweep the OpenVINO
+#                                            # configurations; results to $OUT
 #   .venv/bin/python bench/side_by_side.py --combine <call2's json> <call3's json> --machine device16 --steps 3
 #                                            # here: one results file (each call's tree is fresh: bench/results
 #                                            # does not carry over, so the parts are combined here)
@@ -67,17 +68,18 @@ if not (src / 'model_index.json').exists():
     build_random_sd(src, seed=0, reference_config=Path('.device/call1/sd15-configs'))
 if not (out / 'unet' / 'model.onnx').exists():
     export_model(src, out, ExportOptions(overwrite=True))"
-  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r; r.build('onnxruntime', 'int8')"
+  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r
+for recipe in ('int8', 'int8+vae-int8'): r.build('onnxruntime', recipe)"
   ;;
 call2)
-  tar xJf .device/call2/openvino-cpu.tar.xz -C "$SITE"
+  tar xJf .device/call2/openvino-cpu.tar.xz -C "$SITE"  # side_by_side measures OpenVINO's GEMM peaks too
   "$PY" -c "import openvino as ov, nncf; print('openvino', ov.__version__, ov.Core().available_devices)"
-  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r
-for recipe in ('fp32', 'int8-hybrid'): r.build('openvino', recipe)"
-  sweep edgesd-onnxruntime-fp32,edgesd-onnxruntime-int8
+  sweep edgesd-onnxruntime-int8,edgesd-onnxruntime-int8+vae-int8
+  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r; r.build('openvino', 'int8-hybrid')"
   ;;
 call3)
-  sweep edgesd-openvino-fp32,edgesd-openvino-int8-hybrid
+  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r; r.build('openvino', 'int8-hybrid+vae-int8')"
+  sweep edgesd-openvino-int8-hybrid,edgesd-openvino-int8-hybrid+vae-int8
   ;;
 *)
   echo "usage: bash bench/device_scaling.sh prepare | call1 | call2 | call3" >&2; exit 2 ;;
