@@ -94,14 +94,20 @@ def build(model: str) -> dict:
     return {"build_s": round(time.perf_counter() - start, 1), "peak_rss_gb": peak_rss_gb()}
 
 
+# bench recipe names with per-component overrides (+vae-int8: `--vae-recipe int8`, the static int8 VAE decoder)
+WITH_OVERRIDES = {"int8+vae-int8": ("int8", {"vae_decoder": "int8", "vae_encoder": "int8"})}
+
+
 def export(model: str, recipe: str) -> dict:
     from edgesd.export import ExportOptions, export_model
 
     out = export_dir(model, recipe)
+    recipe, overrides = WITH_OVERRIDES.get(recipe, (recipe, None))
     if (out / "edgesd.json").is_file():
         return {"cached": True, **json.loads((out / "export-bench.json").read_text())}
     start = time.perf_counter()
-    report = export_model(src(model), out, ExportOptions(overwrite=True, recipe=recipe, allow_lossy=True))
+    report = export_model(src(model), out, ExportOptions(overwrite=True, recipe=recipe, allow_lossy=True,
+                                                         component_overrides=overrides))
     sizes: dict[str, float] = {}
     for p in out.glob("*/model.onnx*"):
         sizes[p.parent.name] = sizes.get(p.parent.name, 0) + p.stat().st_size / 1e9
@@ -185,6 +191,8 @@ PHASES = {
     "lcm-export": lambda: export("lcm", "fp32"),
     "lcm-export-int8": lambda: export("lcm", "int8"),
     "lcm-ours": lambda: ours("lcm", "int8"),
+    "lcm-export-int8-vae-int8": lambda: export("lcm", "int8+vae-int8"),
+    "lcm-ours-int8-vae-int8": lambda: ours("lcm", "int8+vae-int8"),
     "lcm-ours-fp32": lambda: ours("lcm", "fp32"),
     "lcm-diffusers": lambda: diffusers_run("lcm"),
 }
@@ -213,7 +221,8 @@ def report(results: dict) -> str:
               "|---|---|---:|---:|---:|---:|"]
     for phase, model, recipe in (("sdxl-export", "SDXL", "fp32"), ("sdxl-export-int8", "SDXL", "int8"),
                                  ("sdxl-export-int8-weights", "SDXL", "int8-weights"),
-                                 ("lcm-export", "LCM (SD 1.5)", "fp32"), ("lcm-export-int8", "LCM (SD 1.5)", "int8")):
+                                 ("lcm-export", "LCM (SD 1.5)", "fp32"), ("lcm-export-int8", "LCM (SD 1.5)", "int8"),
+                                 ("lcm-export-int8-vae-int8", "LCM (SD 1.5)", "int8, --vae-recipe int8")):
         r = results.get(phase)
         if r and "error" not in r:
             lines.append(f"| {model} | {recipe} | {r.get('export_s', '-')} | {r.get('peak_rss_gb', '-')} | "
@@ -227,7 +236,9 @@ def report(results: dict) -> str:
                          ("sdxl-ours-openvino", "edgesd openvino fp32 (f32)"),
                          ("sdxl-ours-int8-weights", "edgesd onnxruntime int8-weights"),
                          ("sdxl-diffusers", "diffusers fp32"),
-                         ("lcm-ours", "edgesd onnxruntime int8"), ("lcm-ours-fp32", "edgesd onnxruntime fp32"),
+                         ("lcm-ours", "edgesd onnxruntime int8"),
+                         ("lcm-ours-int8-vae-int8", "edgesd onnxruntime int8, int8 VAE decoder"),
+                         ("lcm-ours-fp32", "edgesd onnxruntime fp32"),
                          ("lcm-diffusers", "diffusers fp32")):
         r = results.get(phase)
         if not r or "error" in r:
