@@ -4,8 +4,9 @@
         timestep=2 encoder_hidden_states=2,77,768
 
 OpenVINO reads the graph (ONNX or IR) and propagates the given input shapes through it, so every node has a
-static shape; then Convolution / GroupConvolution / ConvolutionBackpropData / MatMul are counted from their
-shapes. Element-wise work (normalisations, activations, softmax) is left out: it is memory-bound and small
+static shape; then Convolution / GroupConvolution / ConvolutionBackpropData / MatMul and fused attention
+(ScaledDotProductAttention, what OpenVINO makes of a com.microsoft.MultiHeadAttention node: Q K^T and the
+weighted sum of V) are counted from their shapes. Element-wise work (normalisations, activations, softmax) is left out: it is memory-bound and small
 next to these (a few percent of the FLOPs).
 """
 
@@ -26,11 +27,15 @@ def count_flops(path: Path, shapes: dict[str, tuple[int, ...]]) -> Counter:
     flops: Counter = Counter()
     for node in model.get_ordered_ops():
         kind = node.get_type_name()
-        if kind not in ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul"):
+        if kind not in ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul",
+                        "ScaledDotProductAttention"):
             continue
         out = node.get_output_shape(0)
         a, w = (node.get_input_shape(i) for i in (0, 1))
-        if kind == "MatMul":
+        if kind == "ScaledDotProductAttention":  # q (..., S, D), k (..., L, D), out (..., S, Dv)
+            keys = node.get_input_shape(1)[-2]
+            flops[kind] += 2 * math.prod(a) * keys + 2 * math.prod(out) * keys
+        elif kind == "MatMul":
             ta, tb = node.get_attributes()["transpose_a"], node.get_attributes()["transpose_b"]
             k = a[-2] if ta else a[-1]
             flops[kind] += 2 * math.prod(out) * k

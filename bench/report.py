@@ -55,7 +55,8 @@ def write(rows: list[dict], peaks: dict, args, versions_used: dict | None = None
 
 def _cell(row: dict, key: str) -> str:
     if key == "timed":
-        return f"{row.get('steps', '?')}x{row.get('rounds', 1)}"
+        steps = row.get('steps')
+        return f"{int(steps) if isinstance(steps, (int, float)) else '?'}x{row.get('rounds', 1)}"
     value = row.get(key)
     if value is None:
         return "-"
@@ -224,7 +225,7 @@ def readme_section(results: Path = RESULTS) -> str:
     lines += verdict(main["rows"])
     if scaling:
         s = scaling["machine"]
-        lines += ["", f"Scaling with cores (`--threads`, {s['cpu']}, {s['cores']} cores; "
+        lines += ["", f"Scaling with cores (`--threads`, {s['cpu']}, {s['cores']} cores, {', '.join(s['isa'])}; "
                       f"`bench/results/device16-{scaling['date']}.md`), U-Net s/step:", ""]
         names = list(dict.fromkeys(r["name"] for r in scaling["rows"]))
         threads = sorted({r["threads"] for r in scaling["rows"]})
