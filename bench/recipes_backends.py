@@ -47,7 +47,7 @@ CALIBRATION_SIZE, CALIBRATION_STEPS = 256, 4
 # tensor of every input in memory (its CalibMaxIntermediateOutputs option drops them uncounted in 1.32).
 CALIBRATION_FEEDS = 3
 ONNX_RECIPES = ("fp32", "fp16", "int8-weights", "int4-weights", "int8", "int8+vae-int8")
-IR_RECIPES = ONNX_RECIPES[:-1] + ("int8-hybrid", "int8-hybrid+vae-int8")
+IR_RECIPES = ONNX_RECIPES + ("int8-hybrid", "int8-hybrid+vae-int8")
 # bench names for a recipe with per-component overrides -> (recipe, overrides); +vae-int8: `--vae-recipe int8`
 # (the static int8 VAE decoder, ONNX QDQ in an IR folder too)
 WITH_OVERRIDES = {"int8+vae-int8": ("int8", {"vae_decoder": "int8"}),
