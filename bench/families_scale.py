@@ -22,7 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from torch_timing import ModuleTimer  # bench/ is on sys.path when a script of it runs
+from recipes_backends import WITH_OVERRIDES  # bench/ is on sys.path when a script of it runs
+from torch_timing import ModuleTimer
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -94,15 +95,11 @@ def build(model: str) -> dict:
     return {"build_s": round(time.perf_counter() - start, 1), "peak_rss_gb": peak_rss_gb()}
 
 
-# bench recipe names with per-component overrides (+vae-int8: `--vae-recipe int8`, the static int8 VAE decoder)
-WITH_OVERRIDES = {"int8+vae-int8": ("int8", {"vae_decoder": "int8", "vae_encoder": "int8"})}
-
-
 def export(model: str, recipe: str) -> dict:
     from edgesd.export import ExportOptions, export_model
 
     out = export_dir(model, recipe)
-    recipe, overrides = WITH_OVERRIDES.get(recipe, (recipe, None))
+    recipe, overrides = WITH_OVERRIDES.get(recipe, (recipe, None))  # bench names such as int8+vae-int8
     if (out / "edgesd.json").is_file():
         return {"cached": True, **json.loads((out / "export-bench.json").read_text())}
     start = time.perf_counter()

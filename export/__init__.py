@@ -22,8 +22,8 @@ from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
 from .single_file import PredictionType
-from .recipes import (ATTENTION_MODES, CALIBRATED, graph_file_format, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Attention,
-                      Format, Recipe, component_recipes)
+from .recipes import (ATTENTION_MODES, CALIBRATED, MIN_IMAGE_PSNR_DB, MIN_IMAGE_PSNR_DB_CONVERTED_FP32, Attention,
+                      Format, Recipe, component_recipes, graph_file_format)
 
 if TYPE_CHECKING:
     from .fidelity import FidelityReport

@@ -49,8 +49,8 @@ FORMAT_RECIPES: dict[str, tuple[str, ...]] = {"onnx": tuple(r for r in RECIPES i
                                                "openvino": tuple(r for r in RECIPES if r not in _FP16_COMPUTE)}
 # Recipes with activation quantization, calibrated on each graph's inputs over fp32 pipeline runs. The U-Net
 # takes them all; the VAE decoder takes static int8 as an override (`--vae-recipe int8`, written as ONNX QDQ in
-# either format, see graph_file_format): its convolutions
-# at full picture size are most of the decode (SD 1.5 at 512x512 on 2 cores, random weights: 2.3x faster).
+# either format, see graph_file_format): its convolutions at full picture size are most of the decode (SD 1.5
+# at 512x512, random weights, 2-core AMD EPYC: 6.9 -> 2.8 s, bench/results/vm-2026-12-02.md).
 # The VAE encoder, which text-to-image runs never call (so no calibration inputs), gets int8 weights instead.
 CALIBRATED = ("int8", "int8-hybrid")
 CALIBRATED_GRAPHS: dict[str, tuple[str, ...]] = {"unet": CALIBRATED, "vae_decoder": ("int8",)}

@@ -339,7 +339,8 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
 _SAVED = {"prompt": "prompt", "negative": "negative_prompt", "prompt_2": "prompt_2", "negative_2": "negative_prompt_2",
           "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
           "guidance_cutoff": "guidance_cutoff", "seed": "seed", "width": "width", "height": "height",
-          "scheduler": "scheduler", "noise_generator": "noise_generator", "strength": "strength", "vae_tiling": "vae_tiling"}
+          "scheduler": "scheduler", "noise_generator": "noise_generator", "strength": "strength",
+          "vae_tiling": "vae_tiling"}
 
 
 def _saved_parameters(path: Path, given: set[str], values: dict) -> dict:

@@ -87,8 +87,10 @@ def schedule_for(sched: SchedulerConfig, steps: int, start: int = 0):
 def guidance_boundary(sched: SchedulerConfig, steps: int, start: int, cutoff: float) -> float | None:
     """The train timestep below which no evaluation is guided, when only the first ceil(cutoff x n) of the n steps
     run are (halfway between the last guided step's timestep and the next one's); None: every step is guided."""
+    if cutoff >= 1.0:
+        return None
     timesteps = np.asarray(schedule_for(sched, steps, start).timesteps, dtype=np.float64)[start:]
-    guided = math.ceil(cutoff * len(timesteps) - 1e-9)
+    guided = max(1, math.ceil(cutoff * len(timesteps) - 1e-9))
     if guided >= len(timesteps):
         return None
     return float(timesteps[guided - 1] + timesteps[guided]) / 2.0
