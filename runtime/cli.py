@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .backends.base import (BACKENDS, CACHE_MODES, IO_BINDINGS, MEMORY_MODES, ORT_OPTIMIZATIONS, OV_HINTS,
+from .backends.base import (BACKENDS, CACHE_MODES, GUIDANCE_BATCHES, IO_BINDINGS, MEMORY_MODES, ORT_OPTIMIZATIONS, OV_HINTS,
                             OV_PRECISIONS, OV_SHAPES, RuntimeOptions)
 from .errors import Cancelled, EdgesdError
 from .lora import LoraSpec
@@ -199,6 +199,9 @@ _RUNTIME_OPTIONS = [
     click.option("--threads", default=None, type=int, help="Threads per graph (default: one per core)."),
     click.option("--memory", default="fast", show_default=True, type=click.Choice(MEMORY_MODES),
                  help="low: load each graph for its stage only (one component in memory at a time; slower starts)."),
+    click.option("--guidance-batch", default="auto", show_default=True, type=click.Choice(GUIDANCE_BATCHES),
+                 help="split: a guided step's negative and positive halves as two U-Net calls (same pictures, less "
+                      "memory, faster on CPUs); joint: one call of twice the batch; auto: split on the CPU."),
     click.option("--cache", default="on", show_default=True, type=click.Choice(CACHE_MODES),
                  help="Keep optimised (onnxruntime) or compiled (openvino) graphs: the next start is faster."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,

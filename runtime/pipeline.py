@@ -300,6 +300,7 @@ class Pipeline:
             guidance_rescale=request.guidance_rescale, prediction_type=sched.prediction_type,
             alphas_cumprod=alphas_cumprod(sched), concat=start.concat,
             guided_down_to=guidance_boundary(sched, request.steps, start.step, request.guidance_cutoff),
+            split_guidance=self.options.split_guidance(),
         )
         step = _checked(callback, lambda: self.previewer(denoiser.latest_x0))
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,

@@ -19,6 +19,7 @@ OvShapes = Literal["static", "dynamic"]
 CacheMode = Literal["on", "off"]
 IoBinding = Literal["auto", "off"]
 MemoryMode = Literal["fast", "low"]
+GuidanceBatch = Literal["auto", "joint", "split"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -28,6 +29,7 @@ OV_SHAPES: tuple[str, ...] = get_args(OvShapes)
 CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
 IO_BINDINGS: tuple[str, ...] = get_args(IoBinding)
 MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
+GUIDANCE_BATCHES: tuple[str, ...] = get_args(GuidanceBatch)
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +52,10 @@ class RuntimeOptions:
     # fast: every graph stays loaded; low: a graph is loaded when its stage starts and freed when it ends, so
     # one component is in memory at a time (each picture loads them again; calls take turns)
     memory: MemoryMode = "fast"
+    # a guided step's two halves (negative and positive prompt): joint, one U-Net call of batch 2B; split, two
+    # calls of batch B (the same pictures, half the activation memory; faster on CPUs, bench/memory_mode.py);
+    # auto: split where the graphs run on the CPU, joint on GPUs and other devices
+    guidance_batch: GuidanceBatch = "auto"
     # onnxruntime keeps optimised graphs, openvino compiled models: the next start skips that work
     cache: CacheMode = "on"
     cache_dir: Path | None = None  # None: default_cache_dir()
@@ -68,7 +74,8 @@ class RuntimeOptions:
     ov_shapes: OvShapes = "static"  # static: recompile for each new size/batch (faster steps)
 
     def __post_init__(self):
-        for name, allowed in (("backend", BACKENDS), ("memory", MEMORY_MODES), ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
+        for name, allowed in (("backend", BACKENDS), ("memory", MEMORY_MODES), ("guidance_batch", GUIDANCE_BATCHES),
+                              ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
                               ("io_binding", IO_BINDINGS),
                               ("ov_hint", OV_HINTS), ("ov_precision", OV_PRECISIONS), ("ov_shapes", OV_SHAPES)):
             if getattr(self, name) not in allowed:
@@ -94,6 +101,16 @@ class RuntimeOptions:
             raise EdgesdError(f"cannot write the cache folder {folder} ({e.strerror})",
                               "pass a writable --cache-dir, or --cache off") from None
         return folder
+
+    def split_guidance(self) -> bool:
+        """Whether a guided step runs as two U-Net calls (guidance_batch, with auto resolved; backend chosen)."""
+        if self.guidance_batch != "auto":
+            return self.guidance_batch == "split"
+        if self.backend == "openvino":
+            return self.device.strip().upper() == "CPU"
+        from .providers import lookup
+
+        return lookup(self.provider.split(",")[0]).name == "cpu"
 
     def for_backend(self, backend: str) -> "RuntimeOptions":
         """These options with `backend` chosen; an option set for the other backend is an error."""
