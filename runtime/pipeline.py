@@ -20,6 +20,7 @@ from . import sampling
 from .backends import Graph, RuntimeOptions, load_graph
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
+from .heap import give_back_freed_memory
 from .families import ModelFamily
 from .images import from_pil, mask_from_picture, to_pil
 from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
@@ -46,7 +47,12 @@ class RunContext:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.local: dict[str, dict] = {}  # per graph: what a backend keeps for this caller (OpenVINO requests)
+        self.released_compile_s = 0.0  # compile time of the graphs released before the end
         self.started = time.perf_counter()
+
+    def release(self, name: str) -> None:
+        """Drop what a backend keeps for graph `name` (its compile time stays counted)."""
+        self.released_compile_s += self.local.pop(name, {}).get("compile_s", 0.0)
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         graph = self.pipe.graphs.get(name) or self.pipe.graph(name)  # loaded graphs without the loading lock
@@ -71,7 +77,7 @@ class RunContext:
 
     def timings(self) -> dict:
         timings = {f"{name}_s": round(t, 4) for name, t in self.seconds.items()}
-        compiled = sum(local.get("compile_s", 0.0) for local in self.local.values())
+        compiled = self.released_compile_s + sum(local.get("compile_s", 0.0) for local in self.local.values())
         if compiled:  # OpenVINO compiling for a new size (included above)
             timings["compile_s"] = round(compiled, 4)
         timings.update({"unet_calls": self.calls.get("unet", 0),
@@ -165,16 +171,20 @@ class Pipeline:
                 self._from_folder.add(name)
             return self.graphs[name]
 
-    def _stage_done(self, *names: str) -> None:
+    def _stage_done(self, *names: str, ctx: RunContext | None = None) -> None:
         """Memory "low": free the graphs of a finished stage (those loaded from the folder; another decoder
-        given at load stays)."""
+        given at load stays), with what `ctx` keeps for them (an OpenVINO request holds its compiled model)."""
         if self.options.memory != "low":
             return
+        for name in names if ctx is not None else ():
+            ctx.release(name)
         with self._loading:
-            for name in names:
-                if name in self._from_folder:
-                    self._from_folder.discard(name)
-                    del self.graphs[name]
+            freed = [name for name in names if name in self._from_folder]
+            for name in freed:
+                self._from_folder.discard(name)
+                del self.graphs[name]
+        if freed:
+            give_back_freed_memory()
 
     def placement(self) -> dict[str, dict[str, int]]:
         """Each graph's nodes per provider (or OpenVINO device); every graph the model has is loaded for it."""
@@ -291,9 +301,9 @@ class Pipeline:
         start = _Start()
         if request.image is not None:
             start = self._picture_start(request, ctx, noise_x)
-            self._stage_done("vae_encoder")
+            self._stage_done("vae_encoder", ctx=ctx)
         cond = self.family.conditioning(request, self.folder.configs, self.tokenizers, ctx.run)
-        self._stage_done(*self.family.text_components)
+        self._stage_done(*self.family.text_components, ctx=ctx)
         denoiser = Denoiser(
             unet=ctx.unet, cond=cond.stacked(),
             guidance_scale=request.guidance_scale if self.family.classifier_free else 1.0,
@@ -305,9 +315,9 @@ class Pipeline:
         step = _checked(callback, lambda: self.previewer(denoiser.latest_x0))
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
-        self._stage_done("unet")
+        self._stage_done("unet", ctx=ctx)
         images = self.decode(x, ctx, request.vae_tiling)
-        self._stage_done("vae_decoder")
+        self._stage_done("vae_decoder", ctx=ctx)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())
         return GenerationResult(images=images, seed=request.seed, parameters=params, latents=x,
                                 timings=ctx.timings(), warnings=self._warnings(request), request=request)

@@ -301,3 +301,22 @@ def test_cli_export_refuses_a_recipe_the_format_cannot_do(tiny_src, tmp_path):
     result = CliRunner().invoke(main, ["export", str(tiny_src), str(out), "--recipe", "int8-hybrid"])
     assert result.exit_code == 2 and "cannot be written as onnx" in result.output and "--format openvino" in result.output
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_openvino_low_memory_releases_requests_and_keeps_compile_time(monkeypatch):
+    """--memory low: a finished stage's infer request (which holds its compiled model) is dropped with the
+    graph; the compile time spent on it stays in the timings."""
+    held = {}
+    real = edgesd.pipeline.RunContext.run
+
+    def run(ctx, name, feeds):
+        held.setdefault(name, sorted(ctx.local))  # the callers' states kept when `name` first runs
+        return real(ctx, name, feeds)
+
+    monkeypatch.setattr(edgesd.pipeline.RunContext, "run", run)
+    low = edgesd.Pipeline.load(OPTIMUM_IR, memory="low", cache="off")("a cat", **RUN)
+    assert held == {"text_encoder": [], "unet": [], "vae_decoder": []}
+    monkeypatch.undo()
+    fast = edgesd.Pipeline.load(OPTIMUM_IR, cache="off")("a cat", **RUN)
+    assert low.timings["compile_s"] > 0
+    np.testing.assert_array_equal(low.latents, fast.latents)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -71,3 +72,20 @@ def test_memory_option_on_the_command_line_and_a_bad_value(tmp_path):
     assert out.is_file()
     with pytest.raises(EdgesdError, match="unknown memory 'tiny'.*fast, low"):
         edgesd.RuntimeOptions(memory="tiny")
+
+
+def test_low_memory_gives_each_freed_stage_back(monkeypatch):
+    given_back = []
+    monkeypatch.setattr(edgesd.pipeline, "give_back_freed_memory", lambda: given_back.append(1))
+    edgesd.Pipeline.load(cache="off", memory="low")("a red circle", **RUN)
+    assert len(given_back) == 3  # after the text encoder, the U-Net and the VAE decoder
+    edgesd.Pipeline.load(cache="off")("a red circle", **RUN)
+    assert len(given_back) == 3  # "fast" frees nothing
+
+
+def test_give_back_freed_memory_calls_the_c_library():
+    from edgesd import heap
+
+    heap.give_back_freed_memory()
+    if os.uname().sysname == "Linux" and os.confstr("CS_GNU_LIBC_VERSION"):
+        assert heap._malloc_trim() is not None  # glibc has malloc_trim
