@@ -34,6 +34,7 @@ class Denoiser:
     # with about half the activation memory, and on CPUs often faster (README, "--guidance-batch")
     split_guidance: bool = False
     latest_x0: np.ndarray | None = field(default=None, repr=False)  # the last clean-latent estimate (previews)
+    _halves: tuple | None = field(default=None, init=False, repr=False)
 
     @property
     def guided(self) -> bool:
@@ -43,9 +44,12 @@ class Denoiser:
         return self.guided and (self.guided_down_to is None or t >= self.guided_down_to)
 
     def _half(self, i: int) -> dict[str, np.ndarray]:
-        """The uncond (i = 0) or cond (i = 1) half of each [uncond; cond] conditioning input, each (B, ...)."""
-        return {name: value[:value.shape[0] // 2] if i == 0 else value[value.shape[0] // 2:]
-                for name, value in self.cond.items()}
+        """The uncond (i = 0) or cond (i = 1) half of each [uncond; cond] conditioning input, each (B, ...);
+        made once, so every step passes the same arrays (a backend keeps repeated inputs on its device)."""
+        if self._halves is None:
+            self._halves = tuple({name: part for name, part in zip(self.cond, parts)}
+                                 for parts in zip(*(np.split(v, 2) for v in self.cond.values())))
+        return self._halves[i]
 
     def _call(self, x_in: np.ndarray, t: float, cond: dict[str, np.ndarray]) -> np.ndarray:
         return self.unet(x_in, np.full((x_in.shape[0],), t, dtype=np.float32), **cond)

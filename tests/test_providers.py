@@ -233,7 +233,8 @@ def test_io_binding_is_asked_for_providers_with_their_own_memory():
 
 def test_io_binding_keeps_repeated_inputs_in_device_memory(monkeypatch):
     """The bound path on ONNX Runtime's own CPU memory (CI has no GPU): the prompt's embeddings are copied
-    once per picture, not once per step, and the pictures equal the plain run's bit for bit."""
+    once per picture, not once per step (split guidance: each half once), and the pictures equal the plain
+    run's bit for bit."""
     import dataclasses
 
     import numpy as np
@@ -251,9 +252,14 @@ def test_io_binding_keeps_repeated_inputs_in_device_memory(monkeypatch):
 
     monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(counting))
     run = dict(num_inference_steps=4, guidance_scale=3.0, seed=2)
-    bound = edgesd.Pipeline.load(cache="off")("a red circle", **run)
+    bound = edgesd.Pipeline.load(cache="off", guidance_batch="joint")("a red circle", **run)
     unet_inputs = [shape for shape in made if len(shape) == 3 and shape[1] == 77]  # encoder_hidden_states
-    assert len(unet_inputs) == 1 and bound.timings["unet_calls"] >= 4
+    assert unet_inputs == [(2, 77, 128)] and bound.timings["unet_calls"] >= 4
+    made.clear()
+    split = edgesd.Pipeline.load(cache="off", guidance_batch="split")("a red circle", **run)
+    unet_inputs = [shape for shape in made if len(shape) == 3 and shape[1] == 77]
+    assert unet_inputs == [(1, 77, 128)] * 2 and split.timings["unet_calls"] >= 8
+    assert np.array_equal(split.latents, bound.latents)
     made.clear()
     plain = edgesd.Pipeline.load(cache="off", io_binding="off")("a red circle", **run)
     assert not made

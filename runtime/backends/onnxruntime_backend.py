@@ -120,17 +120,18 @@ class OrtGraph:
 
     def _run_bound(self, feeds: dict[str, np.ndarray], cast: dict[str, np.ndarray], local: dict) -> list:
         """One run with I/O binding: outputs made in the provider's memory and copied out once; an input that
-        is the same array as in the caller's last run (`local`) stays in that memory, copied there once."""
+        is the same array as in one of the caller's last two runs (`local`; two: split guidance alternates the
+        negative and positive prompt's embeddings) stays in that memory, copied there once."""
         device, device_id = self._memory
         binding = self._session.io_binding()
-        kept = local.setdefault("on_device", {})  # input name -> (the caller's array, its OrtValue there)
+        kept = local.setdefault("on_device", {})  # input name -> [(the caller's array, its OrtValue there)]
         for name, value in cast.items():
-            if name in kept and kept[name][0] is feeds[name]:
-                binding.bind_ortvalue_input(name, kept[name][1])
-                continue
-            on_device = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
-            kept[name] = (feeds[name], on_device)  # the array is held, so `is` cannot match a new one
-            binding.bind_ortvalue_input(name, on_device)
+            recent = kept.setdefault(name, [])
+            match = next((on_device for array, on_device in recent if array is feeds[name]), None)
+            if match is None:
+                match = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, device_id)
+                recent[:] = [*recent[-1:], (feeds[name], match)]  # arrays held, so `is` cannot match a new one
+            binding.bind_ortvalue_input(name, match)
         for name in self._outputs:
             binding.bind_output(name, device, device_id)
         self._session.run_with_iobinding(binding)
