@@ -47,7 +47,7 @@ class Denoiser:
         """The uncond (i = 0) or cond (i = 1) half of each [uncond; cond] conditioning input, each (B, ...);
         made once, so every step passes the same arrays (a backend keeps repeated inputs on its device)."""
         if self._halves is None:
-            self._halves = tuple({name: part for name, part in zip(self.cond, parts)}
+            self._halves = tuple(dict(zip(self.cond, parts))
                                  for parts in zip(*(np.split(v, 2) for v in self.cond.values())))
         return self._halves[i]
 

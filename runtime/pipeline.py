@@ -20,8 +20,8 @@ from . import sampling
 from .backends import Graph, RuntimeOptions, load_graph
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
-from .heap import give_back_freed_memory
 from .families import ModelFamily
+from .heap import give_back_freed_memory
 from .images import from_pil, mask_from_picture, to_pil
 from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
 from .model import DecoderFolder, ModelFolder, VaeSettings
@@ -176,8 +176,9 @@ class Pipeline:
         given at load stays), with what `ctx` keeps for them (an OpenVINO request holds its compiled model)."""
         if self.options.memory != "low":
             return
-        for name in names if ctx is not None else ():
-            ctx.release(name)
+        if ctx is not None:
+            for name in names:
+                ctx.release(name)
         with self._loading:
             freed = [name for name in names if name in self._from_folder]
             for name in freed:
