@@ -75,7 +75,7 @@ def phase_ours() -> dict:
     return {
         "load_s": round(load_s, 2),
         "text_encoder_s": t["text_encoder_s"],
-        "unet_s_per_step": round(t["unet_s"] / t["unet_calls"], 3),
+        "unet_s_per_step": round(t["unet_s"] / t["unet_evaluations"], 3),
         "vae_decode_s": t["vae_decoder_s"],
         "total_s": t["total_s"],
         "peak_rss_gb": round(peak_rss_gb(), 2),

@@ -165,7 +165,8 @@ def measure_generation(target: BenchTarget, settings: BenchSettings) -> dict:
     steps = max(1, result.parameters["steps"])
     return {"load_s": round(load_s, 2), "first_s": round(first, 2),
             "text_encoder_s": round(t.get("text_encoder_s", 0.0) + t.get("text_encoder_2_s", 0.0), 3),
-            "unet_s_per_step": round(t["unet_s"] / steps, 3), "unet_calls": t["unet_calls"],
+            "unet_s_per_step": round(t["unet_s"] / steps, 3), "unet_evaluations": t["unet_evaluations"],
+            "unet_calls": t["unet_calls"],
             "vae_s": round(t.get("vae_decoder_s", 0.0), 3), "total_s": round(t["total_s"], 2),
             "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2),
             "peak_device_gb": device.peak_gb, "device_memory_of": device.how,

@@ -34,6 +34,7 @@ class Denoiser:
     # with about half the activation memory, and on CPUs often faster (README, "--guidance-batch")
     split_guidance: bool = False
     latest_x0: np.ndarray | None = field(default=None, repr=False)  # the last clean-latent estimate (previews)
+    evaluations: int = field(default=0, init=False)  # network predictions made (a split one is two U-Net runs)
     _halves: tuple | None = field(default=None, init=False, repr=False)
 
     @property
@@ -56,6 +57,7 @@ class Denoiser:
 
     def _predict(self, x_vp: np.ndarray, t: float) -> np.ndarray:
         """Guided network output for the VP sample x_vp (B, C, h, w) at train timestep t."""
+        self.evaluations += 1
         x_in = x_vp.astype(np.float32)
         if self.concat is not None:
             x_in = np.concatenate([x_in, self.concat], axis=1)  # (B, C + C', h, w)

@@ -320,8 +320,9 @@ class Pipeline:
         images = self.decode(x, ctx, request.vae_tiling)
         self._stage_done("vae_decoder", ctx=ctx)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())
+        timings = {**ctx.timings(), "unet_evaluations": denoiser.evaluations}
         return GenerationResult(images=images, seed=request.seed, parameters=params, latents=x,
-                                timings=ctx.timings(), warnings=self._warnings(request), request=request)
+                                timings=timings, warnings=self._warnings(request), request=request)
 
     def _warnings(self, request: GenerationRequest) -> list[str]:
         tok = self.tokenizer

@@ -96,8 +96,8 @@ def test_family_equals_diffusers(family_model, kind):
     assert ours.family.name == family
     image, latents, result = _both(_reference(src, kind), ours, prompt=PROMPT, latents=_latents(), **kwargs)
     _assert_equal(image, latents, result)
-    if kind == "lcm":  # one U-Net call per step, no unconditional batch
-        assert result.timings["unet_calls"] == 4
+    if kind == "lcm":  # one evaluation per step, no unconditional batch
+        assert result.timings["unet_evaluations"] == 4
 
 
 @pytest.mark.parametrize("kind", ["sd2", "lcm", "inpaint", "sdxl"])
@@ -347,7 +347,7 @@ def test_sdxl_img2img_equals_diffusers(family_model, picture_and_mask, scheduler
     got = ours(PROMPT, image=picture, strength=0.6, num_inference_steps=10, guidance_scale=5.0,
                latents=noise.numpy(), scheduler=scheduler)
     assert psnr(want, np.asarray(got.images[0], np.float64)) >= MIN_PSNR_DB
-    assert got.timings["unet_calls"] == 6
+    assert got.timings["unet_evaluations"] == 6
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "lcm"])

@@ -71,7 +71,8 @@ def test_joint_and_split_draw_the_same_pictures():
     run = dict(num_inference_steps=3, guidance_scale=7.5, seed=2, num_images_per_prompt=2, scheduler="euler")
     joint = edgesd.Pipeline.load(cache="off", guidance_batch="joint")("a red circle", **run)
     split = edgesd.Pipeline.load(cache="off", guidance_batch="split")("a red circle", **run)
-    assert joint.timings["unet_calls"] == 3 and split.timings["unet_calls"] == 6
+    assert joint.timings["unet_calls"] == 3 and split.timings["unet_calls"] == 6  # U-Net graph runs
+    assert joint.timings["unet_evaluations"] == split.timings["unet_evaluations"] == 3
     np.testing.assert_allclose(split.latents, joint.latents, rtol=0, atol=1e-5)
 
 

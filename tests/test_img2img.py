@@ -44,7 +44,7 @@ def test_img2img_equals_diffusers(pipe, tiny_src, start_image, scheduler, cls, s
                 latents=noise.numpy(), scheduler=scheduler)
     assert psnr(expected, np.asarray(ours.images[0], np.float64)) >= 40
     assert ours.parameters["strength"] == strength
-    assert ours.timings["unet_calls"] == int(10 * strength) + (scheduler == "pndm")
+    assert ours.timings["unet_evaluations"] == int(10 * strength) + (scheduler == "pndm")
 
 
 def test_strength_trades_the_picture_for_the_prompt():

@@ -49,10 +49,10 @@ def main() -> None:
     # with a guidance cutoff the steps differ (batch 2, then 1): the mean U-Net call, not the median step, is
     # the figure (without OpenVINO's recompiling for the new batch, which total_s keeps)
     mixed = "guidance_cutoff" in generation
-    per_step = (t["unet_s"] - t.get("compile_s", 0.0)) / t["unet_calls"] if mixed else clock.per_step()
+    per_step = (t["unet_s"] - t.get("compile_s", 0.0)) / t["unet_evaluations"] if mixed else clock.per_step()
     report(load_s=load.seconds, compile_s=compile_s, text_encoder_s=t["text_encoder_s"],
            unet_s_per_step=per_step, vae_decode_s=t["vae_decoder_s"], total_s=total.seconds,
-           steps=args.steps, unet_calls=t["unet_calls"])
+           steps=args.steps, unet_calls=t["unet_evaluations"])
 
 
 if __name__ == "__main__":
