@@ -10,6 +10,7 @@ import click
 
 from .backends.base import (BACKENDS, CACHE_MODES, GUIDANCE_BATCHES, IO_BINDINGS, MEMORY_MODES, ORT_OPTIMIZATIONS, OV_HINTS,
                             OV_PRECISIONS, OV_SHAPES, RuntimeOptions)
+from .cache import DEFAULT_MAX_GB
 from .errors import Cancelled, EdgesdError
 from .lora import LoraSpec
 from .noise import NOISE_GENERATORS
@@ -206,6 +207,8 @@ _RUNTIME_OPTIONS = [
                  help="Keep optimised (onnxruntime) or compiled (openvino) graphs: the next start is faster."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                  help="The cache's folder (default: $EDGESD_CACHE_DIR, else the user's cache folder / edgesd)."),
+    click.option("--cache-max-gb", default=DEFAULT_MAX_GB, show_default=True, type=float,
+                 help="The most the cache keeps; past it the least recently used entries are removed."),
     click.option("--provider", default="cpu", show_default=True,
                  help="onnxruntime: execution providers, comma-separated in order of preference (e.g. openvino,cpu)."),
     click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",

@@ -21,7 +21,7 @@ from .backends import Graph, RuntimeOptions, load_graph
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .families import ModelFamily
-from .heap import give_back_freed_memory
+from .heap import give_back_freed_memory, keep_large_blocks_off_heap
 from .images import from_pil, mask_from_picture, to_pil
 from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
 from .model import DecoderFolder, ModelFolder, VaeSettings
@@ -136,6 +136,8 @@ class Pipeline:
                                   f"the model makes {folder.constants.latent_channels}", "pass a decoder for this model")
             graphs["vae_decoder"] = load_graph(other.graph_path(), folder.specs["vae_decoder"], options)
         specs = _lora_specs(loras)
+        if options.memory == "low":
+            keep_large_blocks_off_heap()
         pipe = cls(folder, graphs, tokenizers, options, decoder, specs, _lora_constants(folder, specs))
         for name in (*folder.family.text_components, "unet", "vae_decoder"):
             if options.memory == "fast":

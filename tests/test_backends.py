@@ -57,6 +57,9 @@ def test_openvino_cache_dir_holds_compiled_models(tmp_path):
     assert any(cache.glob("openvino-*/*.blob"))
     b = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)
     np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+    stale = _entry(cache, "openvino-" + "0" * 12 + "/42.blob", 10_000, 1)  # another device's, long unused
+    edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache, cache_max_gb=1e-9)("a cat", **RUN)
+    assert not stale.exists() and any(cache.glob("openvino-*/*.blob"))  # compiling keeps the folder in bounds
 
 
 def test_onnxruntime_cache_dir_saves_optimised_graphs(tmp_path):
@@ -98,6 +101,53 @@ def test_a_damaged_or_stale_cache_entry_is_made_again(tmp_path):
     edgesd.Pipeline.load(model, cache_dir=cache)
     (newer,) = cache.glob("unet-*.onnx")
     assert newer.name != entry.name and not entry.exists()
+
+
+def _entry(folder: Path, name: str, size: int, used: float) -> Path:
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    os.utime(path, (used, used))
+    return path
+
+
+def test_the_cache_drops_its_least_recently_used_entries_past_its_limit(tmp_path):
+    from edgesd import cache
+
+    now = 1_700_000_000.0
+    old_graph = _entry(tmp_path, "unet-" + "a" * 16 + "-" + "b" * 16 + ".onnx", 100, now - 300)
+    old_data = _entry(tmp_path, old_graph.name + ".data", 900, now - 300)
+    blob = _entry(tmp_path, "openvino-" + "c" * 12 + "/123.blob", 1000, now - 200)
+    recent = _entry(tmp_path, "vae_decoder-" + "d" * 16 + "-" + "e" * 16 + ".onnx", 1000, now - 100)
+    mine = _entry(tmp_path, "notes.txt", 5000, now - 1000)  # not edgesd's: never counted, never removed
+    staging = tmp_path / ".partial-abc"
+    staging.mkdir()
+    os.utime(staging, (now - 2 * cache.STALE_STAGING_S,) * 2)
+    assert sum(e.size for e in cache.entries(tmp_path)) == 3000
+    removed = cache.prune(tmp_path, max_bytes=2000, used_since=now)
+    assert set(removed) == {old_graph, old_data}  # one entry: a graph with its data
+    assert blob.exists() and recent.exists() and mine.exists() and not staging.exists()
+    assert cache.prune(tmp_path, max_bytes=10, used_since=now - 150) == [blob]  # this run's entry stays
+    assert recent.exists()
+
+
+def test_a_cache_hit_counts_as_use_and_the_limit_is_kept_on_load(tmp_path):
+    cache_dir = tmp_path / "cache"
+    edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache_dir)
+    (unet,) = cache_dir.glob("unet-*.onnx")
+    os.utime(unet, (1, 1))
+    edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache_dir)
+    assert unet.stat().st_mtime > 1  # read from the cache: marked used
+    stale = _entry(cache_dir, "unet-" + "0" * 16 + "-" + "1" * 16 + ".onnx", 10_000, 1)  # a deleted model's
+    edgesd.Pipeline.load(OPTIMUM_ONNX, cache_dir=cache_dir, cache_max_gb=1e-9)
+    assert not stale.exists() and unet.exists()  # over the limit: the old entry went, this run's stayed
+    with pytest.raises(EdgesdError, match="cache_max_gb must be a number of GB above 0"):
+        RuntimeOptions(cache_max_gb=0)
+    out = tmp_path / "x.png"
+    run = CliRunner().invoke(main, ["generate", "a cat", "--model", str(OPTIMUM_ONNX), "--steps", "1", "--width",
+                                    "32", "--height", "32", "--cache-dir", str(cache_dir), "--cache-max-gb", "-1",
+                                    "-o", str(out)])
+    assert run.exit_code != 0 and "cache_max_gb must be a number of GB above 0" in run.output
 
 
 @pytest.mark.parametrize("level", ["disable", "basic", "extended"])

@@ -83,9 +83,19 @@ def test_low_memory_gives_each_freed_stage_back(monkeypatch):
     assert len(given_back) == 3  # "fast" frees nothing
 
 
-def test_give_back_freed_memory_calls_the_c_library():
+def test_low_memory_keeps_large_blocks_off_the_heap(monkeypatch):
+    fixed = []
+    monkeypatch.setattr(edgesd.pipeline, "keep_large_blocks_off_heap", lambda: fixed.append(1))
+    edgesd.Pipeline.load(cache="off")
+    assert fixed == []
+    edgesd.Pipeline.load(cache="off", memory="low")
+    assert fixed == [1]
+
+
+def test_heap_settings_call_the_c_library():
     from edgesd import heap
 
     heap.give_back_freed_memory()
+    heap.keep_large_blocks_off_heap()
     if os.uname().sysname == "Linux" and os.confstr("CS_GNU_LIBC_VERSION"):
-        assert heap._malloc_trim() is not None  # glibc has malloc_trim
+        assert heap._libc() is not None  # glibc has malloc_trim and mallopt

@@ -8,6 +8,7 @@ from typing import Literal, Protocol, get_args
 
 import numpy as np
 
+from ..cache import DEFAULT_MAX_GB
 from ..errors import EdgesdError
 from ..graphs import GraphSpec
 
@@ -59,6 +60,8 @@ class RuntimeOptions:
     # onnxruntime keeps optimised graphs, openvino compiled models: the next start skips that work
     cache: CacheMode = "on"
     cache_dir: Path | None = None  # None: default_cache_dir()
+    # the most the cache's entries may hold; past it the least recently used go (edgesd.cache)
+    cache_max_gb: float = DEFAULT_MAX_GB
     # ONNX Runtime only
     provider: str = "cpu"  # execution providers, comma-separated, in order of preference
     provider_options: tuple[tuple[str, str], ...] = ()  # KEY=VALUE pairs for the first provider
@@ -83,6 +86,10 @@ class RuntimeOptions:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise EdgesdError(f"threads must be a positive whole number, got {self.threads!r}",
                               "leave it unset for one thread per core")
+        if isinstance(self.cache_max_gb, bool) or not isinstance(self.cache_max_gb, (int, float)) \
+                or not self.cache_max_gb > 0:
+            raise EdgesdError(f"cache_max_gb must be a number of GB above 0, got {self.cache_max_gb!r}",
+                              "e.g. --cache-max-gb 20, or --cache off for no cache")
         if not self.provider.strip():
             raise EdgesdError("no execution provider given", "use e.g. --provider cpu")
 
@@ -101,6 +108,9 @@ class RuntimeOptions:
             raise EdgesdError(f"cannot write the cache folder {folder} ({e.strerror})",
                               "pass a writable --cache-dir, or --cache off") from None
         return folder
+
+    def cache_max_bytes(self) -> int:
+        return int(self.cache_max_gb * 1e9)
 
     def split_guidance(self) -> bool:
         """Whether a guided step runs as two U-Net calls (guidance_batch, with auto resolved; backend chosen)."""

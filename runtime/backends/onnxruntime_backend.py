@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,7 @@ import onnxruntime as ort
 # exceptions anyway.
 ort.set_default_logger_severity(3)
 
+from ..cache import mark_used, prune
 from ..errors import EdgesdError
 from ..graphs import ONNX_TO_NUMPY, GraphSpec, check_feed
 from ..tensor_files import onnx_initializers
@@ -200,15 +202,25 @@ def _cached_session(path: Path, cache_dir: Path, session_options: Callable[[], o
     The saved copy is already optimised, so it loads with optimisation off: the second start skips the
     graph rewrites (and for large graphs, the constant folding) that the first one paid for. A copy that does
     not load (cut short, corrupt) is removed and made again; copies of an older version of the same source
-    file are removed when the new one is written.
+    file are removed when the new one is written; then the folder is held to options.cache_max_gb.
     """
+    started = time.time()
+    session = _optimised_session(path, cache_dir, session_options, providers, options)
+    prune(cache_dir, options.cache_max_bytes(), used_since=started)
+    return session
+
+
+def _optimised_session(path: Path, cache_dir: Path, session_options: Callable[[], ort.SessionOptions],
+                       providers: SessionProviders, options: RuntimeOptions) -> ort.InferenceSession:
     prefix, name = _cache_names(path, options)
     cached = cache_dir / name
     if cached.is_file():
         made = session_options()
         made.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(cached), made, **providers.apply(made))
+            session = ort.InferenceSession(str(cached), made, **providers.apply(made))
+            mark_used(cached, cache_dir / (name + ".data"))
+            return session
         except Exception:  # a damaged entry is rebuilt, not fatal
             for f in (cached, cache_dir / (name + ".data")):
                 f.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
+from ..cache import prune
 from ..errors import EdgesdError
 from ..graphs import GraphSpec, check_feed
 from .base import RuntimeOptions, add_delta, check_names, fit_feeds
@@ -76,6 +77,7 @@ class OvGraph:
         self._device = options.device
         self._static = options.ov_shapes == "static"
         self._config = compile_config(options)  # its CACHE_DIR folder is made by options.cache_folder()
+        self._cache_max_bytes = options.cache_max_bytes()
         try:
             self._model = self._core.read_model(str(self.path))
         except Exception as e:  # OpenVINO raises RuntimeError with a multi-line trace
@@ -115,7 +117,10 @@ class OvGraph:
         try:
             if self._static:
                 self._model.reshape({name: ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+            started = time.time()
             self._compiled = self._core.compile_model(self._model, self._device, self._config)
+            if "CACHE_DIR" in self._config:  # the blob it read or wrote stays; older ones go past the limit
+                prune(Path(self._config["CACHE_DIR"]).parent, self._cache_max_bytes, used_since=started)
         except Exception as e:
             raise EdgesdError(f"{self.path}: OpenVINO cannot compile it for {self._device} with inputs "
                               f"{shapes} ({_first_reason(e)})", "check the size and batch, or use --device CPU"
