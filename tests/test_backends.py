@@ -55,8 +55,24 @@ def test_openvino_cache_dir_holds_compiled_models(tmp_path):
     cache = tmp_path / "ov-cache"
     a = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache, ov_hint="throughput", threads=1)("a cat", **RUN)
     assert any(cache.glob("openvino-*/*.blob"))
-    b = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)
+    # each graph is compiled from a static-shape copy in the cache (OpenVINO then reads its blob alone)
+    copies = sorted(cache.glob("openvino-*/static-*.xml"))
+    assert len(copies) == 3 and all(c.with_suffix(".bin").is_file() for c in copies)
+    assert not list(cache.glob("openvino-*/.partial-*"))
+    b = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)  # other options: another folder
     np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+    copies = sorted(set(cache.glob("openvino-*/static-*.xml")) - set(copies))
+    assert len(copies) == 3
+    edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)
+    assert len(list(cache.glob("openvino-*/static-*.xml"))) == 6  # found again, none added
+    unet_copy = next(c for c in copies if "Parameter" in c.read_text() and "encoder_hidden_states" in c.read_text())
+    unet_copy.write_text("cut short")  # a damaged copy is written again
+    c = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **RUN)
+    np.testing.assert_allclose(a.latents, c.latents, atol=1e-5)
+    assert unet_copy.stat().st_size > 100
+    other_size = edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache)("a cat", **{**RUN, "width": 48})
+    assert other_size.images[0].size == (48, 32)
+    assert len(list(cache.glob("openvino-*/static-*.xml"))) == 8  # a new size: the U-Net's and VAE's copies
     stale = _entry(cache, "openvino-" + "0" * 12 + "/42.blob", 10_000, 1)  # another device's, long unused
     edgesd.Pipeline.load(OPTIMUM_IR, cache_dir=cache, cache_max_gb=1e-9)("a cat", **RUN)
     assert not stale.exists() and any(cache.glob("openvino-*/*.blob"))  # compiling keeps the folder in bounds
@@ -118,14 +134,16 @@ def test_the_cache_drops_its_least_recently_used_entries_past_its_limit(tmp_path
     old_graph = _entry(tmp_path, "unet-" + "a" * 16 + "-" + "b" * 16 + ".onnx", 100, now - 300)
     old_data = _entry(tmp_path, old_graph.name + ".data", 900, now - 300)
     blob = _entry(tmp_path, "openvino-" + "c" * 12 + "/123.blob", 1000, now - 200)
+    copy = _entry(tmp_path, "openvino-" + "c" * 12 + "/static-" + "f" * 16 + ".xml", 10, now - 250)
+    copy_bin = _entry(tmp_path, "openvino-" + "c" * 12 + "/static-" + "f" * 16 + ".bin", 990, now - 250)
     recent = _entry(tmp_path, "vae_decoder-" + "d" * 16 + "-" + "e" * 16 + ".onnx", 1000, now - 100)
     mine = _entry(tmp_path, "notes.txt", 5000, now - 1000)  # not edgesd's: never counted, never removed
     staging = tmp_path / ".partial-abc"
     staging.mkdir()
     os.utime(staging, (now - 2 * cache.STALE_STAGING_S,) * 2)
-    assert sum(e.size for e in cache.entries(tmp_path)) == 3000
+    assert sum(e.size for e in cache.entries(tmp_path)) == 4000
     removed = cache.prune(tmp_path, max_bytes=2000, used_since=now)
-    assert set(removed) == {old_graph, old_data}  # one entry: a graph with its data
+    assert set(removed) == {old_graph, old_data, copy, copy_bin}  # an entry: a graph with its data
     assert blob.exists() and recent.exists() and mine.exists() and not staging.exists()
     assert cache.prune(tmp_path, max_bytes=10, used_since=now - 150) == [blob]  # this run's entry stays
     assert recent.exists()
