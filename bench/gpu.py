@@ -94,6 +94,12 @@ def phase_int8_fp16(work: Path, configs: Path) -> dict:
                                           {"vae_decoder": "fp16-compute"})}
 
 
+def phase_int8_fp16_te32(work: Path, configs: Path) -> dict:
+    """The modest-VRAM folder with an fp32 text encoder, for running it on the CPU (--component-provider)."""
+    return {"int8_fp16_te32_s": _recipe_folder(work, LEAN_VRAM["folder"], "int8-weights-fp16-compute",
+                                               {"vae_decoder": "fp16-compute", "text_encoder": "fp32"})}
+
+
 def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
     import numpy as np
 
@@ -124,7 +130,8 @@ def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
             "torch": torch.__version__}
 
 
-def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "fp32", **options) -> dict:
+def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "fp32", request: dict | None = None,
+            **options) -> dict:
     import numpy as np
     import onnxruntime
 
@@ -141,7 +148,7 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
 
         def run(steps: int):
             result = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, width=SIZE, height=SIZE,
-                          latents=latents, scheduler="euler")
+                          latents=latents, scheduler="euler", **(request or {}))
             timings[steps] = result.timings
 
         clock = _clock(run)
@@ -287,6 +294,25 @@ GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 
 # cuDNN picks convolution algorithms by heuristics with a small workspace instead of trying all of them.
 LEAN = (("arena_extend_strategy", "kSameAsRequested"), ("cudnn_conv_algo_search", "HEURISTIC"),
         ("cudnn_conv_use_max_workspace", "0"))
+# Modest VRAM: int8 U-Net weights in fp16 arithmetic with the text encoder on the CPU, then one arena for the
+# process, split guidance (half the U-Net's activations) and the VAE decoded in 256-pixel tiles.
+LEAN_VRAM = dict(folder="sd15-int8-fp16-te32", component_providers=(("text_encoder", "cpu"),))
+_LEAN_STEPS = {
+    "te-cpu": ("text encoder on the CPU", {}, None),
+    "te-cpu-shared": ("text encoder on the CPU, one arena", {"device_arena": "shared"}, None),
+    "te-cpu-shared-split": ("text encoder on the CPU, one arena, split guidance",
+                            {"device_arena": "shared", "guidance_batch": "split"}, None),
+    "te-cpu-shared-tile256": ("text encoder on the CPU, one arena, VAE tiles of 256",
+                              {"device_arena": "shared"}, {"vae_tiling": "on", "vae_tile_size": 256}),
+    "te-cpu-shared-split-tile256": ("text encoder on the CPU, one arena, split guidance, VAE tiles of 256",
+                                    {"device_arena": "shared", "guidance_batch": "split"},
+                                    {"vae_tiling": "on", "vae_tile_size": 256}),
+}
+def _lean_vram(label: str, options: dict, request: dict | None):
+    return lambda work, configs: _edgesd(work, "cuda", label="int8-weights-fp16-compute, " + label,
+                                         request=request, **LEAN_VRAM, **options)
+
+
 PHASES = {
     "build": phase_build,
     "export": phase_export,
@@ -323,6 +349,8 @@ PHASES = {
                                                                    folder=INT8_FP16["folder"]),
     "memory-int8fp16": lambda work, configs: _memory_breakdown(work, True, vae=INT8_FP16["folder"],
                                                                folder=INT8_FP16["folder"]),
+    "int8-fp16-te32": phase_int8_fp16_te32,
+    **{f"edgesd-cuda-int8fp16-{key}": _lean_vram(*step) for key, step in _LEAN_STEPS.items()},
     "edgesd-cuda-fp16-lean-4gb": lambda work, configs: _edgesd(
         work, "cuda", folder=FP16["folder"], label="fp16-compute lean, gpu_mem_limit 4 GB",
         provider_options=(*LEAN, ("gpu_mem_limit", str(GPU_MEM_LIMIT)))),

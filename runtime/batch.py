@@ -37,7 +37,7 @@ ROW_FIELDS: dict[str, tuple[str, type]] = {
     "seed": ("seed", int),
     "width": ("width", int), "height": ("height", int), "sampler": ("scheduler", str),
     "noise": ("noise_generator", str), "eta": ("eta", float), "strength": ("strength", float),
-    "vae_tiling": ("vae_tiling", str),
+    "vae_tiling": ("vae_tiling", str), "vae_tile_size": ("vae_tile_size", int),
 }
 # diffusers' names for the same fields, accepted too
 ROW_ALIASES = {"negative_prompt": "negative", "negative_prompt_2": "negative_2", "num_inference_steps": "steps",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .backends.base import (BACKENDS, CACHE_MODES, GUIDANCE_BATCHES, IO_BINDINGS, MEMORY_MODES, ORT_OPTIMIZATIONS, OV_HINTS,
+from .backends.base import (BACKENDS, CACHE_MODES, DEVICE_ARENAS, GUIDANCE_BATCHES, IO_BINDINGS, MEMORY_MODES, ORT_OPTIMIZATIONS, OV_HINTS,
                             OV_PRECISIONS, OV_SHAPES, RuntimeOptions)
 from .cache import DEFAULT_MAX_GB
 from .errors import Cancelled, EdgesdError
@@ -213,6 +213,11 @@ _RUNTIME_OPTIONS = [
                  help="onnxruntime: execution providers, comma-separated in order of preference (e.g. openvino,cpu)."),
     click.option("--provider-option", "provider_options", multiple=True, metavar="KEY=VALUE",
                  help="onnxruntime: an option of the first provider (repeatable)."),
+    click.option("--component-provider", "component_providers", multiple=True, metavar="COMPONENT=PROVIDERS",
+                 help="onnxruntime: run one graph on other providers than --provider's, e.g. text_encoder=cpu "
+                      "(repeatable; text_encoder places every text encoder)."),
+    click.option("--device-arena", default="per-graph", show_default=True, type=click.Choice(DEVICE_ARENAS),
+                 help="onnxruntime, cuda: shared, one memory arena for every graph of the process (less memory)."),
     click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
                  help="onnxruntime: graph optimisation level."),
     click.option("--io-binding", default="auto", show_default=True, type=click.Choice(IO_BINDINGS),
@@ -270,6 +275,9 @@ def _runtime_options_only(command):
               help="Inpainting (with --image): white repaints, black keeps.")
 @click.option("--vae-tiling", default="auto", show_default=True, type=click.Choice(TILING_MODES),
               help="Decode/encode in overlapping tiles of the VAE's sample size; auto: from 4 tiles and 1024x1024 pixels.")
+@click.option("--vae-tile-size", default=None, type=int,
+              help="With --vae-tiling: a tile's side in pixels, a multiple of 64 (default: the VAE's sample size); "
+                   "smaller tiles, less memory.")
 @_runtime_options
 @click.option("--count", default=1, show_default=True, type=int, help="Images to generate.")
 @click.option("--max-pixels", default=DEFAULT_MAX_PIXELS, show_default=True, type=int,
@@ -279,7 +287,7 @@ def _runtime_options_only(command):
 def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale,
              guidance_cutoff, seed,
              width, height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder,
-             vae_tiling, count, max_pixels, output, **runtime_options):
+             vae_tiling, vae_tile_size, count, max_pixels, output, **runtime_options):
     """Generate an image from PROMPT (or from the parameters of a picture: --from PNG)."""
     from .schedulers import A1111_OF, SAMPLERS
 
@@ -290,9 +298,9 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
             prompt=prompt, negative=negative, prompt_2=prompt_2, negative_2=negative_2, steps=steps,
             guidance=guidance, guidance_rescale=guidance_rescale, guidance_cutoff=guidance_cutoff, seed=seed,
             width=width, height=height, scheduler=scheduler, noise_generator=noise_generator, strength=strength,
-            vae_tiling=vae_tiling))
+            vae_tiling=vae_tiling, vae_tile_size=vae_tile_size))
         (prompt, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, guidance_cutoff, seed, width,
-         height, scheduler, noise_generator, strength, vae_tiling) = values.values()
+         height, scheduler, noise_generator, strength, vae_tiling, vae_tile_size) = values.values()
     if prompt is None:
         raise EdgesdError("no prompt given", "pass PROMPT, or --from PNG to re-run a picture's parameters")
 
@@ -332,7 +340,7 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
                       width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
                       strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2,
-                      vae_tiling=vae_tiling, max_pixels=max_pixels)
+                      vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, max_pixels=max_pixels)
     for warning in result.warnings:
         click.echo(f"note: {warning}", err=True)
     paths = [output] if count == 1 else [output.with_name(f"{output.stem}-{i + 1}.png") for i in range(count)]
@@ -346,7 +354,7 @@ _SAVED = {"prompt": "prompt", "negative": "negative_prompt", "prompt_2": "prompt
           "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
           "guidance_cutoff": "guidance_cutoff", "seed": "seed", "width": "width", "height": "height",
           "scheduler": "scheduler", "noise_generator": "noise_generator", "strength": "strength",
-          "vae_tiling": "vae_tiling"}
+          "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size"}
 
 
 def _saved_parameters(path: Path, given: set[str], values: dict) -> dict:
@@ -360,14 +368,20 @@ def _saved_parameters(path: Path, given: set[str], values: dict) -> dict:
             for name, value in values.items()}
 
 
-def _options(provider_options: tuple[str, ...], **values) -> RuntimeOptions:
+def _options(provider_options: tuple[str, ...], component_providers: tuple[str, ...] = (), **values) -> RuntimeOptions:
+    return RuntimeOptions(provider_options=_pairs("--provider-option", provider_options, "device_type=CPU"),
+                          component_providers=_pairs("--component-provider", component_providers, "text_encoder=cpu"),
+                          **values)
+
+
+def _pairs(flag: str, items: tuple[str, ...], example: str) -> tuple[tuple[str, str], ...]:
     pairs = []
-    for item in provider_options:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise EdgesdError(f"--provider-option '{item}' is not KEY=VALUE", "e.g. --provider-option device_type=CPU")
+            raise EdgesdError(f"{flag} '{item}' is not KEY=VALUE", f"e.g. {flag} {example}")
         pairs.append((key.strip(), value.strip()))
-    return RuntimeOptions(provider_options=tuple(pairs), **values)
+    return tuple(pairs)
 
 
 @main.command()

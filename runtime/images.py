@@ -187,7 +187,7 @@ _OURS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num
          "guidance_cutoff": "guidance_cutoff", "seed": "seed", "width": "width", "height": "height",
          "noise_generator": "noise_generator",
          "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2", "strength": "strength",
-         "vae_tiling": "vae_tiling"}
+         "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size"}
 
 
 def read_parameters(path: Path) -> dict:

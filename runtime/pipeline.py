@@ -134,7 +134,8 @@ class Pipeline:
             if decoder.latent_channels != folder.constants.latent_channels:
                 raise EdgesdError(f"the VAE decoder '{other.root}' takes {decoder.latent_channels} latent channels, "
                                   f"the model makes {folder.constants.latent_channels}", "pass a decoder for this model")
-            graphs["vae_decoder"] = load_graph(other.graph_path(), folder.specs["vae_decoder"], options)
+            graphs["vae_decoder"] = load_graph(other.graph_path(), folder.specs["vae_decoder"],
+                                               options.for_component("vae_decoder"))
         specs = _lora_specs(loras)
         if options.memory == "low":
             keep_large_blocks_off_heap()
@@ -169,7 +170,8 @@ class Pipeline:
                 # a LoRA's deltas are freed once used, unless memory "low" will load the graph again
                 deltas = (self._weight_deltas.get(name) if self.options.memory == "low"
                           else self._weight_deltas.pop(name, None))
-                self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name], self.options, deltas)
+                self.graphs[name] = load_graph(self.folder.graph_path(name), self.specs[name],
+                                               self.options.for_component(name), deltas)
                 self._from_folder.add(name)
             return self.graphs[name]
 
@@ -213,6 +215,8 @@ class Pipeline:
         """What ran the graphs, for the image's parameters."""
         run = ({"backend": "openvino", "device": self.options.device} if self.options.backend == "openvino"
                else {"provider": self.options.provider})
+        if self.options.component_providers:
+            run["component_providers"] = dict(self.options.component_providers)
         if self.loras:
             run["loras"] = [str(spec) for spec in self.loras]
         if self.decoder is not self.vae:
@@ -232,18 +236,22 @@ class Pipeline:
         """A picture -> scaled latents (1, C, H/f, W/f): the VAE posterior's mean (diffusers samples it)."""
         return self._encode_pixels(from_pil(image, width, height), ctx or RunContext(self))
 
-    def _encode_pixels(self, pixels: np.ndarray, ctx: RunContext, tiling: TilingMode = "auto") -> np.ndarray:
-        """(1, 3, H, W) in [-1, 1] -> scaled latents (1, C, H/f, W/f)."""
+    def _encode_pixels(self, pixels: np.ndarray, ctx: RunContext, tiling: TilingMode = "auto",
+                       tile_size: int | None = None) -> np.ndarray:
+        """(1, 3, H, W) in [-1, 1] -> scaled latents (1, C, H/f, W/f), in tiles of `tile_size` pixels (None:
+        the VAE's sample size) where `tiling` says."""
         def encode(x: np.ndarray) -> np.ndarray:
             return ctx.run("vae_encoder", {"sample": x})["latent_parameters"]  # (1, 2C, h, w)
 
-        moments = encode_pixels(pixels, encode, self.vae.sample_size, self.constants.vae_scale_factor, tiling)
+        moments = encode_pixels(pixels, encode, tile_size or self.vae.sample_size, self.constants.vae_scale_factor,
+                                tiling)
         mean = moments[:, : moments.shape[1] // 2]
         return (mean * self.vae.scaling_factor).astype(np.float32)
 
     def decode(self, latents: np.ndarray, ctx: RunContext | None = None,
-               tiling: TilingMode = "auto") -> list[Image.Image]:
-        """Latents (N, C, h, w) -> images, one VAE call per image (or per tile) to bound peak memory."""
+               tiling: TilingMode = "auto", tile_size: int | None = None) -> list[Image.Image]:
+        """Latents (N, C, h, w) -> images, one VAE call per image (or per tile of `tile_size` pixels, None: the
+        decoder's sample size) to bound peak memory."""
         ctx = ctx or RunContext(self)
 
         def decode(z: np.ndarray) -> np.ndarray:
@@ -252,8 +260,8 @@ class Pipeline:
         images = []
         for z in latents:
             z = (z[None] / self.decoder.scaling_factor).astype(np.float32)  # (1, C, h, w)
-            images += to_pil(decode_latents(z, decode, self.decoder.sample_size, self.constants.vae_scale_factor,
-                                            tiling))
+            images += to_pil(decode_latents(z, decode, tile_size or self.decoder.sample_size,
+                                            self.constants.vae_scale_factor, tiling))
         return images
 
     # --- generation -------------------------------------------------------------------------
@@ -319,7 +327,7 @@ class Pipeline:
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
         self._stage_done("unet", ctx=ctx)
-        images = self.decode(x, ctx, request.vae_tiling)
+        images = self.decode(x, ctx, request.vae_tiling, request.vae_tile_size)
         self._stage_done("vae_decoder", ctx=ctx)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())
         timings = {**ctx.timings(), "unet_evaluations": denoiser.evaluations}
@@ -359,7 +367,8 @@ class Pipeline:
         # diffusers starts from pure noise at full strength when it inpaints, from the noised picture otherwise
         pure_noise = request.mask_image is not None and strength >= 1.0
         needs_x0 = not (pure_noise and self.family.inpaint_unet)
-        x0 = np.repeat(self._encode_pixels(pixels, ctx, request.vae_tiling), batch, 0) if needs_x0 else None  # (B, C, h, w)
+        tiles = (request.vae_tiling, request.vae_tile_size)
+        x0 = np.repeat(self._encode_pixels(pixels, ctx, *tiles), batch, 0) if needs_x0 else None  # (B, C, h, w)
         if request.mask_image is None:
             return _Start(first, x0)
         mask = mask_from_picture(request.mask_image, w, h)  # (1, 1, H, W), 1 = repaint
@@ -367,8 +376,8 @@ class Pipeline:
         mask_latent = np.repeat(mask[:, :, ::f, ::f], batch, 0)  # nearest, as torch's interpolate: (B, 1, h, w)
         start_x0 = None if pure_noise else x0
         if self.family.inpaint_unet:  # the U-Net sees the mask and the picture outside it
-            masked = np.repeat(self._encode_pixels((pixels * (mask < 0.5)).astype(np.float32), ctx,
-                                                   request.vae_tiling), batch, 0)
+            masked = np.repeat(self._encode_pixels((pixels * (mask < 0.5)).astype(np.float32), ctx, *tiles),
+                               batch, 0)
             return _Start(first, start_x0, concat=np.concatenate([mask_latent, masked], axis=1))
 
         def blend(schedule) -> sampling.StepHook:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .errors import EdgesdError
 from .noise import NOISE_GENERATORS, NoiseGenerator
-from .tiling import TILING_MODES, TilingMode
+from .tiling import MIN_TILE_SIZE, TILING_MODES, TilingMode
 
 if TYPE_CHECKING:
     from .families import ModelFamily
@@ -68,6 +68,7 @@ class GenerationRequest:
     # pictures x width x height of one call at most: checked before anything is allocated (raise it for more)
     max_pixels: int = DEFAULT_MAX_PIXELS
     vae_tiling: TilingMode = "auto"  # decode/encode in overlapping tiles: auto (large pictures), on, off
+    vae_tile_size: int | None = None  # a tile's side in pixels (None: the VAE's sample size, as diffusers)
 
     @property
     def batch(self) -> int:
@@ -153,6 +154,10 @@ class GenerationRequest:
             raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
         if self.vae_tiling not in TILING_MODES:
             raise EdgesdError(f"unknown vae_tiling {self.vae_tiling!r}", f"use one of: {', '.join(TILING_MODES)}")
+        if self.vae_tile_size is not None and (isinstance(self.vae_tile_size, bool) or not isinstance(
+                self.vae_tile_size, (int, np.integer)) or self.vae_tile_size < MIN_TILE_SIZE or self.vae_tile_size % 64):
+            raise EdgesdError(f"vae_tile_size must be a multiple of 64 pixels, at least {MIN_TILE_SIZE}, got "
+                              f"{self.vae_tile_size!r}", "e.g. 256, or leave it unset for the VAE's sample size")
         if self.noise_generator not in NOISE_GENERATORS:
             raise EdgesdError(f"unknown noise generator {self.noise_generator!r}",
                               f"use one of: {', '.join(NOISE_GENERATORS)}")
@@ -204,6 +209,8 @@ class GenerationRequest:
             params["noise_generator"] = self.noise_generator
         if self.vae_tiling != "auto":
             params["vae_tiling"] = self.vae_tiling
+        if self.vae_tile_size is not None:
+            params["vae_tile_size"] = self.vae_tile_size
         for name, key in (("prompts_2", "prompt_2"), ("negative_prompts_2", "negative_prompt_2")):
             if getattr(self, name) is not None:
                 params[key] = one(getattr(self, name))

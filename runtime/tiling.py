@@ -20,6 +20,7 @@ OVERLAP = 0.25  # share of a tile that overlaps the next one
 # 2048 x 2048); smaller ones decode whole, as diffusers does by default.
 AUTO_TILES = 4
 AUTO_MIN_PIXELS = 1024 * 1024
+MIN_TILE_SIZE = 128  # pixels per side of a tile (--vae-tile-size) at least: 16 latent pixels for SD
 
 
 @dataclass(frozen=True)

@@ -317,3 +317,89 @@ def test_cuda_gets_its_lean_defaults_and_the_users_options_win():
                                               "cudnn_conv_algo_search": "EXHAUSTIVE",
                                               "cudnn_conv_use_max_workspace": "0"})
     assert cpu == "CPUExecutionProvider"
+
+
+class _ArenaOrt(FakeOrt):
+    """FakeOrt with the env-allocator API: records each arena registered."""
+
+    OrtAllocatorType = types.SimpleNamespace(ORT_ARENA_ALLOCATOR="arena")
+    OrtMemType = types.SimpleNamespace(DEFAULT="default")
+
+    def __init__(self):
+        super().__init__(["CUDAExecutionProvider", "CPUExecutionProvider"], {})
+        self.arenas = []
+
+    def OrtMemoryInfo(self, name, allocator, device_id, mem_type):  # noqa: N802 (onnxruntime's names)
+        return (name, allocator, device_id, mem_type)
+
+    def OrtArenaCfg(self, config):  # noqa: N802
+        return dict(config)
+
+    def create_and_register_allocator_v2(self, ep_name, info, options, config):
+        self.arenas.append((ep_name, info, options, config))
+
+
+class _ConfigOptions(_SessionOptions):
+    def __init__(self):
+        super().__init__()
+        self.config = {}
+
+    def add_session_config_entry(self, key, value):
+        self.config[key] = value
+
+
+def test_a_shared_device_arena_is_registered_once_and_taken_by_each_session():
+    ort = _ArenaOrt()
+    registry = ProviderRegistry(ort, _modules())
+    for _ in range(3):  # text encoder, U-Net, VAE: one arena
+        chosen = registry.session_providers("cuda", {"gpu_mem_limit": "4000000000"}, "shared")
+        made = _ConfigOptions()
+        chosen.apply(made)
+        assert made.config == {"session.use_env_allocators": "1"}
+    assert ort.arenas == [("CUDAExecutionProvider", ("Cuda", "arena", 0, "default"), {"device_id": "0"},
+                           {"arena_extend_strategy": 1, "max_mem": 4000000000})]
+    made = _ConfigOptions()
+    registry.session_providers("cuda", {}).apply(made)  # per-graph: the session's own arena
+    assert made.config == {}
+    with pytest.raises(EdgesdError, match="--device-arena shared is for a provider with its own memory, not 'cpu'"):
+        registry.session_providers("cpu", {}, "shared")
+    with pytest.raises(EdgesdError, match="arena_extend_strategy 'kDoubling' is not known"):
+        registry.session_providers("cuda", {"arena_extend_strategy": "kDoubling", "device_id": "1"}, "shared")
+
+
+def test_a_component_runs_on_its_own_provider():
+    from edgesd import RuntimeOptions
+
+    options = RuntimeOptions(provider="cuda,cpu", provider_options=(("device_id", "1"),),
+                             component_providers=(("text_encoder", "cpu"),), guidance_batch="auto")
+    text = options.for_component("text_encoder_2")  # every text encoder
+    assert (text.provider, text.provider_options, text.component_providers) == ("cpu", (), ())
+    assert options.for_component("unet") is options
+    assert not options.split_guidance()  # the U-Net is on the GPU: joint
+    on_cpu = RuntimeOptions(provider="cuda", component_providers=(("unet", "cpu"),))
+    assert on_cpu.split_guidance()
+    same = RuntimeOptions(provider="cuda", provider_options=(("device_id", "1"),),
+                          component_providers=(("vae_decoder", "cuda,cpu"),)).for_component("vae_decoder")
+    assert same.provider_options == (("device_id", "1"),)  # the same first provider keeps its options
+    with pytest.raises(EdgesdError, match="unknown component 'clip'; use one of: text_encoder"):
+        RuntimeOptions(component_providers=(("clip", "cpu"),))
+    with pytest.raises(EdgesdError, match="--component-provider unet= names no provider"):
+        RuntimeOptions(component_providers=(("unet", " "),))
+    with pytest.raises(EdgesdError, match="--component-provider applies to the onnxruntime backend"):
+        RuntimeOptions(component_providers=(("unet", "cpu"),)).for_backend("openvino")
+    pipe = edgesd.Pipeline.load(component_providers=(("text_encoder", "cpu"),))
+    assert pipe.placement()["text_encoder"] == {"cpu": sum(pipe.placement()["text_encoder"].values())}
+    result = pipe("a red circle", num_inference_steps=1, seed=0)
+    assert result.parameters["component_providers"] == {"text_encoder": "cpu"}
+
+
+def test_component_provider_on_the_command_line(tmp_path):
+    bad = run_edgesd("generate", "x", "--steps", "1", "--component-provider", "text_encoder", "-o",
+                     str(tmp_path / "a.png"))
+    assert bad.returncode != 0 and "--component-provider 'text_encoder' is not KEY=VALUE" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    ok = run_edgesd("generate", "x", "--steps", "1", "--component-provider", "text_encoder=cpu", "-o",
+                    str(tmp_path / "b.png"))
+    assert ok.returncode == 0
+    arena = run_edgesd("generate", "x", "--steps", "1", "--device-arena", "shared", "-o", str(tmp_path / "c.png"))
+    assert arena.returncode != 0 and "--device-arena shared is for a provider with its own memory" in arena.stderr

@@ -112,3 +112,25 @@ def test_taesd_from_the_command_line(tiny_onnx, taesd, tmp_path):
                           "-o", str(tmp_path / "a.png")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "a.png").is_file()
+
+
+def test_vae_tile_size_sets_the_tiles(monkeypatch):
+    pipe = edgesd.Pipeline.load()  # its VAE's sample size: 64 pixels
+    graph = pipe.graph("vae_decoder")
+    shapes = []
+    run = graph.run
+    monkeypatch.setattr(graph, "run", lambda feeds, local=None: shapes.append(feeds["latent_sample"].shape)
+                        or run(feeds, local))
+    whole = pipe("a red circle", num_inference_steps=1, height=256, width=256, seed=1, vae_tiling="off")
+    tiled = pipe("a red circle", num_inference_steps=1, height=256, width=256, seed=1, vae_tiling="on",
+                 vae_tile_size=128)
+    # one whole decode (4 pixels per latent pixel), then tiles of 32 latent pixels every 24 (a quarter
+    # overlapping), cut at the edges: 3 x 3
+    assert shapes[0] == (1, 4, 64, 64) and len(shapes) == 10
+    assert {s[2:] for s in shapes[1:]} == {(32, 32), (32, 16), (16, 32), (16, 16)}
+    assert tiled.parameters["vae_tile_size"] == 128
+    a, b = (np.asarray(r.images[0], np.float32) for r in (whole, tiled))
+    assert 0 < np.abs(a - b).mean() < 8  # blended tiles: close to the whole picture, not equal
+    for bad in (100, 64, True):
+        with pytest.raises(EdgesdError, match="vae_tile_size must be a multiple of 64 pixels, at least 128"):
+            pipe("x", num_inference_steps=1, vae_tile_size=bad)

@@ -21,6 +21,7 @@ CacheMode = Literal["on", "off"]
 IoBinding = Literal["auto", "off"]
 MemoryMode = Literal["fast", "low"]
 GuidanceBatch = Literal["auto", "joint", "split"]
+DeviceArena = Literal["per-graph", "shared"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -31,6 +32,9 @@ CACHE_MODES: tuple[str, ...] = get_args(CacheMode)
 IO_BINDINGS: tuple[str, ...] = get_args(IoBinding)
 MEMORY_MODES: tuple[str, ...] = get_args(MemoryMode)
 GUIDANCE_BATCHES: tuple[str, ...] = get_args(GuidanceBatch)
+DEVICE_ARENAS: tuple[str, ...] = get_args(DeviceArena)
+# The graphs --component-provider can place; "text_encoder" places every text encoder (SDXL has two).
+PLACEABLE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
 def default_cache_dir() -> Path:
@@ -65,6 +69,13 @@ class RuntimeOptions:
     # ONNX Runtime only
     provider: str = "cpu"  # execution providers, comma-separated, in order of preference
     provider_options: tuple[tuple[str, str], ...] = ()  # KEY=VALUE pairs for the first provider
+    # COMPONENT=PROVIDERS pairs: those graphs run on other providers than --provider's (their provider options
+    # are the providers' defaults), e.g. the text encoder on the CPU to save a GPU's memory
+    component_providers: tuple[tuple[str, str], ...] = ()
+    # on a provider with its own memory (CUDA): per-graph, each graph's session has its arena; shared, one
+    # arena per device for the whole process, so the U-Net's and the VAE's working memory are the same
+    # memory (never given back while the process runs)
+    device_arena: DeviceArena = "per-graph"
     ort_optimization: OrtOptimization = "all"  # graph optimisation level
     # auto: on a provider with its own memory (CUDA), outputs are made there and inputs that repeat from one
     # call to the next (the prompt's embeddings over the steps) are copied there once (I/O binding)
@@ -79,7 +90,7 @@ class RuntimeOptions:
     def __post_init__(self):
         for name, allowed in (("backend", BACKENDS), ("memory", MEMORY_MODES), ("guidance_batch", GUIDANCE_BATCHES),
                               ("cache", CACHE_MODES), ("ort_optimization", ORT_OPTIMIZATIONS),
-                              ("io_binding", IO_BINDINGS),
+                              ("io_binding", IO_BINDINGS), ("device_arena", DEVICE_ARENAS),
                               ("ov_hint", OV_HINTS), ("ov_precision", OV_PRECISIONS), ("ov_shapes", OV_SHAPES)):
             if getattr(self, name) not in allowed:
                 raise EdgesdError(f"unknown {name} '{getattr(self, name)}'", f"use one of: {', '.join(allowed)}")
@@ -92,6 +103,26 @@ class RuntimeOptions:
                               "e.g. --cache-max-gb 20, or --cache off for no cache")
         if not self.provider.strip():
             raise EdgesdError("no execution provider given", "use e.g. --provider cpu")
+        for component, providers in self.component_providers:
+            if component not in PLACEABLE_COMPONENTS:
+                raise EdgesdError(f"--component-provider: unknown component '{component}'",
+                                  f"use one of: {', '.join(PLACEABLE_COMPONENTS)}, e.g. text_encoder=cpu")
+            if not providers.strip():
+                raise EdgesdError(f"--component-provider {component}= names no provider", "e.g. text_encoder=cpu")
+
+    def for_component(self, component: str) -> "RuntimeOptions":
+        """The options `component`'s graph loads with: its --component-provider (with that provider's own
+        defaults as options, unless it is --provider's first), else these."""
+        kind = "text_encoder" if component.startswith("text_encoder") else component
+        placed = dict(self.component_providers)
+        providers = placed.get(component, placed.get(kind))
+        if providers is None:
+            return self
+        from .providers import lookup
+
+        same_first = lookup(providers.split(",")[0]) == lookup(self.provider.split(",")[0])
+        return replace(self, provider=providers, provider_options=self.provider_options if same_first else (),
+                       component_providers=())
 
     def cache_folder(self) -> Path | None:
         """The folder of this run's cache, made if missing; None with the cache off, or where the default
@@ -120,7 +151,8 @@ class RuntimeOptions:
             return self.device.strip().upper() == "CPU"
         from .providers import lookup
 
-        return lookup(self.provider.split(",")[0]).name == "cpu"
+        unet = self.for_component("unet")
+        return lookup(unet.provider.split(",")[0]).name == "cpu"
 
     def for_backend(self, backend: str) -> "RuntimeOptions":
         """These options with `backend` chosen; an option set for the other backend is an error."""
@@ -128,14 +160,17 @@ class RuntimeOptions:
         defaults = RuntimeOptions()
         for name in _BACKEND_FIELDS[other]:
             if getattr(self, name) != getattr(defaults, name):
-                flag = "--" + name.replace("_", "-")
+                flag = _REPEATED_FLAGS.get(name, "--" + name.replace("_", "-"))
                 raise EdgesdError(f"{flag} applies to the {other} backend, not {backend}",
                                   f"drop {flag} or choose --backend {other}")
         return replace(self, backend=backend)
 
 
+# Fields given as a repeated option, one pair each
+_REPEATED_FLAGS = {"provider_options": "--provider-option", "component_providers": "--component-provider"}
 # The fields only one backend reads.
-_BACKEND_FIELDS = {"onnxruntime": ("provider", "provider_options", "ort_optimization"),
+_BACKEND_FIELDS = {"onnxruntime": ("provider", "provider_options", "component_providers", "device_arena",
+                                   "ort_optimization"),
                    "openvino": ("device", "ov_hint", "ov_precision", "ov_shapes")}
 
 

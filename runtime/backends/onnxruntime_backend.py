@@ -48,7 +48,7 @@ class OrtGraph:
                  weight_deltas: dict | None = None):
         self.path = Path(path)
         self.spec = spec
-        providers = REGISTRY.session_providers(options.provider, dict(options.provider_options))
+        providers = REGISTRY.session_providers(options.provider, dict(options.provider_options), options.device_arena)
 
         def session_options() -> ort.SessionOptions:
             made = ort.SessionOptions()

@@ -53,6 +53,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
 )}
 ALIASES = {"dml": "directml", "trt": "tensorrt", "nv-tensorrt-rtx": "tensorrt-rtx", "gpu": "cuda"}
 NO_DEVICE = "installed, but it finds no device"
+# OrtValue device type -> the name of its memory in an OrtMemoryInfo (for a shared arena)
+ARENA_MEMORY = {"cuda": "Cuda"}
+# The provider options a shared arena takes over (ONNX Runtime's OrtArenaCfg keys)
+ARENA_STRATEGIES = {"kNextPowerOfTwo": 0, "kSameAsRequested": 1}
 DEVICE_OPTION = "device"  # --provider-option device=GPU|NPU|<index>: which of a plugin EP's devices
 
 
@@ -89,11 +93,14 @@ class SessionProviders:
     providers: list | None  # InferenceSession(providers=...) when every provider is built in
     devices: tuple[tuple[tuple, dict], ...] = ()  # ((OrtEpDevice, ...), options) per provider, in order
     memory: tuple[str, int] | None = None  # the first provider's (OrtValue device type, device id), if it has one
+    shared_arena: bool = False  # the session takes the process's arena for that memory (device_arena shared)
 
     def apply(self, session_options) -> dict:
         """Set up `session_options`; returns the InferenceSession keyword arguments."""
         for handles, options in self.devices:
             session_options.add_provider_for_devices(list(handles), options)
+        if self.shared_arena:
+            session_options.add_session_config_entry("session.use_env_allocators", "1")
         return {"providers": self.providers} if self.providers is not None else {}
 
 
@@ -114,6 +121,7 @@ class ProviderRegistry:
     def __init__(self, ort, import_module=importlib.import_module):
         self.ort, self._import = ort, import_module
         self._plugins: dict[str, str | None] = {}  # provider name -> None (registered) or why not
+        self._arenas: set[tuple[str, int]] = set()  # (EP name, device id) with a shared arena registered
         self._lock = threading.Lock()
 
     def _register(self, provider: Provider) -> str | None:
@@ -163,7 +171,26 @@ class ProviderRegistry:
     def statuses(self) -> list[ProviderStatus]:
         return [self.status(p) for p in PROVIDERS.values()]
 
-    def session_providers(self, text: str, first_options: dict) -> SessionProviders:
+    def share_arena(self, provider: Provider, device_id: int, options: dict) -> None:
+        """Register one arena for `provider`'s memory on `device_id`, once per process (ONNX Runtime's env
+        allocators), sized and grown as its options say (gpu_mem_limit, arena_extend_strategy)."""
+        with self._lock:
+            if (provider.ep_name, device_id) in self._arenas:
+                return
+            strategy = options.get("arena_extend_strategy", "kNextPowerOfTwo")
+            if strategy not in ARENA_STRATEGIES:
+                raise EdgesdError(f"provider option arena_extend_strategy '{strategy}' is not known",
+                                  f"use one of: {', '.join(ARENA_STRATEGIES)}")
+            config = {"arena_extend_strategy": ARENA_STRATEGIES[strategy]}
+            if "gpu_mem_limit" in options:
+                config["max_mem"] = int(options["gpu_mem_limit"])
+            info = self.ort.OrtMemoryInfo(ARENA_MEMORY[provider.device_memory], self.ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR,
+                                          device_id, self.ort.OrtMemType.DEFAULT)
+            self.ort.create_and_register_allocator_v2(provider.ep_name, info, {"device_id": str(device_id)},
+                                                      self.ort.OrtArenaCfg(config))
+            self._arenas.add((provider.ep_name, device_id))
+
+    def session_providers(self, text: str, first_options: dict, device_arena: str = "per-graph") -> SessionProviders:
         """`--provider webgpu,cpu` and the first provider's options -> how a session gets them."""
         chosen = list(dict.fromkeys(lookup(name) for name in text.split(",") if name.strip()))
         if not chosen:
@@ -180,9 +207,15 @@ class ProviderRegistry:
         if not device_id.isdigit():
             raise EdgesdError(f"provider option device_id '{device_id}' is not a device number", "e.g. device_id=0")
         memory = None if first.device_memory is None else (first.device_memory, int(device_id))
+        if device_arena == "shared":
+            if first.device_memory not in ARENA_MEMORY or statuses[0].how != "built in":
+                raise EdgesdError(f"--device-arena shared is for a provider with its own memory, not "
+                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena per-graph")
+            self.share_arena(first, int(device_id), options[0])
         if all(s.how == "built in" for s in statuses):
             return SessionProviders([(s.provider.ep_name, o) if o else s.provider.ep_name
-                                     for s, o in zip(statuses, options)], memory=memory)
+                                     for s, o in zip(statuses, options)], memory=memory,
+                                    shared_arena=device_arena == "shared")
         devices = []
         for s, o in zip(statuses, options):
             if not s.devices:  # a built-in provider that lists no device cannot be mixed with plugin EPs
