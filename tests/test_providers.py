@@ -375,6 +375,9 @@ def test_a_component_runs_on_its_own_provider():
     text = options.for_component("text_encoder_2")  # every text encoder
     assert (text.provider, text.provider_options, text.component_providers) == ("cpu", (), ())
     assert options.for_component("unet") is options
+    shared = RuntimeOptions(provider="cuda", device_arena="shared", component_providers=(("text_encoder", "cpu"),))
+    assert shared.for_component("text_encoder").device_arena == "per-graph"  # the CPU has no device arena
+    assert shared.for_component("unet").device_arena == "shared"
     assert not options.split_guidance()  # the U-Net is on the GPU: joint
     on_cpu = RuntimeOptions(provider="cuda", component_providers=(("unet", "cpu"),))
     assert on_cpu.split_guidance()

@@ -120,9 +120,12 @@ class RuntimeOptions:
             return self
         from .providers import lookup
 
-        same_first = lookup(providers.split(",")[0]) == lookup(self.provider.split(",")[0])
+        first = lookup(providers.split(",")[0])
+        same_first = first == lookup(self.provider.split(",")[0])
+        # a shared arena is for device memory: a graph placed on the CPU keeps its own
+        arena = self.device_arena if first.device_memory is not None else "per-graph"
         return replace(self, provider=providers, provider_options=self.provider_options if same_first else (),
-                       component_providers=())
+                       component_providers=(), device_arena=arena)
 
     def cache_folder(self) -> Path | None:
         """The folder of this run's cache, made if missing; None with the cache off, or where the default
