@@ -205,6 +205,30 @@ def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-comp
             "gpu_gb": readings, "image_finite": bool(np.isfinite(image).all())}
 
 
+def phase_vae_tile_shapes(work: Path, configs: Path) -> dict:
+    """The VAE decoder (fp16-compute) on the CUDA EP, ms per 256-pixel tile of a 512x512 picture: the 9 tiles
+    of diffusers' geometry (4 shapes: those at the edges cut short) against 9 of one shape (edgesd's)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(work / LEAN_VRAM["folder"] / "vae_decoder" / "model.onnx"),
+                                   providers=[("CUDAExecutionProvider", {"device_id": "0", **dict(LEAN)})])
+    rng = np.random.default_rng(0)
+    cut = [(32, 32), (32, 32), (32, 16)] * 2 + [(16, 32), (16, 32), (16, 16)]  # rows at 0, 24, 48 of 64
+    ways = {"4 shapes (diffusers' edge tiles)": cut, "1 shape (edge tiles moved inside)": [(32, 32)] * 9}
+    results = {}
+    for name, shapes in ways.items():
+        feeds = [{"latent_sample": rng.standard_normal((1, 4, h, w), dtype=np.float32)} for h, w in shapes]
+        for feed in feeds:  # each shape seen once
+            session.run(None, feed)
+        start = time.perf_counter()
+        for _ in range(3):
+            for feed in feeds:
+                session.run(None, feed)
+        results[name] = round((time.perf_counter() - start) / (3 * len(feeds)) * 1e3, 2)
+    return {"config": "VAE decoder tiles of 256 px at 512x512, ms per tile (CUDA EP, fp16-compute)", "ms": results}
+
+
 def phase_vae_fp16(work: Path, configs: Path) -> dict:
     """The decoder in fp16-compute too (diffusers runs SD 1.5's VAE in fp16; edgesd's recipe keeps it fp32)."""
     import shutil
@@ -307,6 +331,15 @@ _LEAN_STEPS = {
     "te-cpu-shared-split-tile256": ("text encoder on the CPU, one arena, split guidance, VAE tiles of 256",
                                     {"device_arena": "shared", "guidance_batch": "split"},
                                     {"vae_tiling": "on", "vae_tile_size": 256}),
+    "te-cpu-tile256": ("text encoder on the CPU, VAE tiles of 256", {}, {"vae_tiling": "on", "vae_tile_size": 256}),
+    "te-cpu-perrun": ("text encoder on the CPU, arenas shrunk after each run", {"device_arena": "per-run"}, None),
+    "te-cpu-perrun-split": ("text encoder on the CPU, arenas shrunk after each run, split guidance",
+                            {"device_arena": "per-run", "guidance_batch": "split"}, None),
+    "te-cpu-perrun-tile256": ("text encoder on the CPU, arenas shrunk after each run, VAE tiles of 256",
+                              {"device_arena": "per-run"}, {"vae_tiling": "on", "vae_tile_size": 256}),
+    "te-cpu-perrun-split-tile256": ("text encoder on the CPU, arenas shrunk after each run, split guidance, "
+                                    "VAE tiles of 256", {"device_arena": "per-run", "guidance_batch": "split"},
+                                    {"vae_tiling": "on", "vae_tile_size": 256}),
 }
 def _lean_vram(label: str, options: dict, request: dict | None):
     return lambda work, configs: _edgesd(work, "cuda", label="int8-weights-fp16-compute, " + label,
@@ -335,6 +368,7 @@ PHASES = {
         work, "cuda", folder=FP16["folder"], label="fp16-compute lean (arena as requested, cuDNN heuristics)",
         provider_options=LEAN),
     "vae-fp16": phase_vae_fp16,
+    "vae-tile-shapes": phase_vae_tile_shapes,
     "memory-own": lambda work, configs: _memory_breakdown(work, shared_arena=False),
     "memory-shared": lambda work, configs: _memory_breakdown(work, shared_arena=True),
     "memory-shared-vae16": lambda work, configs: _memory_breakdown(work, True, vae="sd15-vae-fp16-compute"),
@@ -397,16 +431,16 @@ def report(paths: list[Path], date: str) -> str:
     lines = [f"# edgesd on a GPU, {date}", "",
              "SD 1.5 architecture, RANDOM weights, 512x512, 20 Euler steps, guidance 7.5 (U-Net batch 2); "
              "`bench/gpu.py` on " + f"{m.get('gpu', '?')}; {m.get('cpu', '?')}, {m.get('cores')} cores.",
-             "", "| configuration | load s | 20 steps s | s/step | GPU memory GB | nodes on the asked provider |",
-             "|---|---|---|---|---|---|"]
+             "", "| configuration | load s | 20 steps s | s/step | VAE s | GPU memory GB | nodes on the asked provider |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "config" not in r or "s_per_step" not in r:
             continue
         asked = r["config"].split()[2] if r["config"].startswith("edgesd") else None
         nodes = "-" if asked is None else ", ".join(
             f"{g}: {n.get(asked, 0)}/{sum(n.values())}" for g, n in r.get("placement", {}).items())
-        lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | {_gpu_gb(r)} | "
-                     f"{nodes} |")
+        lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | "
+                     f"{r.get('vae_decoder_s', '-')} | {_gpu_gb(r)} | {nodes} |")
     breakdowns = [r for r in rows.values() if "gpu_gb" in r]
     if breakdowns:
         stages = list(breakdowns[0]["gpu_gb"])
@@ -414,6 +448,9 @@ def report(paths: list[Path], date: str) -> str:
                   "| configuration | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
         lines += [f"| {r['config']} | " + " | ".join(str(r["gpu_gb"].get(s, "-")) for s in stages) + " |"
                   for r in breakdowns]
+    for r in rows.values():
+        if "ms" in r:
+            lines.append(f"\n{r['config']}: " + "; ".join(f"{way} {ms}" for way, ms in r["ms"].items()))
     for name, r in rows.items():
         if "error" in r:
             lines.append(f"\n{name} failed: `{r['error'].splitlines()[-1][:300]}`")

@@ -367,6 +367,21 @@ def test_a_shared_device_arena_is_registered_once_and_taken_by_each_session():
         registry.session_providers("cuda", {"arena_extend_strategy": "kDoubling", "device_id": "1"}, "shared")
 
 
+def test_a_per_run_device_arena_shrinks_after_each_run():
+    ort = _ArenaOrt()
+    registry = ProviderRegistry(ort, _modules())
+    chosen = registry.session_providers("cuda", {"device_id": "1"}, "per-run")
+    made = _ConfigOptions()
+    chosen.apply(made)
+    assert chosen.run_config == (("memory.enable_memory_arena_shrinkage", "gpu:1"),)
+    assert made.config == {} and ort.arenas == []  # the session keeps its own arena, shrunk at each run's end
+    assert registry.session_providers("cuda", {}).run_config == ()
+    with pytest.raises(EdgesdError, match="--device-arena per-run is for a provider with its own memory, not 'cpu'"):
+        registry.session_providers("cpu", {}, "per-run")
+    placed = edgesd.RuntimeOptions(provider="cuda", device_arena="per-run", component_providers=(("text_encoder", "cpu"),))
+    assert placed.for_component("text_encoder").device_arena == "per-graph"
+
+
 def test_a_component_runs_on_its_own_provider():
     from edgesd import RuntimeOptions
 

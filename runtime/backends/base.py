@@ -21,7 +21,7 @@ CacheMode = Literal["on", "off"]
 IoBinding = Literal["auto", "off"]
 MemoryMode = Literal["fast", "low"]
 GuidanceBatch = Literal["auto", "joint", "split"]
-DeviceArena = Literal["per-graph", "shared"]
+DeviceArena = Literal["per-graph", "shared", "per-run"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -74,7 +74,9 @@ class RuntimeOptions:
     component_providers: tuple[tuple[str, str], ...] = ()
     # on a provider with its own memory (CUDA): per-graph, each graph's session has its arena; shared, one
     # arena per device for the whole process, so the U-Net's and the VAE's working memory are the same
-    # memory (never given back while the process runs)
+    # memory (never given back while the process runs); per-run, each graph's arena gives back what is free
+    # at the end of each run (ONNX Runtime's arena shrinkage), so no graph holds working memory while another
+    # runs
     device_arena: DeviceArena = "per-graph"
     ort_optimization: OrtOptimization = "all"  # graph optimisation level
     # auto: on a provider with its own memory (CUDA), outputs are made there and inputs that repeat from one
@@ -122,7 +124,7 @@ class RuntimeOptions:
 
         first = lookup(providers.split(",")[0])
         same_first = first == lookup(self.provider.split(",")[0])
-        # a shared arena is for device memory: a graph placed on the CPU keeps its own
+        # a shared or per-run arena is for device memory: a graph placed on the CPU keeps its own
         arena = self.device_arena if first.device_memory is not None else "per-graph"
         return replace(self, provider=providers, provider_options=self.provider_options if same_first else (),
                        component_providers=(), device_arena=arena)

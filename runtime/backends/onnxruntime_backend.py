@@ -90,6 +90,11 @@ class OrtGraph:
         self._ranks = {name: len(i.shape) for name, i in self._inputs.items()}
         self._dtypes = {name: self.input_dtype(name) for name in self._inputs}
         self._memory = providers.memory if options.io_binding == "auto" else None  # (device type, id) or None
+        self._run_options = None
+        if providers.run_config:  # e.g. --device-arena per-run: the arena shrinks after each run
+            self._run_options = ort.RunOptions()
+            for key, value in providers.run_config:
+                self._run_options.add_run_config_entry(key, value)
         self._provider_names = options.provider
 
     def input_dtype(self, name: str) -> np.dtype:
@@ -105,7 +110,7 @@ class OrtGraph:
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         try:
             if self._memory is None:
-                values = self._session.run(self._outputs, cast)
+                values = self._session.run(self._outputs, cast, self._run_options)
             else:
                 values = self._run_bound(feeds, cast, {} if local is None else local)
         except Exception as e:  # a graph that loads but cannot run these shapes
@@ -136,7 +141,7 @@ class OrtGraph:
             binding.bind_ortvalue_input(name, match)
         for name in self._outputs:
             binding.bind_output(name, device, device_id)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._run_options)
         return binding.copy_outputs_to_cpu()
 
 

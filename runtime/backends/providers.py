@@ -55,6 +55,9 @@ ALIASES = {"dml": "directml", "trt": "tensorrt", "nv-tensorrt-rtx": "tensorrt-rt
 NO_DEVICE = "installed, but it finds no device"
 # OrtValue device type -> the name of its memory in an OrtMemoryInfo (for a shared arena)
 ARENA_MEMORY = {"cuda": "Cuda"}
+# OrtValue device type -> how a RunOptions arena-shrinkage entry names that memory ("gpu:0")
+SHRINK_DEVICE = {"cuda": "gpu"}
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # ONNX Runtime's RunOptions key
 # The provider options a shared arena takes over (ONNX Runtime's OrtArenaCfg keys)
 ARENA_STRATEGIES = {"kNextPowerOfTwo": 0, "kSameAsRequested": 1}
 DEVICE_OPTION = "device"  # --provider-option device=GPU|NPU|<index>: which of a plugin EP's devices
@@ -94,6 +97,8 @@ class SessionProviders:
     devices: tuple[tuple[tuple, dict], ...] = ()  # ((OrtEpDevice, ...), options) per provider, in order
     memory: tuple[str, int] | None = None  # the first provider's (OrtValue device type, device id), if it has one
     shared_arena: bool = False  # the session takes the process's arena for that memory (device_arena shared)
+    # RunOptions config entries of every run: per-run, the arena of that memory shrinks to what is in use
+    run_config: tuple[tuple[str, str], ...] = ()
 
     def apply(self, session_options) -> dict:
         """Set up `session_options`; returns the InferenceSession keyword arguments."""
@@ -207,15 +212,19 @@ class ProviderRegistry:
         if not device_id.isdigit():
             raise EdgesdError(f"provider option device_id '{device_id}' is not a device number", "e.g. device_id=0")
         memory = None if first.device_memory is None else (first.device_memory, int(device_id))
-        if device_arena == "shared":
+        run_config = ()
+        if device_arena != "per-graph":
             if first.device_memory not in ARENA_MEMORY or statuses[0].how != "built in":
-                raise EdgesdError(f"--device-arena shared is for a provider with its own memory, not "
+                raise EdgesdError(f"--device-arena {device_arena} is for a provider with its own memory, not "
                                   f"'{first.name}'", "use it with --provider cuda, or leave --device-arena per-graph")
-            self.share_arena(first, int(device_id), options[0])
+            if device_arena == "shared":
+                self.share_arena(first, int(device_id), options[0])
+            else:
+                run_config = ((ARENA_SHRINKAGE, f"{SHRINK_DEVICE[first.device_memory]}:{device_id}"),)
         if all(s.how == "built in" for s in statuses):
             return SessionProviders([(s.provider.ep_name, o) if o else s.provider.ep_name
                                      for s, o in zip(statuses, options)], memory=memory,
-                                    shared_arena=device_arena == "shared")
+                                    shared_arena=device_arena == "shared", run_config=run_config)
         devices = []
         for s, o in zip(statuses, options):
             if not s.devices:  # a built-in provider that lists no device cannot be mixed with plugin EPs
