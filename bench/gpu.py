@@ -157,6 +157,7 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
     return {"config": f"edgesd onnxruntime {provider} {label}", "load_s": round(load_s, 2), **clock,
             "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
             "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how,
+            "device_arena": options.get("device_arena", "auto"),
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
 
@@ -318,11 +319,12 @@ GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 
 # cuDNN picks convolution algorithms by heuristics with a small workspace instead of trying all of them.
 LEAN = (("arena_extend_strategy", "kSameAsRequested"), ("cudnn_conv_algo_search", "HEURISTIC"),
         ("cudnn_conv_use_max_workspace", "0"))
-# Modest VRAM: int8 U-Net weights in fp16 arithmetic with the text encoder on the CPU, then one arena for the
-# process, split guidance (half the U-Net's activations) and the VAE decoded in 256-pixel tiles.
+# Modest VRAM: int8 U-Net weights in fp16 arithmetic with the text encoder on the CPU, then the ways to hold
+# less working memory: arenas shrunk after each run (per-run, the default since 2026-12-03) or one arena for
+# the process, split guidance (half the U-Net's activations), the VAE decoded in 256-pixel tiles.
 LEAN_VRAM = dict(folder="sd15-int8-fp16-te32", component_providers=(("text_encoder", "cpu"),))
 _LEAN_STEPS = {
-    "te-cpu": ("text encoder on the CPU", {}, None),
+    "te-cpu": ("text encoder on the CPU", {"device_arena": "per-graph"}, None),
     "te-cpu-shared": ("text encoder on the CPU, one arena", {"device_arena": "shared"}, None),
     "te-cpu-shared-split": ("text encoder on the CPU, one arena, split guidance",
                             {"device_arena": "shared", "guidance_batch": "split"}, None),
@@ -331,7 +333,8 @@ _LEAN_STEPS = {
     "te-cpu-shared-split-tile256": ("text encoder on the CPU, one arena, split guidance, VAE tiles of 256",
                                     {"device_arena": "shared", "guidance_batch": "split"},
                                     {"vae_tiling": "on", "vae_tile_size": 256}),
-    "te-cpu-tile256": ("text encoder on the CPU, VAE tiles of 256", {}, {"vae_tiling": "on", "vae_tile_size": 256}),
+    "te-cpu-tile256": ("text encoder on the CPU, VAE tiles of 256", {"device_arena": "per-graph"},
+                       {"vae_tiling": "on", "vae_tile_size": 256}),
     "te-cpu-perrun": ("text encoder on the CPU, arenas shrunk after each run", {"device_arena": "per-run"}, None),
     "te-cpu-perrun-split": ("text encoder on the CPU, arenas shrunk after each run, split guidance",
                             {"device_arena": "per-run", "guidance_batch": "split"}, None),

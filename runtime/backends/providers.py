@@ -28,6 +28,8 @@ class Provider:
     # OrtValue device type of its memory where graph inputs/outputs can stay between runs (I/O binding)
     device_memory: str | None = None
     defaults: tuple[tuple[str, str], ...] = ()  # its options unless --provider-option says otherwise
+    # how a RunOptions arena-shrinkage entry names its memory ("gpu" -> "gpu:0"), where its arena can shrink
+    arena_shrinkage: str | None = None
 
 
 PROVIDERS: dict[str, Provider] = {p.name: p for p in (
@@ -38,7 +40,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cuda", "CUDAExecutionProvider", "pip install onnxruntime-gpu (1.31: CUDA 13) in place of onnxruntime",
              device_memory="cuda", defaults=(("arena_extend_strategy", "kSameAsRequested"),
                                              ("cudnn_conv_algo_search", "HEURISTIC"),
-                                             ("cudnn_conv_use_max_workspace", "0"))),
+                                             ("cudnn_conv_use_max_workspace", "0")), arena_shrinkage="gpu"),
     Provider("tensorrt", "TensorrtExecutionProvider", "pip install onnxruntime-gpu and NVIDIA TensorRT",
              device_memory="cuda"),
     Provider("tensorrt-rtx", "NvTensorRTRTXExecutionProvider", "pip install onnxruntime-ep-nv-tensorrt-rtx",
@@ -55,8 +57,6 @@ ALIASES = {"dml": "directml", "trt": "tensorrt", "nv-tensorrt-rtx": "tensorrt-rt
 NO_DEVICE = "installed, but it finds no device"
 # OrtValue device type -> the name of its memory in an OrtMemoryInfo (for a shared arena)
 ARENA_MEMORY = {"cuda": "Cuda"}
-# OrtValue device type -> how a RunOptions arena-shrinkage entry names that memory ("gpu:0")
-SHRINK_DEVICE = {"cuda": "gpu"}
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"  # ONNX Runtime's RunOptions key
 # The provider options a shared arena takes over (ONNX Runtime's OrtArenaCfg keys)
 ARENA_STRATEGIES = {"kNextPowerOfTwo": 0, "kSameAsRequested": 1}
@@ -195,7 +195,7 @@ class ProviderRegistry:
                                                       self.ort.OrtArenaCfg(config))
             self._arenas.add((provider.ep_name, device_id))
 
-    def session_providers(self, text: str, first_options: dict, device_arena: str = "per-graph") -> SessionProviders:
+    def session_providers(self, text: str, first_options: dict, device_arena: str = "auto") -> SessionProviders:
         """`--provider webgpu,cpu` and the first provider's options -> how a session gets them."""
         chosen = list(dict.fromkeys(lookup(name) for name in text.split(",") if name.strip()))
         if not chosen:
@@ -213,14 +213,17 @@ class ProviderRegistry:
             raise EdgesdError(f"provider option device_id '{device_id}' is not a device number", "e.g. device_id=0")
         memory = None if first.device_memory is None else (first.device_memory, int(device_id))
         run_config = ()
+        if device_arena == "auto":
+            device_arena = "per-run" if first.arena_shrinkage and statuses[0].how == "built in" else "per-graph"
         if device_arena != "per-graph":
-            if first.device_memory not in ARENA_MEMORY or statuses[0].how != "built in":
+            can = first.arena_shrinkage if device_arena == "per-run" else ARENA_MEMORY.get(first.device_memory)
+            if can is None or statuses[0].how != "built in":
                 raise EdgesdError(f"--device-arena {device_arena} is for a provider with its own memory, not "
-                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena per-graph")
+                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena auto")
             if device_arena == "shared":
                 self.share_arena(first, int(device_id), options[0])
             else:
-                run_config = ((ARENA_SHRINKAGE, f"{SHRINK_DEVICE[first.device_memory]}:{device_id}"),)
+                run_config = ((ARENA_SHRINKAGE, f"{first.arena_shrinkage}:{device_id}"),)
         if all(s.how == "built in" for s in statuses):
             return SessionProviders([(s.provider.ep_name, o) if o else s.provider.ep_name
                                      for s, o in zip(statuses, options)], memory=memory,
