@@ -9,8 +9,9 @@ Runs on a machine with one NVIDIA H200 and a 16-core Intel Xeon, without network
 random-weight SD 1.5 folder from the reference configs, export it with edgesd (fp32 ONNX), then time each
 configuration in a fresh process: after a warm-up picture, one 20-step and one 1-step picture, so
 s/step = (t20 - t1) / 19 holds the U-Net and the sampler only. GPU memory is edgesd.benchmark.DeviceMemory's
-peak (nvidia-smi polled every 50 ms: the process's own use, or the card's less its reading before the run
-where nvidia-smi does not list the process); diffusers also gives torch's max_memory_reserved. The
+peak (NVML polled every 2 ms, nvidia-smi every 50 ms before 2026-12-03's last run, which missed short peaks
+such as the VAE decode's: the process's own use, or the card's less its reading before the run where the
+driver does not list the process); diffusers also gives torch's max_memory_reserved. The
 machine has no network: bench/gpu_session.sh installs what travels (onnxruntime-gpu for the CUDA EP,
 onnxruntime-ep-webgpu, diffusers) and runs the phases.
 """
@@ -126,7 +127,7 @@ def phase_diffusers_cuda(work: Path, configs: Path) -> dict:
     with DeviceMemory() as memory:
         clock = _clock(run)
     return {"config": "diffusers torch CUDA fp16", "load_s": round(load_s, 2), **clock,
-            "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how, "torch_max_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
+            "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how, "gpu_memory_source": memory.source, "torch_max_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2),
             "torch": torch.__version__}
 
 
@@ -156,7 +157,7 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
     t = timings[STEPS]
     return {"config": f"edgesd onnxruntime {provider} {label}", "load_s": round(load_s, 2), **clock,
             "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
-            "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how,
+            "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how, "gpu_memory_source": memory.source,
             "device_arena": options.get("device_arena", "auto"),
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
@@ -165,7 +166,7 @@ def _process_gpu_gb() -> float:
     """This process's GPU memory now."""
     from edgesd.benchmark import DeviceMemory
 
-    return round(DeviceMemory.process_mib() * 2**20 / 1e9, 2)
+    return DeviceMemory.process_gb()
 
 
 def _memory_breakdown(work: Path, shared_arena: bool, vae: str = "sd15-fp16-compute",

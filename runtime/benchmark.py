@@ -8,6 +8,7 @@ OpenVINO's compile for the size), then one measured picture whose timings come f
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -58,20 +59,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-class DeviceMemory:
-    """Peak NVIDIA GPU memory while a block runs, from nvidia-smi polled in a thread: this process's own where
-    nvidia-smi lists it (`how` "process"), else the whole card's less its reading at the start ("card": in a
-    container nvidia-smi may not see our process ids). `peak_gb` is None without nvidia-smi (no NVIDIA GPU;
-    other GPUs' memory is not read)."""
+class SmiReader:
+    """GPU memory from nvidia-smi, one process call per reading (tens of ms: a short peak can fall between)."""
 
+    source, interval = "nvidia-smi", 0.05
     QUERY = {"process": ["--query-compute-apps=pid,used_memory"], "card": ["--query-gpu=memory.used"]}
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.available = interval, shutil.which("nvidia-smi") is not None
-        self.base = self._card() if self.available else 0
-        self.peak = {"process": 0, "card": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
     @classmethod
     def _read(cls, what: str) -> list[list[str]]:
@@ -82,20 +74,96 @@ class DeviceMemory:
             return []
         return [[cell.strip() for cell in line.split(",")] for line in out.strip().splitlines() if line.strip()]
 
-    def _card(self) -> int:  # MiB, summed over the cards
-        return sum(int(row[0]) for row in self._read("card") if row and row[0].isdigit())
+    def process_bytes(self, pid: int) -> int:  # 0 where nvidia-smi lists no such process
+        return sum(int(row[1]) for row in self._read("process") if len(row) == 2 and row[0] == str(pid)
+                   and row[1].isdigit()) * 2**20
 
-    @classmethod
-    def process_mib(cls) -> int:
-        """This process's GPU memory now, as nvidia-smi lists it (0 where it lists none)."""
-        pid = str(os.getpid())
-        return sum(int(row[1]) for row in cls._read("process") if len(row) == 2 and row[0] == pid
-                   and row[1].isdigit())
+    def card_bytes(self) -> int:  # summed over the cards
+        return sum(int(row[0]) for row in self._read("card") if row and row[0].isdigit()) * 2**20
+
+
+class NvmlReader:
+    """GPU memory from NVIDIA's management library (what nvidia-smi reads) through ctypes: a reading takes
+    well under a millisecond, so polling every 2 ms sees the VAE decode's peak of a few tens of ms."""
+
+    source, interval = "nvml", 0.002
+    NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE
+
+    class _Memory(ctypes.Structure):  # nvmlMemory_t
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    class _Process(ctypes.Structure):  # nvmlProcessInfo_t
+        _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                    ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+    def __init__(self):
+        self._lib = ctypes.CDLL("libnvidia-ml.so.1")  # OSError where there is no NVIDIA driver
+        if self._lib.nvmlInit_v2() != 0:
+            raise OSError("nvmlInit failed")
+        count = ctypes.c_uint()
+        self._lib.nvmlDeviceGetCount_v2(ctypes.byref(count))
+        self._devices = []
+        for i in range(count.value):
+            handle = ctypes.c_void_p()
+            if self._lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(i), ctypes.byref(handle)) == 0:
+                self._devices.append(handle)
+        self._processes = getattr(self._lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) \
+            or self._lib.nvmlDeviceGetComputeRunningProcesses_v2
+
+    def process_bytes(self, pid: int) -> int:
+        total = 0
+        for handle in self._devices:
+            table = (self._Process * 256)()
+            count = ctypes.c_uint(256)
+            if self._processes(handle, ctypes.byref(count), table) != 0:
+                continue
+            total += sum(p.usedGpuMemory for p in table[:count.value]
+                         if p.pid == pid and p.usedGpuMemory != self.NOT_AVAILABLE)
+        return total
+
+    def card_bytes(self) -> int:
+        total = 0
+        for handle in self._devices:
+            memory = self._Memory()
+            if self._lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) == 0:
+                total += memory.used
+        return total
+
+
+def device_reader() -> SmiReader | NvmlReader | None:
+    """NVML where its library loads, else nvidia-smi where it is on PATH, else None (no NVIDIA GPU)."""
+    try:
+        return NvmlReader()
+    except (OSError, AttributeError):
+        return SmiReader() if shutil.which("nvidia-smi") else None
+
+
+class DeviceMemory:
+    """Peak NVIDIA GPU memory while a block runs, polled in a thread (`reader`: NVML, or nvidia-smi): this
+    process's own where the driver lists it (`how` "process"), else the whole card's less its reading at the
+    start ("card": in a container the driver may not see our process ids). `peak_gb` is None without an
+    NVIDIA GPU (other GPUs' memory is not read)."""
+
+    def __init__(self, interval: float | None = None, reader: SmiReader | NvmlReader | None = None):
+        self.reader = reader if reader is not None else device_reader()
+        self.available = self.reader is not None
+        self.interval = interval if interval is not None else getattr(self.reader, "interval", 0.05)
+        self.base = self.reader.card_bytes() if self.available else 0
+        self.peak = {"process": 0, "card": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def process_gb() -> float:
+        """This process's GPU memory now (0 where the driver lists none)."""
+        reader = device_reader()
+        return 0.0 if reader is None else round(reader.process_bytes(os.getpid()) / 1e9, 2)
 
     def _poll(self):
+        pid = os.getpid()
         while not self._stop.is_set():
-            self.peak["process"] = max(self.peak["process"], self.process_mib())
-            self.peak["card"] = max(self.peak["card"], self._card() - self.base)
+            self.peak["process"] = max(self.peak["process"], self.reader.process_bytes(pid))
+            self.peak["card"] = max(self.peak["card"], self.reader.card_bytes() - self.base)
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -113,8 +181,12 @@ class DeviceMemory:
         return None if not self.available else "process" if self.peak["process"] else "card"
 
     @property
+    def source(self) -> str | None:
+        return getattr(self.reader, "source", None)
+
+    @property
     def peak_gb(self) -> float | None:
-        return None if self.how is None else round(self.peak[self.how] * 2**20 / 1e9, 2)
+        return None if self.how is None else round(self.peak[self.how] / 1e9, 2)
 
 
 def measure_graphs(pipe, unet_runs: int, latent_side: int = 64) -> dict:

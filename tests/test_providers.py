@@ -298,12 +298,12 @@ def test_device_memory_reads_the_process_or_else_the_card(tmp_path, monkeypatch,
     import os
     import time
 
-    from edgesd.benchmark import DeviceMemory
+    from edgesd.benchmark import DeviceMemory, SmiReader
 
     rows = f"{os.getpid()}, 1500\\n{os.getpid() + 1}, 9000\\n" if listed else "77, 9000\\n"
     _fake_nvidia_smi(tmp_path, rows, 2000)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    with DeviceMemory(interval=0.01) as memory:
+    with DeviceMemory(interval=0.01, reader=SmiReader()) as memory:
         _fake_nvidia_smi(tmp_path, rows.replace("1500", "3000"), 2600)  # the card's use grows by 600 MiB
         time.sleep(0.3)
     assert memory.how == want_how
