@@ -158,7 +158,7 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
     return {"config": f"edgesd onnxruntime {provider} {label}", "load_s": round(load_s, 2), **clock,
             "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
             "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how, "gpu_memory_source": memory.source,
-            "device_arena": options.get("device_arena", "auto"),
+            "device_arena": options.get("device_arena", "per-graph"),
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
 
@@ -321,8 +321,7 @@ GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 
 LEAN = (("arena_extend_strategy", "kSameAsRequested"), ("cudnn_conv_algo_search", "HEURISTIC"),
         ("cudnn_conv_use_max_workspace", "0"))
 # Modest VRAM: int8 U-Net weights in fp16 arithmetic with the text encoder on the CPU, then the ways to hold
-# less working memory: arenas shrunk after each run (per-run, the default since 2026-12-03) or one arena for
-# the process, split guidance (half the U-Net's activations), the VAE decoded in 256-pixel tiles.
+# less working memory: arenas shrunk after each run (per-run) or one arena for the process, split guidance (half the U-Net's activations), the VAE decoded in 256-pixel tiles.
 LEAN_VRAM = dict(folder="sd15-int8-fp16-te32", component_providers=(("text_encoder", "cpu"),))
 _LEAN_STEPS = {
     "te-cpu": ("text encoder on the CPU", {"device_arena": "per-graph"}, None),
@@ -435,16 +434,19 @@ def report(paths: list[Path], date: str) -> str:
     lines = [f"# edgesd on a GPU, {date}", "",
              "SD 1.5 architecture, RANDOM weights, 512x512, 20 Euler steps, guidance 7.5 (U-Net batch 2); "
              "`bench/gpu.py` on " + f"{m.get('gpu', '?')}; {m.get('cpu', '?')}, {m.get('cores')} cores.",
-             "", "| configuration | load s | 20 steps s | s/step | VAE s | GPU memory GB | nodes on the asked provider |",
+             "", "| configuration | load s | 20 steps s | s/step | VAE s | GPU memory GB | nodes per provider |",
              "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if "config" not in r or "s_per_step" not in r:
             continue
-        asked = r["config"].split()[2] if r["config"].startswith("edgesd") else None
-        nodes = "-" if asked is None else ", ".join(
-            f"{g}: {n.get(asked, 0)}/{sum(n.values())}" for g, n in r.get("placement", {}).items())
+        nodes = "; ".join(f"{g}: " + ", ".join(f"{p} {k}" for p, k in n.items())
+                          for g, n in r.get("placement", {}).items()) or "-"
         lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | "
                      f"{r.get('vae_decoder_s', '-')} | {_gpu_gb(r)} | {nodes} |")
+    sources = {r.get("gpu_memory_source", "nvidia-smi") for r in rows.values() if r.get("gpu_peak_gb") is not None}
+    if sources:
+        lines.append(f"\nGPU memory read by {', '.join(sorted(sources))} "
+                     "(nvidia-smi: every 50 ms, which can miss a peak shorter than that; NVML: every 2 ms).")
     breakdowns = [r for r in rows.values() if "gpu_gb" in r]
     if breakdowns:
         stages = list(breakdowns[0]["gpu_gb"])

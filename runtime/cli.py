@@ -216,10 +216,9 @@ _RUNTIME_OPTIONS = [
     click.option("--component-provider", "component_providers", multiple=True, metavar="COMPONENT=PROVIDERS",
                  help="onnxruntime: run one graph on other providers than --provider's, e.g. text_encoder=cpu "
                       "(repeatable; text_encoder places every text encoder)."),
-    click.option("--device-arena", default="auto", show_default=True, type=click.Choice(DEVICE_ARENAS),
-                 help="onnxruntime, cuda: per-run (auto's choice there), each graph gives its free memory back "
-                      "after each run; shared, one memory arena for every graph of the process; per-graph, each "
-                      "keeps its own."),
+    click.option("--device-arena", default="per-graph", show_default=True, type=click.Choice(DEVICE_ARENAS),
+                 help="onnxruntime, cuda: per-run, each graph gives its free memory back after each run; shared, "
+                      "one memory arena for every graph of the process (both: less memory)."),
     click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
                  help="onnxruntime: graph optimisation level."),
     click.option("--io-binding", default="auto", show_default=True, type=click.Choice(IO_BINDINGS),

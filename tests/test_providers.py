@@ -359,7 +359,7 @@ def test_a_shared_device_arena_is_registered_once_and_taken_by_each_session():
     assert ort.arenas == [("CUDAExecutionProvider", ("Cuda", "arena", 0, "default"), {"device_id": "0"},
                            {"arena_extend_strategy": 1, "max_mem": 4000000000})]
     made = _ConfigOptions()
-    registry.session_providers("cuda", {}, "per-graph").apply(made)  # the session's own arena
+    registry.session_providers("cuda", {}).apply(made)  # per-graph: the session's own arena
     assert made.config == {}
     with pytest.raises(EdgesdError, match="--device-arena shared is for a provider with its own memory, not 'cpu'"):
         registry.session_providers("cpu", {}, "shared")
@@ -375,14 +375,11 @@ def test_a_per_run_device_arena_shrinks_after_each_run():
     chosen.apply(made)
     assert chosen.run_config == (("memory.enable_memory_arena_shrinkage", "gpu:1"),)
     assert made.config == {} and ort.arenas == []  # the session keeps its own arena, shrunk at each run's end
-    assert registry.session_providers("cuda", {}, "per-graph").run_config == ()
-    # auto: per-run where the arena can shrink
-    assert registry.session_providers("cuda", {}).run_config == (("memory.enable_memory_arena_shrinkage", "gpu:0"),)
-    assert registry.session_providers("cpu", {}).run_config == ()  # auto on the CPU: nothing to shrink
+    assert registry.session_providers("cuda", {}).run_config == ()  # per-graph: arenas as they grew
     with pytest.raises(EdgesdError, match="--device-arena per-run is for a provider with its own memory, not 'cpu'"):
         registry.session_providers("cpu", {}, "per-run")
     placed = edgesd.RuntimeOptions(provider="cuda", device_arena="per-run", component_providers=(("text_encoder", "cpu"),))
-    assert placed.for_component("text_encoder").device_arena == "auto"  # which on the CPU is per-graph
+    assert placed.for_component("text_encoder").device_arena == "per-graph"
 
 
 def test_a_component_runs_on_its_own_provider():
@@ -394,7 +391,7 @@ def test_a_component_runs_on_its_own_provider():
     assert (text.provider, text.provider_options, text.component_providers) == ("cpu", (), ())
     assert options.for_component("unet") is options
     shared = RuntimeOptions(provider="cuda", device_arena="shared", component_providers=(("text_encoder", "cpu"),))
-    assert shared.for_component("text_encoder").device_arena == "auto"  # the CPU has no device arena
+    assert shared.for_component("text_encoder").device_arena == "per-graph"  # the CPU has no device arena
     assert shared.for_component("unet").device_arena == "shared"
     assert not options.split_guidance()  # the U-Net is on the GPU: joint
     on_cpu = RuntimeOptions(provider="cuda", component_providers=(("unet", "cpu"),))

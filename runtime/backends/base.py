@@ -21,7 +21,7 @@ CacheMode = Literal["on", "off"]
 IoBinding = Literal["auto", "off"]
 MemoryMode = Literal["fast", "low"]
 GuidanceBatch = Literal["auto", "joint", "split"]
-DeviceArena = Literal["auto", "per-graph", "shared", "per-run"]
+DeviceArena = Literal["per-graph", "shared", "per-run"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -76,9 +76,8 @@ class RuntimeOptions:
     # arena per device for the whole process, so the U-Net's and the VAE's working memory are the same
     # memory (never given back while the process runs); per-run, each graph's arena gives back what is free
     # at the end of each run (ONNX Runtime's arena shrinkage), so no graph holds working memory while another
-    # runs; auto: per-run where the provider can shrink its arena (CUDA: 2.38 instead of 3.65 GB at the same
-    # s/step on the H200, bench/results/gpu-h200-2026-12-03.md), else per-graph
-    device_arena: DeviceArena = "auto"
+    # runs (on the H200: 2.79 instead of 3.65 GB, steps 0-40% slower, bench/results/gpu-h200-2026-12-03*.md)
+    device_arena: DeviceArena = "per-graph"
     ort_optimization: OrtOptimization = "all"  # graph optimisation level
     # auto: on a provider with its own memory (CUDA), outputs are made there and inputs that repeat from one
     # call to the next (the prompt's embeddings over the steps) are copied there once (I/O binding)
@@ -126,7 +125,7 @@ class RuntimeOptions:
         first = lookup(providers.split(",")[0])
         same_first = first == lookup(self.provider.split(",")[0])
         # a shared or per-run arena is for device memory: a graph placed on the CPU keeps its own
-        arena = self.device_arena if first.device_memory is not None else "auto"
+        arena = self.device_arena if first.device_memory is not None else "per-graph"
         return replace(self, provider=providers, provider_options=self.provider_options if same_first else (),
                        component_providers=(), device_arena=arena)
 

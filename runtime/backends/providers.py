@@ -195,7 +195,7 @@ class ProviderRegistry:
                                                       self.ort.OrtArenaCfg(config))
             self._arenas.add((provider.ep_name, device_id))
 
-    def session_providers(self, text: str, first_options: dict, device_arena: str = "auto") -> SessionProviders:
+    def session_providers(self, text: str, first_options: dict, device_arena: str = "per-graph") -> SessionProviders:
         """`--provider webgpu,cpu` and the first provider's options -> how a session gets them."""
         chosen = list(dict.fromkeys(lookup(name) for name in text.split(",") if name.strip()))
         if not chosen:
@@ -213,13 +213,11 @@ class ProviderRegistry:
             raise EdgesdError(f"provider option device_id '{device_id}' is not a device number", "e.g. device_id=0")
         memory = None if first.device_memory is None else (first.device_memory, int(device_id))
         run_config = ()
-        if device_arena == "auto":
-            device_arena = "per-run" if first.arena_shrinkage and statuses[0].how == "built in" else "per-graph"
         if device_arena != "per-graph":
             can = first.arena_shrinkage if device_arena == "per-run" else ARENA_MEMORY.get(first.device_memory)
             if can is None or statuses[0].how != "built in":
                 raise EdgesdError(f"--device-arena {device_arena} is for a provider with its own memory, not "
-                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena auto")
+                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena per-graph")
             if device_arena == "shared":
                 self.share_arena(first, int(device_id), options[0])
             else:
