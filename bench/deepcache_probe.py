@@ -168,8 +168,34 @@ def quality(intervals: list[int], steps: int = 20) -> dict:
                 got = np.asarray(pipe(p, num_inference_steps=steps, seed=i, scheduler="euler").images[0], np.float64)
                 scores.append(round(float(psnr(reference[i], got)), 2))
             results[str(n)] = scores
+        adherence = {"1": _adherence(pipe, lambda: real, steps)}
+        for n in intervals:
+            adherence[str(n)] = _adherence(pipe, lambda: _CachedUNet(real, full, shallow, deep, n), steps)
+            adherence[str(n)]["psnr_vs_1"] = _psnr_against(adherence["1"]["images"], adherence[str(n)].pop("images"))
+        adherence["1"].pop("images")
         pipe.graphs["unet"] = real
-    return {"prompts": prompts, "psnr_db": results}
+    return {"prompts": prompts, "psnr_db": results, "adherence": adherence}
+
+
+def _adherence(pipe, unet, steps: int, batch: int = 10) -> dict:
+    """The embedded model's adherence scores (models/adherence.py) on its 100 held-out prompts, with the U-Net
+    `unet()` gives (a fresh one per batch: DeepCache's step count starts again)."""
+    from edgesd.models.adherence import held_out_prompts, score
+
+    items = held_out_prompts()
+    prompts, scenes = [p for p, _ in items], [s for _, s in items]
+    images = []
+    for i in range(0, len(prompts), batch):
+        pipe.graphs["unet"] = unet()
+        images += pipe(prompts[i:i + batch], num_inference_steps=steps, seed=i, scheduler="euler").images
+    return {"scores": {k: round(v, 1) for k, v in score(images, scenes).items()}, "images": images}
+
+
+def _psnr_against(reference: list, images: list) -> dict:
+    from edgesd.export.parity import psnr
+
+    values = [psnr(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in zip(reference, images)]
+    return {"mean_db": round(float(np.mean(values)), 1), "worst_db": round(float(np.min(values)), 1)}
 
 
 def main() -> None:
@@ -193,7 +219,14 @@ def main() -> None:
              "|---:|---:|---:|---|"]
     for n, share in rows:
         lines.append(f"| {n} | {share:.2f} | {1 / share:.2f}x | {', '.join(map(str, fidelity['psnr_db'][str(n)]))} |")
-    lines += ["", "Prompts: " + "; ".join(fidelity["prompts"]) + " (20 Euler steps, the model's guidance, joint batch)."]
+    lines += ["", "Prompts: " + "; ".join(fidelity["prompts"]) + " (20 Euler steps, the model's guidance, joint batch).",
+              "", "Adherence on the embedded model's 100 held-out prompts (models/adherence.py, %; PSNR of each "
+              "picture against interval 1):", "", "| interval N | " + " | ".join(fidelity["adherence"]["1"]["scores"])
+              + " | PSNR mean / worst dB |", "|---:|" + "---:|" * (len(fidelity["adherence"]["1"]["scores"]) + 1)]
+    for n, row in fidelity["adherence"].items():
+        against = row.get("psnr_vs_1")
+        lines.append(f"| {n} | " + " | ".join(str(v) for v in row["scores"].values()) + " | "
+                     + (f"{against['mean_db']} / {against['worst_db']}" if against else "-") + " |")
     stem = HERE / "results" / f"deepcache-probe-vm-{date.today()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
