@@ -29,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from eval_adherence import psnr_against  # bench/ is on sys.path when a script of it runs
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SD15_UNET = HERE / "work" / "sd15-random-onnx" / "unet" / "model.onnx"
@@ -130,14 +132,14 @@ class _CachedUNet:
     def __init__(self, graph, full: Path, shallow: Path, deep: str, interval: int):
         self.graph, self.deep, self.interval = graph, deep, interval
         self.full, self.shallow = _session(full), _session(shallow)
+        self.types = {i.name: np.int64 if i.type == "tensor(int64)" else np.float32 for i in self.full.get_inputs()}
         self.calls, self.features = 0, None
 
     def __getattr__(self, name):  # the rest (spec, input_dtype, ...) is the real graph's
         return getattr(self.graph, name)
 
     def run(self, feeds: dict, local: dict | None = None) -> dict:
-        types = {i.name: i.type for i in self.full.get_inputs()}
-        cast = {k: v.astype(np.int64 if types[k] == "tensor(int64)" else np.float32) for k, v in feeds.items()}
+        cast = {k: v.astype(self.types[k]) for k, v in feeds.items()}
         if self.calls % self.interval == 0:
             out, self.features = self.full.run([OUTPUT, self.deep], cast)
         else:
@@ -171,7 +173,7 @@ def quality(intervals: list[int], steps: int = 20) -> dict:
         adherence = {"1": _adherence(pipe, lambda: real, steps)}
         for n in intervals:
             adherence[str(n)] = _adherence(pipe, lambda: _CachedUNet(real, full, shallow, deep, n), steps)
-            adherence[str(n)]["psnr_vs_1"] = _psnr_against(adherence["1"]["images"], adherence[str(n)].pop("images"))
+            adherence[str(n)]["psnr_vs_1"] = psnr_against(adherence["1"]["images"], adherence[str(n)].pop("images"))
         adherence["1"].pop("images")
         pipe.graphs["unet"] = real
     return {"prompts": prompts, "psnr_db": results, "adherence": adherence}
@@ -189,13 +191,6 @@ def _adherence(pipe, unet, steps: int, batch: int = 10) -> dict:
         pipe.graphs["unet"] = unet()
         images += pipe(prompts[i:i + batch], num_inference_steps=steps, seed=i, scheduler="euler").images
     return {"scores": {k: round(v, 1) for k, v in score(images, scenes).items()}, "images": images}
-
-
-def _psnr_against(reference: list, images: list) -> dict:
-    from edgesd.export.parity import psnr
-
-    values = [psnr(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in zip(reference, images)]
-    return {"mean_db": round(float(np.mean(values)), 1), "worst_db": round(float(np.min(values)), 1)}
 
 
 def main() -> None:
@@ -226,7 +221,7 @@ def main() -> None:
     for n, row in fidelity["adherence"].items():
         against = row.get("psnr_vs_1")
         lines.append(f"| {n} | " + " | ".join(str(v) for v in row["scores"].values()) + " | "
-                     + (f"{against['mean_db']} / {against['worst_db']}" if against else "-") + " |")
+                     + (f"{against['psnr_mean_db']} / {against['psnr_worst_db']}" if against else "-") + " |")
     stem = HERE / "results" / f"deepcache-probe-vm-{date.today()}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -65,12 +65,14 @@ def tiled(x: np.ndarray, run: Callable[[np.ndarray], np.ndarray], tiles: Tiles) 
     scale = tiles.size_out / tiles.size_in
     rows: list[list[np.ndarray]] = []
     for top in range(0, height, tiles.stride):
+        # each tile is run full size, moved back inside the picture where it would pass an edge
+        inside_top = min(top, max(height - tiles.size_in, 0))
+        skip_rows = round((top - inside_top) * scale)
         row: list[np.ndarray] = []
         for left in range(0, width, tiles.stride):
-            # the tile run full size, moved back inside the picture where it would pass an edge
-            inside_top, inside_left = min(top, max(height - tiles.size_in, 0)), min(left, max(width - tiles.size_in, 0))
+            inside_left = min(left, max(width - tiles.size_in, 0))
             out = run(x[:, :, inside_top:inside_top + tiles.size_in, inside_left:inside_left + tiles.size_in])
-            skip_rows, skip_columns = round((top - inside_top) * scale), round((left - inside_left) * scale)
+            skip_columns = round((left - inside_left) * scale)
             tile = np.array(out[:, :, skip_rows:, skip_columns:], dtype=np.float32)  # from diffusers' position
             if rows:
                 _blend_rows(rows[-1][len(row)], tile, tiles.blend)
