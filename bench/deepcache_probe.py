@@ -138,7 +138,7 @@ class _CachedUNet:
     def __getattr__(self, name):  # the rest (spec, input_dtype, ...) is the real graph's
         return getattr(self.graph, name)
 
-    def run(self, feeds: dict, local: dict | None = None) -> dict:
+    def run(self, feeds: dict, local: dict | None = None, release: bool = False) -> dict:
         cast = {k: v.astype(self.types[k]) for k, v in feeds.items()}
         if self.calls % self.interval == 0:
             out, self.features = self.full.run([OUTPUT, self.deep], cast)

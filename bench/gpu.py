@@ -158,7 +158,7 @@ def _edgesd(work: Path, provider: str, folder: str = "sd15-onnx", label: str = "
     return {"config": f"edgesd onnxruntime {provider} {label}", "load_s": round(load_s, 2), **clock,
             "unet_s_per_call": round(t["unet_s"] / t["unet_calls"], 4), "text_encoder_s": t["text_encoder_s"],
             "vae_decoder_s": t["vae_decoder_s"], "gpu_peak_gb": memory.peak_gb, "gpu_memory_of": memory.how, "gpu_memory_source": memory.source,
-            "device_arena": options.get("device_arena", "per-graph"),
+            "device_arena": options.get("device_arena", "auto"),
             "placement": {name: nodes for name, nodes in placement.items()}, "onnxruntime": onnxruntime.__version__}
 
 
@@ -321,7 +321,8 @@ GPU_MEM_LIMIT = 4 * 2**30  # "modest VRAM": each session's CUDA arena capped at 
 LEAN = (("arena_extend_strategy", "kSameAsRequested"), ("cudnn_conv_algo_search", "HEURISTIC"),
         ("cudnn_conv_use_max_workspace", "0"))
 # Modest VRAM: int8 U-Net weights in fp16 arithmetic with the text encoder on the CPU, then the ways to hold
-# less working memory: arenas shrunk after each run (per-run) or one arena for the process, split guidance (half the U-Net's activations), the VAE decoded in 256-pixel tiles.
+# less working memory: arenas shrunk after each run (per-run) or after each graph's stage of a picture (per-stage),
+# or one arena for the process, split guidance (half the U-Net's activations), the VAE decoded in 256-pixel tiles.
 LEAN_VRAM = dict(folder="sd15-int8-fp16-te32", component_providers=(("text_encoder", "cpu"),))
 _LEAN_STEPS = {
     "te-cpu": ("text encoder on the CPU", {"device_arena": "per-graph"}, None),
@@ -343,6 +344,10 @@ _LEAN_STEPS = {
     "te-cpu-perrun-split-tile256": ("text encoder on the CPU, arenas shrunk after each run, split guidance, "
                                     "VAE tiles of 256", {"device_arena": "per-run", "guidance_batch": "split"},
                                     {"vae_tiling": "on", "vae_tile_size": 256}),
+    "te-cpu-perstage": ("text encoder on the CPU, arenas shrunk after each stage", {"device_arena": "per-stage"},
+                        None),
+    "te-cpu-perstage-tile256": ("text encoder on the CPU, arenas shrunk after each stage, VAE tiles of 256",
+                                {"device_arena": "per-stage"}, {"vae_tiling": "on", "vae_tile_size": 256}),
 }
 def _lean_vram(label: str, options: dict, request: dict | None):
     return lambda work, configs: _edgesd(work, "cuda", label="int8-weights-fp16-compute, " + label,
@@ -404,10 +409,12 @@ def machine() -> dict:
 
 def run_phases(phases: list[str], work: Path, configs: Path, out: Path) -> None:
     """Each phase in a fresh process; its JSON (or its error's last line) into out/results.json, rewritten
-    after each phase (a call cut short still returns what was done)."""
+    after each phase (a call cut short still returns what was done). A phase named again is another round,
+    kept as PHASE#2, PHASE#3, ... (alternate configurations for rounds side by side)."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine()}
     for phase in phases:
+        rounds = sum(1 for key in results if key.split("#")[0] == phase)
         start = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--phase", phase, "--work", str(work),
                                "--configs", str(configs)], capture_output=True, text=True)
@@ -415,15 +422,35 @@ def run_phases(phases: list[str], work: Path, configs: Path, out: Path) -> None:
         row = json.loads(lines[-1]) if done.returncode == 0 and lines else \
             {"error": "\n".join(done.stderr.strip().splitlines()[-6:])[-1500:]}
         row["phase_wall_s"] = round(time.perf_counter() - start, 1)
-        results[phase] = row
+        key = phase if not rounds else f"{phase}#{rounds + 1}"
+        row["round"] = rounds + 1
+        results[key] = row
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(phase, json.dumps(row)[:600], flush=True)
+        print(key, json.dumps(row)[:600], flush=True)
 
 
 def _gpu_gb(row: dict) -> str:
     if row.get("gpu_peak_gb") is not None:
         return f"{row['gpu_peak_gb']:.2f}" + (" (card)" if row.get("gpu_memory_of") == "card" else "")
     return f"{row['gpu_peak_mb'] / 1000:.2f} (card)" if "gpu_peak_mb" in row else "-"  # rows of 2026-12-02's first run
+
+
+def _side_by_side(rows: dict) -> list[str]:
+    """Each configuration of the rounds against diffusers' row of the same round (phases alternated)."""
+    base = {name: r for name, r in rows.items() if name.split("#")[0] == "diffusers-cuda" and "s_per_step" in r}
+    by_round = {r.get("round", 1): r for r in base.values()}
+    if len(by_round) < 2:
+        return []
+    lines = ["", "Rounds side by side (each row against diffusers' in the same round):", "",
+             "| configuration | round | s/step | diffusers s/step | 20 steps s | diffusers 20 steps s | GPU memory GB |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        d = by_round.get(r.get("round", 1))
+        if name in base or d is None or "s_per_step" not in r:
+            continue
+        lines.append(f"| {r['config']} | {r.get('round', 1)} | {r['s_per_step']} | {d['s_per_step']} | "
+                     f"{r['total_s']} | {d['total_s']} | {_gpu_gb(r)} |")
+    return lines
 
 
 def report(paths: list[Path], date: str) -> str:
@@ -441,8 +468,10 @@ def report(paths: list[Path], date: str) -> str:
             continue
         nodes = "; ".join(f"{g}: " + ", ".join(f"{p} {k}" for p, k in n.items())
                           for g, n in r.get("placement", {}).items()) or "-"
-        lines.append(f"| {r['config']} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | "
+        label = r["config"] + (f", round {r['round']}" if "#" in name or f"{name}#2" in rows else "")
+        lines.append(f"| {label} | {r['load_s']} | {r['total_s']} | {r['s_per_step']} | "
                      f"{r.get('vae_decoder_s', '-')} | {_gpu_gb(r)} | {nodes} |")
+    lines += _side_by_side(rows)
     sources = {r.get("gpu_memory_source", "nvidia-smi") for r in rows.values() if r.get("gpu_peak_gb") is not None}
     if sources:
         lines.append(f"\nGPU memory read by {', '.join(sorted(sources))} "

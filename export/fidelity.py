@@ -55,8 +55,8 @@ class _Recording:
     def __init__(self, graph, runs: list):
         self.graph, self.runs = graph, runs
 
-    def run(self, feeds, local=None):
-        outputs = self.graph.run(feeds, local)
+    def run(self, feeds, local=None, release=False):
+        outputs = self.graph.run(feeds, local, release)
         copy = lambda arrays: {k: np.array(v) for k, v in arrays.items()}  # noqa: E731
         self.runs.append((copy(feeds), copy(outputs)))
         return outputs

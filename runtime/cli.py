@@ -216,9 +216,11 @@ _RUNTIME_OPTIONS = [
     click.option("--component-provider", "component_providers", multiple=True, metavar="COMPONENT=PROVIDERS",
                  help="onnxruntime: run one graph on other providers than --provider's, e.g. text_encoder=cpu "
                       "(repeatable; text_encoder places every text encoder)."),
-    click.option("--device-arena", default="per-graph", show_default=True, type=click.Choice(DEVICE_ARENAS),
-                 help="onnxruntime, cuda: per-run, each graph gives its free memory back after each run; shared, "
-                      "one memory arena for every graph of the process (both: less memory)."),
+    click.option("--device-arena", default="auto", show_default=True, type=click.Choice(DEVICE_ARENAS),
+                 help="onnxruntime, cuda: per-stage, each graph gives its free memory back after its part of a "
+                      "picture (the U-Net after the last step); per-run, after each run; shared, one memory arena "
+                      "for every graph of the process; per-graph, arenas kept as they grew; auto: per-stage on "
+                      "cuda, per-graph elsewhere."),
     click.option("--ort-optimization", default="all", show_default=True, type=click.Choice(ORT_OPTIMIZATIONS),
                  help="onnxruntime: graph optimisation level."),
     click.option("--io-binding", default="auto", show_default=True, type=click.Choice(IO_BINDINGS),

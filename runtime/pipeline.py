@@ -29,7 +29,7 @@ from .models_path import default_model_path
 from .noise import noise_source
 from .preview import Previewer
 from .request import GenerationRequest, GenerationResult
-from .samplers import guidance_boundary, noise_at, run_sampler
+from .samplers import guidance_boundary, noise_at, run_sampler, schedule_for
 from .schedulers import alphas_cumprod, resolve_scheduler
 from .tiling import TilingMode, decode_latents, encode_pixels
 from .tokenizer import ClipTokenizer
@@ -48,16 +48,20 @@ class RunContext:
         self.calls: dict[str, int] = {}
         self.local: dict[str, dict] = {}  # per graph: what a backend keeps for this caller (OpenVINO requests)
         self.released_compile_s = 0.0  # compile time of the graphs released before the end
+        # the train timestep of the picture's last step: U-Net runs at or below it end the U-Net's stage
+        self.last_step_t: float | None = None
         self.started = time.perf_counter()
 
     def release(self, name: str) -> None:
         """Drop what a backend keeps for graph `name` (its compile time stays counted)."""
         self.released_compile_s += self.local.pop(name, {}).get("compile_s", 0.0)
 
-    def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, name: str, feeds: dict[str, np.ndarray], release: bool = True) -> dict[str, np.ndarray]:
+        """Run graph `name`. `release`: its stage of the picture ends with this run (Graph.run), true of every
+        graph but the U-Net, which runs once per step (a VAE tile is a stage of its own)."""
         graph = self.pipe.graphs.get(name) or self.pipe.graph(name)  # loaded graphs without the loading lock
         start = time.perf_counter()
-        out = graph.run(feeds, self.local.setdefault(name, {}))
+        out = graph.run(feeds, self.local.setdefault(name, {}), release)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         self.calls[name] = self.calls.get(name, 0) + 1
         for output, value in out.items():  # a NaN would end as a black picture, said nowhere
@@ -68,7 +72,8 @@ class RunContext:
         return out
 
     def unet(self, sample: np.ndarray, timestep: np.ndarray, **cond: np.ndarray) -> np.ndarray:
-        out = self.run("unet", {"sample": sample, "timestep": timestep, **cond})["out_sample"]
+        last_step = self.last_step_t is not None and float(timestep[0]) <= self.last_step_t
+        out = self.run("unet", {"sample": sample, "timestep": timestep, **cond}, release=last_step)["out_sample"]
         want = (sample.shape[0], self.pipe.constants.latent_channels, *sample.shape[2:])
         if out.shape != want:  # a broken or foreign graph: say so rather than fail somewhere in a sampler
             raise EdgesdError(f"the unet graph returned shape {out.shape} for a sample of shape {sample.shape} "
@@ -324,6 +329,9 @@ class Pipeline:
             split_guidance=self.options.split_guidance(),
         )
         step = _checked(callback, lambda: self.previewer(denoiser.latest_x0))
+        # every sampler's last step evaluates at or below its last timestep, every earlier step above it
+        # (Heun's second evaluation of the step before reaches it too: one early release, nothing wrong)
+        ctx.last_step_t = float(schedule_for(sched, request.steps, start.step).timesteps[-1])
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
         self._stage_done("unet", ctx=ctx)

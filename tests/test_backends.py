@@ -377,9 +377,9 @@ def test_openvino_low_memory_releases_requests_and_keeps_compile_time(monkeypatc
     held = {}
     real = edgesd.pipeline.RunContext.run
 
-    def run(ctx, name, feeds):
+    def run(ctx, name, feeds, release=True):
         held.setdefault(name, sorted(ctx.local))  # the callers' states kept when `name` first runs
-        return real(ctx, name, feeds)
+        return real(ctx, name, feeds, release)
 
     monkeypatch.setattr(edgesd.pipeline.RunContext, "run", run)
     low = edgesd.Pipeline.load(OPTIMUM_IR, memory="low", cache="off")("a cat", **RUN)

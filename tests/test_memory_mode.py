@@ -23,8 +23,8 @@ class Watch:
         self.pipe, self.seen = pipe, []
         real = edgesd.pipeline.RunContext.run
 
-        def run(ctx, name, feeds):
-            out = real(ctx, name, feeds)
+        def run(ctx, name, feeds, release=True):
+            out = real(ctx, name, feeds, release)
             self.seen.append((name, sorted(ctx.pipe.graphs)))  # what is loaded while `name` runs
             return out
 

@@ -152,7 +152,7 @@ def test_a_graph_returning_nan_is_named_not_a_black_picture():
         def __init__(self, graph):
             self.spec, self.path = graph.spec, graph.path
 
-        def run(self, feeds, local=None):
+        def run(self, feeds, local=None, release=False):
             return {"sample": np.full((1, 3, 64, 64), np.nan, np.float32)}
 
     pipe = edgesd.Pipeline.load()
@@ -167,13 +167,44 @@ def test_a_unet_of_the_wrong_shape_is_named():
         def __init__(self, graph):
             self.spec, self.path = graph.spec, graph.path
 
-        def run(self, feeds, local=None):
+        def run(self, feeds, local=None, release=False):
             return {"out_sample": np.zeros((), np.float32)}
 
     pipe = edgesd.Pipeline.load()
     pipe.graphs["unet"] = ScalarGraph(pipe.graphs["unet"])
     with pytest.raises(EdgesdError, match=r"the unet graph returned shape \(\) for a sample of shape"):
         pipe("x", num_inference_steps=2, seed=1)
+
+
+class _ReleaseRecorder:
+    """A graph that records each run's `release` (its stage of the picture ends there) and runs the real one."""
+
+    def __init__(self, graph, seen: list):
+        self.graph, self.seen = graph, seen
+
+    def __getattr__(self, name):
+        return getattr(self.graph, name)
+
+    def run(self, feeds, local=None, release=False):
+        self.seen.append(release)
+        return self.graph.run(feeds, local, release)
+
+
+@pytest.mark.parametrize("scheduler, split, want", [
+    ("euler", False, [False, False, False, True]),
+    # Heun's second evaluation of the step before the last is at the last step's timestep: released early
+    ("heun", False, [False, False, False, True, True]),
+    ("euler", True, [False] * 6 + [True, True]),  # split guidance: both halves of the last step
+    ("ddim", False, [False, False, False, True]),
+])
+def test_the_unet_releases_its_memory_after_the_last_step_and_the_others_after_each_run(scheduler, split, want):
+    loaded = edgesd.Pipeline.load(options=edgesd.RuntimeOptions(guidance_batch="split" if split else "joint"))
+    unet, others = [], []
+    for name in list(loaded.graphs):
+        loaded.graphs[name] = _ReleaseRecorder(loaded.graphs[name], unet if name == "unet" else others)
+    loaded("x", num_inference_steps=4 if scheduler != "heun" else 3, seed=1, scheduler=scheduler)
+    assert unet == want
+    assert others and all(others)  # the text encoder's run and the VAE decode end their stages
 
 
 def test_openvino_errors_keep_their_reason():

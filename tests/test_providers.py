@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 
 import edgesd
@@ -359,7 +360,7 @@ def test_a_shared_device_arena_is_registered_once_and_taken_by_each_session():
     assert ort.arenas == [("CUDAExecutionProvider", ("Cuda", "arena", 0, "default"), {"device_id": "0"},
                            {"arena_extend_strategy": 1, "max_mem": 4000000000})]
     made = _ConfigOptions()
-    registry.session_providers("cuda", {}).apply(made)  # per-graph: the session's own arena
+    registry.session_providers("cuda", {}, "per-graph").apply(made)  # the session's own arena
     assert made.config == {}
     with pytest.raises(EdgesdError, match="--device-arena shared is for a provider with its own memory, not 'cpu'"):
         registry.session_providers("cpu", {}, "shared")
@@ -367,19 +368,59 @@ def test_a_shared_device_arena_is_registered_once_and_taken_by_each_session():
         registry.session_providers("cuda", {"arena_extend_strategy": "kDoubling", "device_id": "1"}, "shared")
 
 
-def test_a_per_run_device_arena_shrinks_after_each_run():
+def test_a_per_run_or_per_stage_device_arena_shrinks_after_runs():
     ort = _ArenaOrt()
     registry = ProviderRegistry(ort, _modules())
     chosen = registry.session_providers("cuda", {"device_id": "1"}, "per-run")
     made = _ConfigOptions()
     chosen.apply(made)
-    assert chosen.run_config == (("memory.enable_memory_arena_shrinkage", "gpu:1"),)
+    assert chosen.release_config == (("memory.enable_memory_arena_shrinkage", "gpu:1"),)
+    assert chosen.release_every_run
     assert made.config == {} and ort.arenas == []  # the session keeps its own arena, shrunk at each run's end
-    assert registry.session_providers("cuda", {}).run_config == ()  # per-graph: arenas as they grew
-    with pytest.raises(EdgesdError, match="--device-arena per-run is for a provider with its own memory, not 'cpu'"):
-        registry.session_providers("cpu", {}, "per-run")
-    placed = edgesd.RuntimeOptions(provider="cuda", device_arena="per-run", component_providers=(("text_encoder", "cpu"),))
-    assert placed.for_component("text_encoder").device_arena == "per-graph"
+    staged = registry.session_providers("cuda", {}, "per-stage")  # only the runs that end a stage
+    assert staged.release_config == (("memory.enable_memory_arena_shrinkage", "gpu:0"),)
+    assert not staged.release_every_run
+    assert registry.session_providers("cuda", {}, "per-graph").release_config == ()  # arenas as they grew
+    auto = registry.session_providers("cuda", {})  # the default: per-stage where the arena can shrink
+    assert auto.release_config == staged.release_config and not auto.release_every_run
+    assert registry.session_providers("cpu", {}).release_config == ()  # elsewhere per-graph, no error
+    for arena in ("per-run", "per-stage"):
+        with pytest.raises(EdgesdError, match=f"--device-arena {arena} is for a provider with its own memory, not 'cpu'"):
+            registry.session_providers("cpu", {}, arena)
+        placed = edgesd.RuntimeOptions(provider="cuda", device_arena=arena,
+                                       component_providers=(("text_encoder", "cpu"),))
+        assert placed.for_component("text_encoder").device_arena == "per-graph"
+
+
+class _SessionRecorder:
+    """An InferenceSession stand-in that records the RunOptions of each run and runs the real one."""
+
+    def __init__(self, session):
+        self.session, self.run_options = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run(self, outputs, feeds, run_options=None):
+        self.run_options.append(run_options)
+        return self.session.run(outputs, feeds)
+
+
+@pytest.mark.parametrize("every_run", [False, True])
+def test_an_onnxruntime_graph_shrinks_its_arena_after_the_runs_its_arena_mode_says(every_run):
+    from edgesd.backends import onnxruntime_backend
+
+    pipe = edgesd.Pipeline.load()
+    graph = onnxruntime_backend.OrtGraph(pipe.graphs["vae_decoder"].path, pipe.specs["vae_decoder"],
+                                         edgesd.RuntimeOptions())
+    assert graph._release_options is None  # the CPU provider: no device arena, nothing to shrink
+    shrink = object()  # what a cuda session's per-run / per-stage options would hold
+    graph._release_options, graph._release_every_run = shrink, every_run
+    graph._session = recorder = _SessionRecorder(graph._session)
+    z = np.zeros((1, 4, 8, 8), np.float32)
+    graph.run({"latent_sample": z})
+    graph.run({"latent_sample": z}, release=True)
+    assert recorder.run_options == [shrink if every_run else None, shrink]
 
 
 def test_a_component_runs_on_its_own_provider():

@@ -135,8 +135,8 @@ def test_vae_tile_size_sets_the_tiles(monkeypatch):
     graph = pipe.graph("vae_decoder")
     shapes = []
     run = graph.run
-    monkeypatch.setattr(graph, "run", lambda feeds, local=None: shapes.append(feeds["latent_sample"].shape)
-                        or run(feeds, local))
+    monkeypatch.setattr(graph, "run", lambda feeds, local=None, release=False:
+                        shapes.append(feeds["latent_sample"].shape) or run(feeds, local, release))
     whole = pipe("a red circle", num_inference_steps=1, height=256, width=256, seed=1, vae_tiling="off")
     tiled = pipe("a red circle", num_inference_steps=1, height=256, width=256, seed=1, vae_tiling="on",
                  vae_tile_size=128)

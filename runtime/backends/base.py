@@ -21,7 +21,7 @@ CacheMode = Literal["on", "off"]
 IoBinding = Literal["auto", "off"]
 MemoryMode = Literal["fast", "low"]
 GuidanceBatch = Literal["auto", "joint", "split"]
-DeviceArena = Literal["per-graph", "shared", "per-run"]
+DeviceArena = Literal["auto", "per-graph", "shared", "per-run", "per-stage"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 ORT_OPTIMIZATIONS: tuple[str, ...] = get_args(OrtOptimization)
@@ -76,8 +76,12 @@ class RuntimeOptions:
     # arena per device for the whole process, so the U-Net's and the VAE's working memory are the same
     # memory (never given back while the process runs); per-run, each graph's arena gives back what is free
     # at the end of each run (ONNX Runtime's arena shrinkage), so no graph holds working memory while another
-    # runs (on the H200: 2.79 instead of 3.65 GB, steps 0-40% slower, bench/results/gpu-h200-2026-12-03*.md)
-    device_arena: DeviceArena = "per-graph"
+    # runs (on the H200: 2.79 instead of 3.65 GB, steps 0-40% slower, bench/results/gpu-h200-2026-12-03*.md);
+    # per-stage, the same at the end of each graph's part of a picture: after the text encoder's and each
+    # VAE run, and after the U-Net's last step, so the steps between keep their memory (on the H200: 2.79 GB
+    # at per-graph speed, bench/results/gpu-h200-2026-12-04.md); auto, per-stage where the provider's arena
+    # can shrink (cuda), else per-graph
+    device_arena: DeviceArena = "auto"
     ort_optimization: OrtOptimization = "all"  # graph optimisation level
     # auto: on a provider with its own memory (CUDA), outputs are made there and inputs that repeat from one
     # call to the next (the prompt's embeddings over the steps) are copied there once (I/O binding)
@@ -124,7 +128,7 @@ class RuntimeOptions:
 
         first = lookup(providers.split(",")[0])
         same_first = first == lookup(self.provider.split(",")[0])
-        # a shared or per-run arena is for device memory: a graph placed on the CPU keeps its own
+        # a shared, per-run or per-stage arena is for device memory: a graph placed on the CPU keeps its own
         arena = self.device_arena if first.device_memory is not None else "per-graph"
         return replace(self, provider=providers, provider_options=self.provider_options if same_first else (),
                        component_providers=(), device_arena=arena)
@@ -200,9 +204,12 @@ class Graph(Protocol):
 
     def input_dtype(self, name: str) -> np.dtype: ...
 
-    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None,
+            release: bool = False) -> dict[str, np.ndarray]:
         """Run the graph. `local`: the caller's own state for this graph (one per generation), so callers in
-        several threads never share an in-flight request; None: the graph's own (for one thread at a time)."""
+        several threads never share an in-flight request; None: the graph's own (for one thread at a time).
+        `release`: the caller's stage ends with this run; a backend set to (--device-arena per-stage) gives
+        back the working memory it holds for the graph, others ignore it."""
 
 
 def fit_feeds(path: Path, feeds: dict[str, np.ndarray], dtypes: dict[str, np.dtype],

@@ -90,11 +90,13 @@ class OrtGraph:
         self._ranks = {name: len(i.shape) for name, i in self._inputs.items()}
         self._dtypes = {name: self.input_dtype(name) for name in self._inputs}
         self._memory = providers.memory if options.io_binding == "auto" else None  # (device type, id) or None
-        self._run_options = None
-        if providers.run_config:  # e.g. --device-arena per-run: the arena shrinks after each run
-            self._run_options = ort.RunOptions()
-            for key, value in providers.run_config:
-                self._run_options.add_run_config_entry(key, value)
+        # --device-arena per-run / per-stage: the RunOptions after which the arena shrinks to what is in use
+        self._release_options = None
+        if providers.release_config:
+            self._release_options = ort.RunOptions()
+            for key, value in providers.release_config:
+                self._release_options.add_run_config_entry(key, value)
+        self._release_every_run = providers.release_every_run
         self._provider_names = options.provider
 
     def input_dtype(self, name: str) -> np.dtype:
@@ -103,16 +105,19 @@ class OrtGraph:
             raise EdgesdError(f"{self.path}: input '{name}' has unsupported type {onnx_type}")
         return np.dtype(ONNX_TO_NUMPY[onnx_type])
 
-    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None,
+            release: bool = False) -> dict[str, np.ndarray]:
         """InferenceSession.run may be called from several threads at once; per-caller state (I/O binding's
-        inputs kept in device memory) is in `local`."""
+        inputs kept in device memory) is in `local`. `release`: with --device-arena per-stage, the arena
+        gives back its free memory after this run."""
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
+        run_options = self._release_options if release or self._release_every_run else None
         try:
             if self._memory is None:
-                values = self._session.run(self._outputs, cast, self._run_options)
+                values = self._session.run(self._outputs, cast, run_options)
             else:
-                values = self._run_bound(feeds, cast, {} if local is None else local)
+                values = self._run_bound(feeds, cast, {} if local is None else local, run_options)
         except Exception as e:  # a graph that loads but cannot run these shapes
             shapes = {k: v.shape for k, v in cast.items()}
             if any(sign in str(e) for sign in OUT_OF_MEMORY):
@@ -125,7 +130,8 @@ class OrtGraph:
         return {name: np.asarray(v, dtype=np.float32) if v.dtype == np.float16 else v
                 for name, v in zip(self._outputs, values)}
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], cast: dict[str, np.ndarray], local: dict) -> list:
+    def _run_bound(self, feeds: dict[str, np.ndarray], cast: dict[str, np.ndarray], local: dict,
+                   run_options) -> list:
         """One run with I/O binding: outputs made in the provider's memory and copied out once; an input that
         is the same array as in one of the caller's last two runs (`local`; two: split guidance alternates the
         negative and positive prompt's embeddings) stays in that memory, copied there once."""
@@ -141,7 +147,7 @@ class OrtGraph:
             binding.bind_ortvalue_input(name, match)
         for name in self._outputs:
             binding.bind_output(name, device, device_id)
-        self._session.run_with_iobinding(binding, self._run_options)
+        self._session.run_with_iobinding(binding, run_options)
         return binding.copy_outputs_to_cpu()
 
 

@@ -160,9 +160,11 @@ class OvGraph:
                 for f in (xml, xml.with_suffix(".bin")):  # cut short or corrupt: written again
                     f.unlink(missing_ok=True)
 
-    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], local: dict | None = None,
+            release: bool = False) -> dict[str, np.ndarray]:
         """`local` keeps this caller's infer request (and the compiled model it belongs to) between calls, and
-        adds compile time to local["compile_s"]; without it the graph's own is used (one thread at a time)."""
+        adds compile time to local["compile_s"]; without it the graph's own is used (one thread at a time).
+        `release` changes nothing here: OpenVINO's plugin keeps its own memory pool."""
         check_feed(self.spec, feeds)
         cast = fit_feeds(self.path, feeds, self._dtypes, self._ranks)
         shapes = {name: tuple(v.shape) for name, v in cast.items()}

@@ -97,8 +97,10 @@ class SessionProviders:
     devices: tuple[tuple[tuple, dict], ...] = ()  # ((OrtEpDevice, ...), options) per provider, in order
     memory: tuple[str, int] | None = None  # the first provider's (OrtValue device type, device id), if it has one
     shared_arena: bool = False  # the session takes the process's arena for that memory (device_arena shared)
-    # RunOptions config entries of every run: per-run, the arena of that memory shrinks to what is in use
-    run_config: tuple[tuple[str, str], ...] = ()
+    # RunOptions config entries of a run after which the arena of that memory shrinks to what is in use;
+    # per-run: every run's, per-stage: a run's that ends its graph's part of a picture (Graph.run(release=True))
+    release_config: tuple[tuple[str, str], ...] = ()
+    release_every_run: bool = False
 
     def apply(self, session_options) -> dict:
         """Set up `session_options`; returns the InferenceSession keyword arguments."""
@@ -195,7 +197,7 @@ class ProviderRegistry:
                                                       self.ort.OrtArenaCfg(config))
             self._arenas.add((provider.ep_name, device_id))
 
-    def session_providers(self, text: str, first_options: dict, device_arena: str = "per-graph") -> SessionProviders:
+    def session_providers(self, text: str, first_options: dict, device_arena: str = "auto") -> SessionProviders:
         """`--provider webgpu,cpu` and the first provider's options -> how a session gets them."""
         chosen = list(dict.fromkeys(lookup(name) for name in text.split(",") if name.strip()))
         if not chosen:
@@ -212,20 +214,24 @@ class ProviderRegistry:
         if not device_id.isdigit():
             raise EdgesdError(f"provider option device_id '{device_id}' is not a device number", "e.g. device_id=0")
         memory = None if first.device_memory is None else (first.device_memory, int(device_id))
-        run_config = ()
+        release_config = ()
+        if device_arena == "auto":
+            shrinks = first.arena_shrinkage is not None and statuses[0].how == "built in"
+            device_arena = "per-stage" if shrinks else "per-graph"
         if device_arena != "per-graph":
-            can = first.arena_shrinkage if device_arena == "per-run" else ARENA_MEMORY.get(first.device_memory)
+            can = ARENA_MEMORY.get(first.device_memory) if device_arena == "shared" else first.arena_shrinkage
             if can is None or statuses[0].how != "built in":
                 raise EdgesdError(f"--device-arena {device_arena} is for a provider with its own memory, not "
-                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena per-graph")
+                                  f"'{first.name}'", "use it with --provider cuda, or leave --device-arena auto")
             if device_arena == "shared":
                 self.share_arena(first, int(device_id), options[0])
             else:
-                run_config = ((ARENA_SHRINKAGE, f"{first.arena_shrinkage}:{device_id}"),)
+                release_config = ((ARENA_SHRINKAGE, f"{first.arena_shrinkage}:{device_id}"),)
         if all(s.how == "built in" for s in statuses):
             return SessionProviders([(s.provider.ep_name, o) if o else s.provider.ep_name
                                      for s, o in zip(statuses, options)], memory=memory,
-                                    shared_arena=device_arena == "shared", run_config=run_config)
+                                    shared_arena=device_arena == "shared", release_config=release_config,
+                                    release_every_run=device_arena == "per-run")
         devices = []
         for s, o in zip(statuses, options):
             if not s.devices:  # a built-in provider that lists no device cannot be mixed with plugin EPs
