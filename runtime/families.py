@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .errors import EdgesdError
-from .graphs import VAE_DECODER, VAE_ENCODER, GraphSpec, text_encoder_spec, unet_spec
+from .graphs import UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, GraphSpec, text_encoder_spec, unet_shallow_spec, unet_spec
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -82,6 +82,7 @@ class ModelFamily:
             specs[enc.component] = text_encoder_spec(enc.component, enc.pooled,
                                                      layers - 1 if enc.penultimate else None)
         specs["unet"] = unet_spec(self.unet_inputs(configs.get("unet", {})))
+        specs[UNET_SHALLOW] = unet_shallow_spec(specs["unet"])  # DeepCache's, where the folder has it
         specs["vae_decoder"] = VAE_DECODER
         specs["vae_encoder"] = VAE_ENCODER
         return specs

@@ -49,6 +49,9 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     required_outputs: int = 1  # the first this many outputs must be in a loaded graph; the rest are optional
+    # outputs a later step may add to an exported graph (`edgesd deepcache`: the U-Net's deep features); the
+    # exporter and its checks leave them out, a loaded graph returns those it has
+    added_outputs: tuple[TensorSpec, ...] = ()
 
     def sample_inputs(self, sizes: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs for every input of this graph (what export tracing, parity checks and tests feed)."""
@@ -96,7 +99,11 @@ UNET = GraphSpec(
         TensorSpec("encoder_hidden_states", ("batch", "sequence", "hidden"), "float32"),
     ),
     outputs=(TensorSpec("out_sample", ("batch", "channels", "height", "width"), "float32"),),
+    # DeepCache (edgesd deepcache): the input of the last up block, kept for the shallow graph
+    added_outputs=(TensorSpec("deep_features", ("batch", "deep_channels", "deep_height", "deep_width"), "float32"),),
 )
+DEEP_FEATURES = UNET.added_outputs[0].name
+UNET_SHALLOW = "unet_shallow"  # DeepCache's shallow path: the U-Net's inputs and the kept deep features
 
 VAE_DECODER = GraphSpec(
     component="vae_decoder",
@@ -125,6 +132,11 @@ UNET_EXTRA_INPUTS = {
 def unet_spec(extra_inputs: tuple[str, ...] = ()) -> GraphSpec:
     """The U-Net's description with the extra conditioning inputs a family's U-Net takes."""
     return replace(UNET, inputs=UNET.inputs + tuple(UNET_EXTRA_INPUTS[n] for n in extra_inputs))
+
+
+def unet_shallow_spec(unet: GraphSpec) -> GraphSpec:
+    """DeepCache's shallow U-Net (Ma et al. 2023): `unet`'s inputs and the deep features, its output."""
+    return GraphSpec(UNET_SHALLOW, unet.inputs + UNET.added_outputs, unet.outputs)
 
 
 def text_encoder_spec(component: str, pooled: str, hidden_layer: int | None) -> GraphSpec:

@@ -21,6 +21,7 @@ from .backends import Graph, RuntimeOptions, load_graph
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .families import ModelFamily
+from .graphs import DEEP_FEATURES, UNET_SHALLOW
 from .heap import give_back_freed_memory, keep_large_blocks_off_heap
 from .images import from_pil, mask_from_picture, to_pil
 from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
@@ -39,6 +40,35 @@ from .tokenizer import ClipTokenizer
 ProgressCallback = Callable[..., "bool | None"]
 
 
+class FeatureCache:
+    """DeepCache (Ma et al. 2023, Sec. 3.2): of each conditioning's U-Net evaluations, every `interval`-th runs
+    the whole U-Net and keeps its deep features (the last up block's input); those between run the shallow
+    graph on them. Kept per conditioning (split guidance alternates the negative and positive prompt's) and
+    batch shape (a guidance cutoff halves the batch), each starting with a whole evaluation."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self._kept: dict[tuple, list] = {}  # key -> [evaluations so far, deep features (M, C', h', w')]
+
+    @staticmethod
+    def _key(sample: np.ndarray, cond: dict[str, np.ndarray]) -> tuple:
+        # the denoiser passes the same conditioning arrays at every step
+        return (sample.shape, *(id(v) for v in cond.values()))
+
+    def features(self, sample: np.ndarray, cond: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The kept features, if this evaluation may reuse them; None: run the whole U-Net."""
+        kept = self._kept.get(self._key(sample, cond))
+        if kept is None or kept[0] % self.interval == 0:
+            return None
+        kept[0] += 1
+        return kept[1]
+
+    def keep(self, sample: np.ndarray, cond: dict[str, np.ndarray], features: np.ndarray) -> None:
+        key = self._key(sample, cond)
+        count = self._kept[key][0] if key in self._kept else 0
+        self._kept[key] = [count + 1, features]
+
+
 class RunContext:
     """One generation's state: graph timings and calls, and each backend's per-caller state."""
 
@@ -50,6 +80,7 @@ class RunContext:
         self.released_compile_s = 0.0  # compile time of the graphs released before the end
         # the train timestep of the picture's last step: U-Net runs at or below it end the U-Net's stage
         self.last_step_t: float | None = None
+        self.feature_cache: FeatureCache | None = None  # DeepCache, when the request asks for it
         self.started = time.perf_counter()
 
     def release(self, name: str) -> None:
@@ -73,7 +104,19 @@ class RunContext:
 
     def unet(self, sample: np.ndarray, timestep: np.ndarray, **cond: np.ndarray) -> np.ndarray:
         last_step = self.last_step_t is not None and float(timestep[0]) <= self.last_step_t
-        out = self.run("unet", {"sample": sample, "timestep": timestep, **cond}, release=last_step)["out_sample"]
+        feeds = {"sample": sample, "timestep": timestep, **cond}
+        cache = self.feature_cache
+        features = None if cache is None else cache.features(sample, cond)
+        if features is not None:
+            out = self.run(UNET_SHALLOW, {**feeds, DEEP_FEATURES: features}, release=last_step)["out_sample"]
+        else:
+            outputs = self.run("unet", feeds, release=last_step)
+            if cache is not None:
+                if DEEP_FEATURES not in outputs:
+                    raise EdgesdError(f"the unet graph has no {DEEP_FEATURES} output beside {UNET_SHALLOW}/",
+                                      "export the model again and add DeepCache's graphs with `edgesd deepcache`")
+                cache.keep(sample, cond, outputs[DEEP_FEATURES])
+            out = outputs["out_sample"]
         want = (sample.shape[0], self.pipe.constants.latent_channels, *sample.shape[2:])
         if out.shape != want:  # a broken or foreign graph: say so rather than fail somewhere in a sampler
             raise EdgesdError(f"the unet graph returned shape {out.shape} for a sample of shape {sample.shape} "
@@ -85,6 +128,8 @@ class RunContext:
         compiled = self.released_compile_s + sum(local.get("compile_s", 0.0) for local in self.local.values())
         if compiled:  # OpenVINO compiling for a new size (included above)
             timings["compile_s"] = round(compiled, 4)
+        if UNET_SHALLOW in self.calls:
+            timings[f"{UNET_SHALLOW}_calls"] = self.calls[UNET_SHALLOW]
         timings.update({"unet_calls": self.calls.get("unet", 0),
                         "total_s": round(time.perf_counter() - self.started, 4)})
         return timings
@@ -198,7 +243,7 @@ class Pipeline:
 
     def placement(self) -> dict[str, dict[str, int]]:
         """Each graph's nodes per provider (or OpenVINO device); every graph the model has is loaded for it."""
-        names = [n for n in (*self.family.text_components, "unet", "vae_decoder", "vae_encoder")
+        names = [n for n in (*self.family.text_components, "unet", UNET_SHALLOW, "vae_decoder", "vae_encoder")
                  if n in self.graphs or self.folder.has(n)]
         return {name: dict(self.graph(name).placement) for name in names}
 
@@ -305,7 +350,8 @@ class Pipeline:
                 try:
                     return self._generate(request, callback, noise)
                 finally:  # a cancelled or failed call leaves nothing loaded either
-                    self._stage_done(*self.family.text_components, "unet", "vae_decoder", "vae_encoder")
+                    self._stage_done(*self.family.text_components, "unet", UNET_SHALLOW, "vae_decoder",
+                                     "vae_encoder")
         return self._generate(request, callback, noise)
 
     def _generate(self, request: GenerationRequest, callback: ProgressCallback | None,
@@ -332,9 +378,14 @@ class Pipeline:
         # every sampler's last step evaluates at or below its last timestep, every earlier step above it
         # (Heun's second evaluation of the step before reaches it too: one early release, nothing wrong)
         ctx.last_step_t = float(schedule_for(sched, request.steps, start.step).timesteps[-1])
+        if request.deepcache_interval > 1:
+            if "unet" in self._lora_components:
+                raise EdgesdError("DeepCache with a LoRA on the U-Net is not supported yet",
+                                  "leave deepcache_interval at 1 with LoRAs")
+            ctx.feature_cache = FeatureCache(int(request.deepcache_interval))
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
-        self._stage_done("unet", ctx=ctx)
+        self._stage_done("unet", UNET_SHALLOW, ctx=ctx)
         images = self.decode(x, ctx, request.vae_tiling, request.vae_tile_size)
         self._stage_done("vae_decoder", ctx=ctx)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())

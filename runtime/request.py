@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import EdgesdError
+from .graphs import UNET_SHALLOW
 from .noise import NOISE_GENERATORS, NoiseGenerator
 from .tiling import MIN_TILE_SIZE, TILING_MODES, TilingMode
 
@@ -50,6 +51,9 @@ class GenerationRequest:
     # the share of the steps that get classifier-free guidance (the first ceil(cutoff x steps)); the rest run
     # the conditional branch alone, at half the U-Net batch: faster, and a different picture
     guidance_cutoff: float = 1.0
+    # DeepCache (Ma et al. 2023): the whole U-Net every N-th evaluation, the shallow path on its kept deep
+    # features between (the model needs `edgesd deepcache`); 1: every evaluation runs the whole U-Net
+    deepcache_interval: int = 1
     scheduler: str | dict | None = None  # our name, A1111's, a diffusers config dict, or None: the model's own
     noise_generator: NoiseGenerator = "numpy"
     eta: float | None = None
@@ -149,6 +153,14 @@ class GenerationRequest:
         if not 0.0 < self.guidance_cutoff <= 1.0:
             raise EdgesdError(f"guidance_cutoff must be in (0, 1], got {self.guidance_cutoff}",
                               "use e.g. 0.5 to guide the first half of the steps, or 1 to guide every step")
+        if not isinstance(self.deepcache_interval, (int, np.integer)) or isinstance(self.deepcache_interval, bool) \
+                or self.deepcache_interval < 1:
+            raise EdgesdError(f"deepcache_interval must be a whole number >= 1, got {self.deepcache_interval!r}",
+                              "use e.g. 2 or 3, or 1 to run the whole U-Net at every step")
+        if self.deepcache_interval > 1 and not folder.has(UNET_SHALLOW):
+            raise EdgesdError(f"'{folder.root.name}' has no DeepCache graphs (its {UNET_SHALLOW}/)",
+                              f"add them once with `edgesd deepcache MODEL` (needs the export extra; the embedded "
+                              "model: to a copy of it), or leave deepcache_interval at 1")
         if not isinstance(self.images_per_prompt, (int, np.integer)) or isinstance(self.images_per_prompt, bool) \
                 or self.images_per_prompt < 1:
             raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
@@ -204,6 +216,8 @@ class GenerationRequest:
             params["guidance_rescale"] = self.guidance_rescale
         if self.guidance_cutoff != 1.0:
             params["guidance_cutoff"] = self.guidance_cutoff
+        if self.deepcache_interval != 1:
+            params["deepcache_interval"] = int(self.deepcache_interval)
         params.update({"seed": self.seed, "width": self.width, "height": self.height})
         if self.noise_generator != "numpy":
             params["noise_generator"] = self.noise_generator

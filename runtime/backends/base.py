@@ -119,7 +119,8 @@ class RuntimeOptions:
     def for_component(self, component: str) -> "RuntimeOptions":
         """The options `component`'s graph loads with: its --component-provider (with that provider's own
         defaults as options, unless it is --provider's first), else these."""
-        kind = "text_encoder" if component.startswith("text_encoder") else component
+        # every text encoder goes where text_encoder does; DeepCache's shallow U-Net where the U-Net does
+        kind = "text_encoder" if component.startswith("text_encoder") else {"unet_shallow": "unet"}.get(component, component)
         placed = dict(self.component_providers)
         providers = placed.get(component, placed.get(kind))
         if providers is None:
@@ -234,7 +235,7 @@ def check_names(path: Path, spec: GraphSpec, inputs: set[str], outputs: set[str]
     if missing or extra:
         raise EdgesdError(f"{path}: graph does not match the {spec.component} description "
                           f"(missing {missing}, unexpected inputs {extra})", exporter_hint)
-    return [n for n in spec.output_names if n in outputs]
+    return [n for n in (*spec.output_names, *(t.name for t in spec.added_outputs)) if n in outputs]
 
 
 def provider_names() -> list[str]:
