@@ -19,7 +19,7 @@ import numpy as np
 import onnx  # noqa: F401  (the `export` extra; edgesd deepcache says so when it is missing)
 
 from edgesd.errors import EdgesdError
-from edgesd.graphs import DEEP_FEATURES, UNET_SHALLOW
+from edgesd.graphs import DEEP_FEATURES, UNET, UNET_SHALLOW
 from edgesd.model import GRAPH_FILE, MANIFEST, ModelFolder
 
 from .parity import ParityResult, compare
@@ -114,7 +114,8 @@ def _cut(unet_path: Path, shallow_dir: Path) -> Path:
                 copy.data_location = onnx.TensorProto.DEFAULT
                 del copy.external_data[:]
             weights.append(copy)
-    deep_info = helper.make_tensor_value_info(DEEP_FEATURES, kind, None)
+    dims = next(t.dims for t in UNET.added_outputs if t.name == DEEP_FEATURES)  # symbolic, as the spec names them
+    deep_info = helper.make_tensor_value_info(DEEP_FEATURES, kind, list(dims))
     shallow = helper.make_model(
         helper.make_graph(nodes, "unet_shallow", [*graph.input, deep_info],
                           [o for o in graph.output if o.name == out_name], weights),
