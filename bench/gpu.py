@@ -349,6 +349,33 @@ _LEAN_STEPS = {
     "te-cpu-perstage-tile256": ("text encoder on the CPU, arenas shrunk after each stage, VAE tiles of 256",
                                 {"device_arena": "per-stage"}, {"vae_tiling": "on", "vae_tile_size": 256}),
 }
+DEEPCACHE_FOLDER = LEAN_VRAM["folder"] + "-deepcache"
+
+
+def phase_deepcache(work: Path, configs: Path) -> dict:
+    """A copy of the modest-VRAM folder with DeepCache's graphs (what `edgesd deepcache` adds)."""
+    import shutil
+
+    from edgesd.export.deepcache import add_deepcache
+
+    start = time.perf_counter()
+    dst = work / DEEPCACHE_FOLDER
+    if not (dst / "unet_shallow").is_dir():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(work / LEAN_VRAM["folder"], dst)
+        add_deepcache(dst)
+    return {"deepcache_s": round(time.perf_counter() - start, 1)}
+
+
+def _deepcache(interval: int):
+    """The 2.31 GB configuration (text encoder on the CPU, per-stage arenas, VAE tiles of 256) with DeepCache."""
+    request = {"vae_tiling": "on", "vae_tile_size": 256, "deepcache_interval": interval}
+    label = f"int8-weights-fp16-compute, text encoder on the CPU, VAE tiles of 256, DeepCache interval {interval}"
+    return lambda work, configs: _edgesd(work, "cuda", folder=DEEPCACHE_FOLDER, label=label, request=request,
+                                         component_providers=LEAN_VRAM["component_providers"],
+                                         device_arena="per-stage")
+
+
 def _lean_vram(label: str, options: dict, request: dict | None):
     return lambda work, configs: _edgesd(work, "cuda", label="int8-weights-fp16-compute, " + label,
                                          request=request, **LEAN_VRAM, **options)
@@ -392,6 +419,9 @@ PHASES = {
     "memory-int8fp16": lambda work, configs: _memory_breakdown(work, True, vae=INT8_FP16["folder"],
                                                                folder=INT8_FP16["folder"]),
     "int8-fp16-te32": phase_int8_fp16_te32,
+    "deepcache": phase_deepcache,
+    "edgesd-cuda-int8fp16-deepcache2": _deepcache(2),
+    "edgesd-cuda-int8fp16-deepcache3": _deepcache(3),
     **{f"edgesd-cuda-int8fp16-{key}": _lean_vram(*step) for key, step in _LEAN_STEPS.items()},
     "edgesd-cuda-fp16-lean-4gb": lambda work, configs: _edgesd(
         work, "cuda", folder=FP16["folder"], label="fp16-compute lean, gpu_mem_limit 4 GB",

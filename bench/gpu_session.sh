@@ -19,6 +19,7 @@ cat /tmp/chunks/ort.tar.xz.* > /tmp/ort.tar.xz
 echo "$sha  /tmp/ort.tar.xz" | sha256sum -c --quiet
 tar -xJf /tmp/ort.tar.xz -C /tmp/site  # onnxruntime (GPU build) ahead of the machine's CPU one on PYTHONPATH
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $(ls .whl/*.whl .whl2/*.whl 2>/dev/null)
+rm -rf /tmp/edgesd  # a warm machine's earlier install: pip --target would keep it
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/edgesd .
 export PYTHONPATH=/tmp/edgesd:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The CUDA EP loads CUDA 13 and cuDNN 9 from the machine's torch wheels (nvidia/*/lib).

@@ -165,7 +165,11 @@ def add_deepcache(root: str | Path) -> ParityResult:
     from edgesd.models_path import default_model_path
 
     folder = ModelFolder.open(root)
-    if folder.root.resolve() == default_model_path().resolve():
+    try:
+        embedded = default_model_path().resolve()
+    except EdgesdError:  # an installation without it
+        embedded = None
+    if folder.root.resolve() == embedded:
         raise EdgesdError("the embedded default model is part of the installation and is not changed",
                           f"copy it and add DeepCache to the copy: cp -r {folder.root} my-model && "
                           "edgesd deepcache my-model")

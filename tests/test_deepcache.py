@@ -137,3 +137,15 @@ def test_the_command_line(cached, tmp_path):
     done = run_edgesd("generate", PROMPT, "--steps", 2, "--deepcache-interval", 2, "-o", tmp_path / "c.png")
     assert done.returncode != 0 and "has no DeepCache graphs" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_installation_without_the_embedded_model_can_add_the_graphs(tmp_path, monkeypatch):
+    import edgesd.models_path
+
+    def missing():
+        raise EdgesdError("no embedded default model is installed")
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_path(), folder)
+    monkeypatch.setattr(edgesd.models_path, "default_model_path", missing)
+    assert add_deepcache(folder).passed
