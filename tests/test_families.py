@@ -106,6 +106,8 @@ def test_every_graph_runs_its_description_sample_inputs(family_model, kind):
     _, onnx = family_model(kind)
     pipe = edgesd.Pipeline.load(onnx)
     for component, spec in pipe.specs.items():
+        if not pipe.folder.has(component):  # DeepCache's shallow U-Net: `edgesd deepcache` adds it (test_deepcache)
+            continue
         feeds = spec.sample_inputs(pipe.family.sample_sizes(component, pipe.folder.configs, 16))
         out = pipe.graph(component).run(feeds)
         assert set(out) == set(spec.output_names)
