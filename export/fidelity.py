@@ -55,6 +55,9 @@ class _Recording:
     def __init__(self, graph, runs: list):
         self.graph, self.runs = graph, runs
 
+    def __getattr__(self, name):  # spec, path, placement, ...: the recorded graph's
+        return getattr(self.graph, name)
+
     def run(self, feeds, local=None, release=False):
         outputs = self.graph.run(feeds, local, release)
         copy = lambda arrays: {k: np.array(v) for k, v in arrays.items()}  # noqa: E731
