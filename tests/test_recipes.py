@@ -141,6 +141,22 @@ def test_int8_quantizes_the_unet_and_stores_int8_weights_elsewhere(tiny_onnx, ti
     assert images[0].size == (32, 32)
 
 
+def test_deepcache_cuts_the_static_int8_unet(tiny_int8, tmp_path):
+    """`edgesd deepcache` on a QDQ U-Net: the cut passes its parity check and the shallow path runs."""
+    import shutil
+
+    from edgesd.export.deepcache import add_deepcache
+
+    folder = tmp_path / "int8-deepcache"
+    shutil.copytree(tiny_int8[0], folder)
+    assert add_deepcache(folder).passed
+    assert "QuantizeLinear" in _op_types(folder, "unet_shallow")
+    pipe = edgesd.Pipeline.load(folder, guidance_batch="joint")
+    result = pipe("a red circle", num_inference_steps=4, seed=1, scheduler="euler", deepcache_interval=2)
+    assert (result.timings["unet_calls"], result.timings["unet_shallow_calls"]) == (2, 2)
+    assert np.isfinite(result.latents).all()
+
+
 def test_int8_vae_recipe_exports_a_static_int8_decoder(tiny_src, tmp_path):
     """`--recipe int8 --vae-recipe int8` (the CLI gives the override to both VAE graphs): the decoder static
     int8, calibrated on the calibration runs' latents; the encoder, with no calibration inputs, int8 weights;
