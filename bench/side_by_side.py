@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ class Config:
 
     def folder(self) -> Path:
         if self.family == "edgesd":
-            return _edgesd_folder(*self.model.split(":"))
+            return _edgesd_folder(*self.model.split(":"), deepcache="deepcache" in self.variant)
         return peer_builds.source() if self.model == "source" else peer_builds.build(self.model)
 
     def python(self, override: str | None = None) -> Path:
@@ -72,9 +73,19 @@ class Config:
         return ROOT / ".venv" / "bin" / "python" if self.venv == ".venv" else VENVS / self.venv / "bin" / "python"
 
 
-def _edgesd_folder(backend: str, recipe: str) -> Path:
+def _edgesd_folder(backend: str, recipe: str, deepcache: bool = False) -> Path:
     recipes_backends.build(backend, recipe)
-    return recipes_backends.folder(backend, recipe)
+    folder = recipes_backends.folder(backend, recipe)
+    if not deepcache:
+        return folder
+    cached = folder.with_name(folder.name + "-deepcache")  # a copy: the like-for-like rows keep their graphs
+    if not (cached / "unet_shallow").is_dir():
+        from edgesd.export.deepcache import add_deepcache
+
+        shutil.rmtree(cached, ignore_errors=True)
+        shutil.copytree(folder, cached)
+        add_deepcache(cached)
+    return cached
 
 
 INT8_STATIC = {"int8", "int8-hybrid", "int8+vae-int8", "int8-hybrid+vae-int8"}
@@ -91,6 +102,7 @@ def all_configs() -> tuple[list[Config], list[Config]]:
             ("int8-hybrid+vae-int8", "openvino", "openvino-low-memory", False),
             ("int8-hybrid+vae-int8", "openvino", "openvino-bf16", True),
             ("int8+vae-int8", "onnxruntime", "onnxruntime-guidance-cutoff-0.5", True),
+            ("int8+vae-int8", "onnxruntime", "onnxruntime-deepcache-2", True),
             ("int8-hybrid+vae-int8", "openvino", "openvino-bf16-guidance-cutoff-0.5", True)):
         ours.append(Config(f"edgesd-{backend}-{recipe}{variant[len(backend):]}", "edgesd", recipe, "edgesd", ".venv", variant,
                            f"{backend}:{recipe}", "int8", True, accelerated))
