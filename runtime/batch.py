@@ -34,7 +34,7 @@ ROW_FIELDS: dict[str, tuple[str, type]] = {
     "prompt_2": ("prompt_2", str), "negative_2": ("negative_prompt_2", str),
     "steps": ("num_inference_steps", int), "guidance": ("guidance_scale", float),
     "guidance_rescale": ("guidance_rescale", float), "guidance_cutoff": ("guidance_cutoff", float),
-    "deepcache_interval": ("deepcache_interval", int),
+    "deepcache_interval": ("deepcache_interval", int), "token_merging": ("token_merging", float),
     "seed": ("seed", int),
     "width": ("width", int), "height": ("height", int), "sampler": ("scheduler", str),
     "noise": ("noise_generator", str), "eta": ("eta", float), "strength": ("strength", float),

@@ -156,6 +156,21 @@ def deepcache(model: Path):
     click.echo(f"added DeepCache's graphs to {model}: generate with --deepcache-interval 2 (or 3, ...)")
 
 
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--levels", default=1, show_default=True, type=int,
+              help="Merge the self-attention of this many levels from full resolution (1: ToMe for SD's default).")
+def tome(model: Path, levels: int):
+    """Add the token-merging U-Net (ToMe for SD) to the exported ONNX model MODEL (once), for --token-merging R."""
+    try:
+        from .export.tome import add_tome
+    except ImportError as e:
+        raise EdgesdError(f"making the token-merging U-Net needs the 'export' extra ({e.name} is not installed)",
+                          "pip install -c constraints.txt 'edgesd[export]'") from None
+    _print_parity([add_tome(model, levels)])
+    click.echo(f"added the token-merging U-Net to {model}: generate with --token-merging 0.5 (or 0.3, ...)")
+
+
 def _read_prompts(path: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise EdgesdError(f"calibration prompts file '{path}' does not exist", "pass a text file, one prompt per line")
@@ -278,6 +293,9 @@ def _runtime_options_only(command):
 @click.option("--deepcache-interval", default=1, show_default=True, type=int,
               help="DeepCache: the whole U-Net every N-th step, its shallow path on the kept deep features between "
                    "(the model needs `edgesd deepcache MODEL` once). Faster, a different picture.")
+@click.option("--token-merging", default=0.0, show_default=True, type=float,
+              help="ToMe: merge this share of the full-resolution tokens (e.g. 0.5) in each self-attention (the "
+                   "model needs `edgesd tome MODEL` once). Faster, a different picture.")
 @click.option("--seed", default=None, type=int, help="Random seed (default: random, printed).")
 @click.option("--width", default=None, type=int, help="Image width (default: the model's).")
 @click.option("--height", default=None, type=int, help="Image height (default: the model's).")
@@ -304,7 +322,7 @@ def _runtime_options_only(command):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("edgesd.png"), show_default=True,
               help="PNG path; with --count > 1, NAME-1.png, NAME-2.png, ...")
 def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps, guidance, guidance_rescale,
-             guidance_cutoff, deepcache_interval, seed,
+             guidance_cutoff, deepcache_interval, token_merging, seed,
              width, height, scheduler, noise_generator, eta, image_path, strength, mask_path, loras, vae_decoder,
              vae_tiling, vae_tile_size, count, max_pixels, output, **runtime_options):
     """Generate an image from PROMPT (or from the parameters of a picture: --from PNG)."""
@@ -316,10 +334,10 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
         values = _saved_parameters(from_png, given, dict(
             prompt=prompt, negative=negative, prompt_2=prompt_2, negative_2=negative_2, steps=steps,
             guidance=guidance, guidance_rescale=guidance_rescale, guidance_cutoff=guidance_cutoff,
-            deepcache_interval=deepcache_interval, seed=seed, width=width, height=height, scheduler=scheduler,
+            deepcache_interval=deepcache_interval, token_merging=token_merging, seed=seed, width=width, height=height, scheduler=scheduler,
             noise_generator=noise_generator, strength=strength, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size))
         (prompt, negative, prompt_2, negative_2, steps, guidance, guidance_rescale, guidance_cutoff,
-         deepcache_interval, seed, width, height, scheduler, noise_generator, strength, vae_tiling,
+         deepcache_interval, token_merging, seed, width, height, scheduler, noise_generator, strength, vae_tiling,
          vae_tile_size) = values.values()
     if prompt is None:
         raise EdgesdError("no prompt given", "pass PROMPT, or --from PNG to re-run a picture's parameters")
@@ -357,7 +375,7 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
 
         result = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                       guidance_rescale=guidance_rescale, guidance_cutoff=guidance_cutoff,
-                      deepcache_interval=deepcache_interval, width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
+                      deepcache_interval=deepcache_interval, token_merging=token_merging, width=width, height=height, seed=seed, num_images_per_prompt=count, scheduler=choice,
                       callback=on_step, noise_generator=noise_generator, eta=eta, image=image,
                       strength=strength, mask_image=mask, prompt_2=prompt_2, negative_prompt_2=negative_2,
                       vae_tiling=vae_tiling, vae_tile_size=vae_tile_size, max_pixels=max_pixels)
@@ -372,7 +390,8 @@ def generate(prompt, from_png, model_dir, negative, prompt_2, negative_2, steps,
 # generate's options -> the Pipeline arguments a picture's parameters name (images.read_parameters)
 _SAVED = {"prompt": "prompt", "negative": "negative_prompt", "prompt_2": "prompt_2", "negative_2": "negative_prompt_2",
           "steps": "num_inference_steps", "guidance": "guidance_scale", "guidance_rescale": "guidance_rescale",
-          "guidance_cutoff": "guidance_cutoff", "deepcache_interval": "deepcache_interval", "seed": "seed",
+          "guidance_cutoff": "guidance_cutoff", "deepcache_interval": "deepcache_interval",
+          "token_merging": "token_merging", "seed": "seed",
           "width": "width", "height": "height", "scheduler": "scheduler", "noise_generator": "noise_generator", "strength": "strength",
           "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size"}
 

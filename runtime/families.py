@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from .errors import EdgesdError
-from .graphs import UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, GraphSpec, text_encoder_spec, unet_shallow_spec, unet_spec
+from .graphs import (UNET_SHALLOW, UNET_TOME, VAE_DECODER, VAE_ENCODER, GraphSpec, text_encoder_spec, unet_shallow_spec,
+                     unet_spec, unet_tome_spec)
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -83,6 +84,7 @@ class ModelFamily:
                                                      layers - 1 if enc.penultimate else None)
         specs["unet"] = unet_spec(self.unet_inputs(configs.get("unet", {})))
         specs[UNET_SHALLOW] = unet_shallow_spec(specs["unet"])  # DeepCache's, where the folder has it
+        specs[UNET_TOME] = unet_tome_spec(specs["unet"])  # token merging's, where the folder has it
         specs["vae_decoder"] = VAE_DECODER
         specs["vae_encoder"] = VAE_ENCODER
         return specs

@@ -104,6 +104,11 @@ UNET = GraphSpec(
 )
 DEEP_FEATURES = UNET.added_outputs[0].name
 UNET_SHALLOW = "unet_shallow"  # DeepCache's shallow path: the U-Net's inputs and the kept deep features
+UNET_TOME = "unet_tome"  # the U-Net with token merging in its self-attention (`edgesd tome`)
+# ToMe's share of each merged level's tokens that are merged away, a graph input so one graph takes any ratio
+TOME_RATIO = TensorSpec("tome_ratio", (1,), "float32")
+# graphs made from the U-Net: they load where the U-Net does (--component-provider unet=...)
+UNET_VARIANTS = (UNET_SHALLOW, UNET_TOME)
 
 VAE_DECODER = GraphSpec(
     component="vae_decoder",
@@ -137,6 +142,11 @@ def unet_spec(extra_inputs: tuple[str, ...] = ()) -> GraphSpec:
 def unet_shallow_spec(unet: GraphSpec) -> GraphSpec:
     """DeepCache's shallow U-Net (Ma et al. 2023): `unet`'s inputs and the deep features, its output."""
     return GraphSpec(UNET_SHALLOW, unet.inputs + UNET.added_outputs, unet.outputs)
+
+
+def unet_tome_spec(unet: GraphSpec) -> GraphSpec:
+    """The token-merging U-Net (ToMe for SD, Bolya & Hoffman 2023): `unet`'s inputs and the merge ratio."""
+    return GraphSpec(UNET_TOME, (*unet.inputs, TOME_RATIO), unet.outputs)
 
 
 def text_encoder_spec(component: str, pooled: str, hidden_layer: int | None) -> GraphSpec:

@@ -184,7 +184,8 @@ def parse_parameters_text(text: str) -> dict:
 # Our own 'edgesd' chunk (JSON, as GenerationRequest.parameters wrote it) -> Pipeline arguments.
 _OURS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
          "scheduler": "scheduler", "guidance_scale": "guidance_scale", "guidance_rescale": "guidance_rescale",
-         "guidance_cutoff": "guidance_cutoff", "deepcache_interval": "deepcache_interval", "seed": "seed",
+         "guidance_cutoff": "guidance_cutoff", "deepcache_interval": "deepcache_interval",
+         "token_merging": "token_merging", "seed": "seed",
          "width": "width", "height": "height", "noise_generator": "noise_generator",
          "prompt_2": "prompt_2", "negative_prompt_2": "negative_prompt_2", "strength": "strength",
          "vae_tiling": "vae_tiling", "vae_tile_size": "vae_tile_size"}

@@ -21,7 +21,7 @@ from .backends import Graph, RuntimeOptions, load_graph
 from .denoiser import Denoiser
 from .errors import Cancelled, EdgesdError
 from .families import ModelFamily
-from .graphs import DEEP_FEATURES, UNET_SHALLOW
+from .graphs import DEEP_FEATURES, TOME_RATIO, UNET_SHALLOW, UNET_TOME
 from .heap import give_back_freed_memory, keep_large_blocks_off_heap
 from .images import from_pil, mask_from_picture, to_pil
 from .lora import LoraSpec, constant_deltas, lora_deltas, read_weight_map
@@ -81,6 +81,7 @@ class RunContext:
         # the train timestep of the picture's last step: U-Net runs at or below it end the U-Net's stage
         self.last_step_t: float | None = None
         self.feature_cache: FeatureCache | None = None  # DeepCache, when the request asks for it
+        self.token_merging: np.ndarray | None = None  # ToMe's ratio (1,), when the request asks for it
         self.started = time.perf_counter()
 
     def release(self, name: str) -> None:
@@ -110,6 +111,8 @@ class RunContext:
         features = None if cache is None else cache.features(sample, cond)
         if features is not None:
             out = self.run(UNET_SHALLOW, {**feeds, DEEP_FEATURES: features}, release=last_step)["out_sample"]
+        elif self.token_merging is not None:
+            out = self.run(UNET_TOME, {**feeds, TOME_RATIO.name: self.token_merging}, release=last_step)["out_sample"]
         else:
             outputs = self.run("unet", feeds, release=last_step)
             if cache is not None:
@@ -129,8 +132,9 @@ class RunContext:
         compiled = self.released_compile_s + sum(local.get("compile_s", 0.0) for local in self.local.values())
         if compiled:  # OpenVINO compiling for a new size (included above)
             timings["compile_s"] = round(compiled, 4)
-        if UNET_SHALLOW in self.calls:
-            timings[f"{UNET_SHALLOW}_calls"] = self.calls[UNET_SHALLOW]
+        for variant in (UNET_SHALLOW, UNET_TOME):
+            if variant in self.calls:
+                timings[f"{variant}_calls"] = self.calls[variant]
         timings.update({"unet_calls": self.calls.get("unet", 0),
                         "total_s": round(time.perf_counter() - self.started, 4)})
         return timings
@@ -244,7 +248,7 @@ class Pipeline:
 
     def placement(self) -> dict[str, dict[str, int]]:
         """Each graph's nodes per provider (or OpenVINO device); every graph the model has is loaded for it."""
-        names = [n for n in (*self.family.text_components, "unet", UNET_SHALLOW, "vae_decoder", "vae_encoder")
+        names = [n for n in (*self.family.text_components, "unet", UNET_SHALLOW, UNET_TOME, "vae_decoder", "vae_encoder")
                  if n in self.graphs or self.folder.has(n)]
         return {name: dict(self.graph(name).placement) for name in names}
 
@@ -326,6 +330,8 @@ class Pipeline:
 
         `width`, `height`, `seed`, `num_images_per_prompt`, `guidance_rescale` (0-1, Lin et al. 2023),
         `guidance_cutoff` ((0, 1]: guide only the first ceil(cutoff x steps) steps, the rest at half the batch),
+        `deepcache_interval` (DeepCache, after `edgesd deepcache`), `token_merging` (ToMe's share of merged
+        tokens, after `edgesd tome`),
         `latents` (initial standard-normal noise (N, C, H/f, W/f), scaled as diffusers does),
         `scheduler` (a name or a diffusers config dict), `eta` (DDIM's noise level, TCD's gamma),
         `noise_generator` ("numpy" or "torch-cpu": torch's CPU randn bit for bit, so diffusers' seeds carry
@@ -351,7 +357,7 @@ class Pipeline:
                 try:
                     return self._generate(request, callback, noise)
                 finally:  # a cancelled or failed call leaves nothing loaded either
-                    self._stage_done(*self.family.text_components, "unet", UNET_SHALLOW, "vae_decoder",
+                    self._stage_done(*self.family.text_components, "unet", UNET_SHALLOW, UNET_TOME, "vae_decoder",
                                      "vae_encoder")
         return self._generate(request, callback, noise)
 
@@ -384,9 +390,14 @@ class Pipeline:
                 raise EdgesdError("DeepCache with a LoRA on the U-Net is not supported yet",
                                   "leave deepcache_interval at 1 with LoRAs")
             ctx.feature_cache = FeatureCache(int(request.deepcache_interval))
+        if request.token_merging > 0:
+            if "unet" in self._lora_components:
+                raise EdgesdError("token merging with a LoRA on the U-Net is not supported yet",
+                                  "leave token_merging at 0 with LoRAs")
+            ctx.token_merging = np.array([request.token_merging], np.float32)
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
-        self._stage_done("unet", UNET_SHALLOW, ctx=ctx)
+        self._stage_done("unet", UNET_SHALLOW, UNET_TOME, ctx=ctx)
         images = self.decode(x, ctx, request.vae_tiling, request.vae_tile_size)
         self._stage_done("vae_decoder", ctx=ctx)
         params = request.parameters(sched.name, self.folder.root.name, self._backend_parameters())

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import EdgesdError
-from .graphs import UNET_SHALLOW
+from .graphs import UNET_SHALLOW, UNET_TOME
 from .noise import NOISE_GENERATORS, NoiseGenerator
 from .tiling import MIN_TILE_SIZE, TILING_MODES, TilingMode
 
@@ -54,6 +54,9 @@ class GenerationRequest:
     # DeepCache (Ma et al. 2023): the whole U-Net every N-th evaluation, the shallow path on its kept deep
     # features between (the model needs `edgesd deepcache`); 1: every evaluation runs the whole U-Net
     deepcache_interval: int = 1
+    # token merging (ToMe for SD, Bolya & Hoffman 2023): the share of the full-resolution tokens merged away in
+    # each self-attention (the model needs `edgesd tome`); 0: no merging
+    token_merging: float = 0.0
     scheduler: str | dict | None = None  # our name, A1111's, a diffusers config dict, or None: the model's own
     noise_generator: NoiseGenerator = "numpy"
     eta: float | None = None
@@ -161,6 +164,16 @@ class GenerationRequest:
             raise EdgesdError(f"'{folder.root.name}' has no DeepCache graphs (its {UNET_SHALLOW}/)",
                               f"add them once with `edgesd deepcache MODEL` (needs the export extra; the embedded "
                               "model: to a copy of it), or leave deepcache_interval at 1")
+        if not _is_number(self.token_merging) or not 0.0 <= self.token_merging <= MAX_TOKEN_MERGING:
+            raise EdgesdError(f"token_merging must be a share in [0, {MAX_TOKEN_MERGING}], got {self.token_merging!r}",
+                              "use e.g. 0.5 (half the full-resolution tokens merged), or 0 for none")
+        if self.token_merging > 0 and not folder.has(UNET_TOME):
+            raise EdgesdError(f"'{folder.root.name}' has no token-merging U-Net (its {UNET_TOME}/)",
+                              "add it once with `edgesd tome MODEL` (needs the export extra; the embedded model: "
+                              "to a copy of it), or leave token_merging at 0")
+        if self.token_merging > 0 and self.deepcache_interval > 1:
+            raise EdgesdError("token merging and DeepCache together are not supported yet",
+                              "use one of them: token_merging 0 or deepcache_interval 1")
         if not isinstance(self.images_per_prompt, (int, np.integer)) or isinstance(self.images_per_prompt, bool) \
                 or self.images_per_prompt < 1:
             raise EdgesdError(f"images per prompt must be >= 1, got {self.images_per_prompt}")
@@ -190,6 +203,8 @@ class GenerationRequest:
             if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
                 raise EdgesdError(f"{name} {value!r} is not a positive multiple of {multiple}",
                                   f"this model needs sizes in steps of {multiple}, e.g. {size}")
+        if self.token_merging > 0:
+            _check_merged_grid(folder, self.width, self.height)
         if self.image is not None:
             _picture_size(self.image, "image")
             if not 0.0 < self.denoising_strength <= 1.0:
@@ -218,6 +233,8 @@ class GenerationRequest:
             params["guidance_cutoff"] = self.guidance_cutoff
         if self.deepcache_interval != 1:
             params["deepcache_interval"] = int(self.deepcache_interval)
+        if self.token_merging:
+            params["token_merging"] = float(self.token_merging)
         params.update({"seed": self.seed, "width": self.width, "height": self.height})
         if self.noise_generator != "numpy":
             params["noise_generator"] = self.noise_generator
@@ -279,6 +296,20 @@ def _matching(name: str, value, prompts: tuple[str, ...]) -> tuple[str, ...] | N
         raise EdgesdError(f"{len(texts)} {label} for {len(prompts)} prompts",
                           f"give one {name} per prompt, or a single one")
     return texts
+
+
+MAX_TOKEN_MERGING = 0.75  # ToMe for SD merges src tokens (3 of each 2x2 cell) into dst tokens: at most 3/4
+
+
+def _check_merged_grid(folder: ModelFolder, width: int, height: int) -> None:
+    """Token merging pairs the tokens of 2x2 cells: each merged level's grid must have even sides."""
+    levels = int(((folder.manifest or {}).get("graphs", {}).get(UNET_TOME) or {}).get("merged_levels", 1))
+    factor = folder.constants.vae_scale_factor * 2 ** levels  # the latent side halves once per level below the first
+    for name, value in (("width", width), ("height", height)):
+        if value % factor:
+            raise EdgesdError(f"token merging needs the {name} in steps of {factor} (even token grids at the "
+                              f"{levels} merged level(s)), got {value}",
+                              f"pick a {name} that is a multiple of {factor}, or leave token_merging at 0")
 
 
 def _picture_size(picture, name: str, mask: bool = False) -> tuple[int, int]:

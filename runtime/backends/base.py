@@ -10,7 +10,7 @@ import numpy as np
 
 from ..cache import DEFAULT_MAX_GB
 from ..errors import EdgesdError
-from ..graphs import GraphSpec
+from ..graphs import UNET_VARIANTS, GraphSpec
 
 Backend = Literal["auto", "onnxruntime", "openvino"]
 OrtOptimization = Literal["disable", "basic", "extended", "all"]
@@ -119,8 +119,9 @@ class RuntimeOptions:
     def for_component(self, component: str) -> "RuntimeOptions":
         """The options `component`'s graph loads with: its --component-provider (with that provider's own
         defaults as options, unless it is --provider's first), else these."""
-        # every text encoder goes where text_encoder does; DeepCache's shallow U-Net where the U-Net does
-        kind = "text_encoder" if component.startswith("text_encoder") else {"unet_shallow": "unet"}.get(component, component)
+        # every text encoder goes where text_encoder does; graphs made from the U-Net where the U-Net does
+        kind = "text_encoder" if component.startswith("text_encoder") else "unet" if component in UNET_VARIANTS \
+            else component
         placed = dict(self.component_providers)
         providers = placed.get(component, placed.get(kind))
         if providers is None:
