@@ -180,6 +180,24 @@ def _attention_ends(graph, scope: str, computed: set[str]) -> tuple[str, str]:
     return entering.pop(), leaving.pop()
 
 
+def _merge_point(graph, x: str, scope: str) -> tuple[str, list]:
+    """Where the merge goes, and the nodes to read the merged tokens: before the attention's input `x`, or
+    where `x` is a static int8 recipe's QuantizeLinear -> DequantizeLinear of the normalised tokens, before that
+    pair (a per-tensor quantization commutes with moving tokens, and ONNX Runtime's int8 kernels still see
+    DequantizeLinear -> MatMul)."""
+    maker = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dq = maker.get(x)
+    q = maker.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    if q is not None and q.op_type == "QuantizeLinear" and len(readers[q.output[0]]) == 1 \
+            and len(readers[q.input[0]]) == 1 and all(n.name.startswith(scope) for n in readers[x]):
+        return q.input[0], [q]
+    return x, [n for n in readers[x] if n.name.startswith(scope)]
+
+
 def _computed(graph) -> set[str]:
     """The tensors that depend on the graph's inputs (its nodes are in topological order)."""
     computed = {t.name for t in graph.input}
@@ -216,11 +234,11 @@ def _cut(unet_path: Path, out_dir: Path, levels: int) -> int:
             added.prefix = f"tome/level{level}"
             grids[level] = _level_grid(added, "sample", level)
         x, y = _attention_ends(graph, f"{scope}/attn1/", computed)
+        x, readers = _merge_point(graph, x, f"{scope}/attn1/")
         b = _Builder(graph, f"tome{scope}", opset)
         merged, m = _merge(b, x, ratio, grids[level])
-        for node in graph.node:  # the attention reads the merged tokens
-            if node.name.startswith(f"{scope}/attn1/"):
-                node.input[:] = [merged if name == x else name for name in node.input]
+        for node in readers:  # the attention reads the merged tokens
+            node.input[:] = [merged if name == x else name for name in node.input]
         restored = _unmerge(b, y, m, grids[level])
         for node in graph.node:  # and the rest of the block its unmerged output
             if not node.name.startswith(f"{scope}/attn1/"):

@@ -388,3 +388,21 @@ def test_int8_weights_fp16_compute_export_generates_and_refuses_a_lora(tiny_src,
     assert pictures[0].std() > 0 and np.array_equal(pictures[0], pictures[1])
     with pytest.raises(EdgesdError, match="int8-weights-fp16-compute recipe cannot be written as openvino"):
         ExportOptions(recipe="int8-weights-fp16-compute", format="openvino")
+
+
+def test_tome_merges_the_static_int8_unet(tiny_int8, tmp_path):
+    """`edgesd tome` on a QDQ U-Net: the graph passes its parity check at ratio 0 and merges at 0.5 (the
+    attention reads the merged tokens through the calibrated QuantizeLinear)."""
+    import shutil
+
+    from edgesd.export.tome import add_tome
+
+    folder = tmp_path / "int8-tome"
+    shutil.copytree(tiny_int8[0], folder)
+    assert add_tome(folder).passed
+    assert {"QuantizeLinear", "TopK", "ScatterElements"} <= set(_op_types(folder, "unet_tome"))
+    pipe = edgesd.Pipeline.load(folder, guidance_batch="joint")
+    plain = pipe("a red circle", num_inference_steps=3, seed=1, scheduler="euler")
+    merged = pipe("a red circle", num_inference_steps=3, seed=1, scheduler="euler", token_merging=0.5)
+    assert merged.timings["unet_tome_calls"] == 3 and np.isfinite(merged.latents).all()
+    assert not np.array_equal(plain.latents, merged.latents)
