@@ -18,8 +18,6 @@ import argparse
 import json
 import math
 import resource
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -66,22 +64,15 @@ def main() -> None:
         print(json.dumps(phase(args.model, args.phase, args.steps)))
         return
     from families_scale import machine  # bench/ is on sys.path when a script of it runs
+    from rounds import alternating
 
     from edgesd.export.deepcache import add_deepcache
     from edgesd.model import ModelFolder
 
     if not ModelFolder.open(args.model).has("unet_shallow"):
         print("adding DeepCache's graphs:", add_deepcache(args.model).to_json(), flush=True)
-    intervals = [int(n) for n in args.intervals.split(",")]
-    rows = []
-    for round_ in range(1, args.rounds + 1):
-        for n in intervals:
-            done = subprocess.run([sys.executable, __file__, "--model", str(args.model), "--steps", str(args.steps),
-                                   "--phase", str(n)], capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(done.stderr[-2000:])
-            rows.append({"round": round_, **json.loads(done.stdout.strip().splitlines()[-1])})
-            print(rows[-1], flush=True)
+    intervals = args.intervals.split(",")
+    rows = alternating(__file__, intervals, args.rounds, ["--model", str(args.model), "--steps", str(args.steps)])
     lines = [f"# DeepCache, {date.today()}", "",
              f"`bench/deepcache.py` on {machine()}. SD 1.5 architecture, RANDOM weights, fp32, ONNX Runtime CPU, "
              f"512x512, Euler, guidance 7.5; {args.steps}-step pictures, each configuration in a fresh process, "

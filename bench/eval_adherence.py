@@ -1,14 +1,16 @@
 """Prompt adherence of a shapes model on held-out captions, by pixel analysis.
 
     .venv/bin/python bench/eval_adherence.py [MODEL ...] [--pytorch DIFFUSERS_DIR] [--guidance G[,G...]]
-        [--guidance-cutoff C[,C...]] [--deepcache-interval N[,N...]] [--backend openvino --ov-precision bf16]
+        [--guidance-cutoff C[,C...]] [--deepcache-interval N[,N...]] [--token-merging R[,R...]]
+        [--backend openvino --ov-precision bf16]
 
 MODEL: edgesd model folders (default: the embedded model), each scored and labelled by its
 recipe; --pytorch also scores the diffusers folder they came from, with diffusers on
 PyTorch. Prompts: every held-out (colour, shape, background) combination at every position,
 one seed each (100 prompts). Steps and guidance default to the first model's own defaults;
-several guidance values give a sweep. Each --guidance-cutoff below 1 and --deepcache-interval above 1 (opt-in
-speed-ups; DeepCache needs a model with `edgesd deepcache`'s graphs) is also scored against the same model's
+several guidance values give a sweep. Each --guidance-cutoff below 1, --deepcache-interval above 1 and
+--token-merging above 0 (opt-in speed-ups; DeepCache and token merging need a model with `edgesd deepcache`'s
+or `edgesd tome`'s graphs) is also scored against the same model's
 pictures without it (PSNR per picture: mean and worst); so is a --backend /
 --ov-precision other than the default, against onnxruntime's. Prints a table and writes JSON (--json).
 """
@@ -25,7 +27,8 @@ from edgesd.models.training import shapes
 
 
 def generate_edgesd(model: Path, prompts: list[str], steps: int, guidance: float, seed: int, batch: int = 10,
-                    rescale: float = 0.0, cutoff: float = 1.0, deepcache: int = 1, **load_options):
+                    rescale: float = 0.0, cutoff: float = 1.0, deepcache: int = 1, merging: float = 0.0,
+                    **load_options):
     import edgesd
 
     pipe = edgesd.Pipeline.load(model, **load_options)
@@ -33,6 +36,7 @@ def generate_edgesd(model: Path, prompts: list[str], steps: int, guidance: float
     for i in range(0, len(prompts), batch):
         images += pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
                        guidance_rescale=rescale, guidance_cutoff=cutoff, deepcache_interval=deepcache,
+                       token_merging=merging,
                        seed=seed + i).images
     return images
 
@@ -72,6 +76,9 @@ def main() -> None:
     parser.add_argument("--deepcache-interval", default="1",
                         help="DeepCache interval, or several separated by commas (edgesd models with `edgesd "
                              "deepcache`'s graphs)")
+    parser.add_argument("--token-merging", default="0",
+                        help="token-merging ratio, or several separated by commas (edgesd models with `edgesd "
+                             "tome`'s graph)")
     parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "openvino"))
     parser.add_argument("--ov-precision", default="f32", help="openvino: inference precision (f32, bf16, ...)")
     parser.add_argument("--seed", type=int, default=0)
@@ -92,7 +99,8 @@ def main() -> None:
     results = {"prompts": len(prompts), "held_out_combos": len(shapes.held_out_combos()), "steps": steps,
                "chance": {k: round(100 * v, 1) for k, v in CHANCE.items()}, "scores": []}
     rows = [("chance", "", results["chance"])]
-    variants = [(float(c), int(n)) for c in args.guidance_cutoff.split(",") for n in args.deepcache_interval.split(",")]
+    variants = [(float(c), int(n), float(m)) for c in args.guidance_cutoff.split(",")
+                for n in args.deepcache_interval.split(",") for m in args.token_merging.split(",")]
     load = {"backend": args.backend, **({"ov_precision": args.ov_precision} if args.backend == "openvino" else {})}
     for guidance in guidances:
         for folder in models:
@@ -102,14 +110,15 @@ def main() -> None:
                 label += f" {args.ov_precision}"
             # the like-for-like pictures: cutoff 1 on onnxruntime; what an opt-in changes is measured against them
             reference = generate_edgesd(folder, prompts, steps, guidance, args.seed, rescale=args.guidance_rescale)
-            for cutoff, interval in variants:
+            for cutoff, interval, merging in variants:
                 images = generate_edgesd(folder, prompts, steps, guidance, args.seed, rescale=args.guidance_rescale,
-                                         cutoff=cutoff, deepcache=interval, **load)
+                                         cutoff=cutoff, deepcache=interval, merging=merging, **load)
                 name = label + (f", rescale {args.guidance_rescale}" if args.guidance_rescale else "") \
                     + (f", cutoff {cutoff}" if cutoff != 1.0 else "") \
-                    + (f", deepcache {interval}" if interval != 1 else "")
+                    + (f", deepcache {interval}" if interval != 1 else "") \
+                    + (f", token merging {merging}" if merging else "")
                 scores = score(images, scenes)
-                if cutoff != 1.0 or interval != 1 or args.backend != "onnxruntime":
+                if cutoff != 1.0 or interval != 1 or merging or args.backend != "onnxruntime":
                     scores.update(psnr_against(reference, images))
                 rows.append((name, guidance, scores))
             if args.save_grid and folder == models[0] and guidance == guidances[0]:

@@ -221,7 +221,7 @@ def readme_section(results: Path = RESULTS) -> str:
     if fast := accelerated(main["rows"]):
         lines += ["Opt-in speed-ups, each a different picture from the rows above (`-bf16`: OpenVINO in bf16 where "
                   "the CPU has it; `-guidance-cutoff-0.5`: `--guidance-cutoff 0.5`; `-deepcache-2`: `--deepcache-interval "
-                  "2`; for those two, U-Net s/step = the mean evaluation):",
+                  "2`; `-tome-0.5`: `--token-merging 0.5`; for those three, U-Net s/step = the mean evaluation):",
                   "", *table(fast, cols), ""]
     lines += verdict(main["rows"])
     if scaling:

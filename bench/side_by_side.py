@@ -64,7 +64,7 @@ class Config:
 
     def folder(self) -> Path:
         if self.family == "edgesd":
-            return _edgesd_folder(*self.model.split(":"), deepcache="deepcache" in self.variant)
+            return _edgesd_folder(*self.model.split(":"), added=next((k for k in ADDED_GRAPHS if k in self.variant), None))
         return peer_builds.source() if self.model == "source" else peer_builds.build(self.model)
 
     def python(self, override: str | None = None) -> Path:
@@ -73,19 +73,34 @@ class Config:
         return ROOT / ".venv" / "bin" / "python" if self.venv == ".venv" else VENVS / self.venv / "bin" / "python"
 
 
-def _edgesd_folder(backend: str, recipe: str, deepcache: bool = False) -> Path:
+def _add_deepcache(folder: Path) -> None:
+    from edgesd.export.deepcache import add_deepcache
+
+    add_deepcache(folder)
+
+
+def _add_tome(folder: Path) -> None:
+    from edgesd.export.tome import add_tome
+
+    add_tome(folder)
+
+
+# opt-in rows whose model needs graphs added to the export: variant word -> (the graph it adds, how)
+ADDED_GRAPHS = {"deepcache": ("unet_shallow", _add_deepcache), "tome": ("unet_tome", _add_tome)}
+
+
+def _edgesd_folder(backend: str, recipe: str, added: str | None = None) -> Path:
     recipes_backends.build(backend, recipe)
     folder = recipes_backends.folder(backend, recipe)
-    if not deepcache:
+    if added is None:
         return folder
-    cached = folder.with_name(folder.name + "-deepcache")  # a copy: the like-for-like rows keep their graphs
-    if not (cached / "unet_shallow").is_dir():
-        from edgesd.export.deepcache import add_deepcache
-
-        shutil.rmtree(cached, ignore_errors=True)
-        shutil.copytree(folder, cached)
-        add_deepcache(cached)
-    return cached
+    graph, add = ADDED_GRAPHS[added]
+    copy = folder.with_name(f"{folder.name}-{added}")  # a copy: the like-for-like rows keep their graphs
+    if not (copy / graph).is_dir():
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(folder, copy)
+        add(copy)
+    return copy
 
 
 INT8_STATIC = {"int8", "int8-hybrid", "int8+vae-int8", "int8-hybrid+vae-int8"}
@@ -103,6 +118,7 @@ def all_configs() -> tuple[list[Config], list[Config]]:
             ("int8-hybrid+vae-int8", "openvino", "openvino-bf16", True),
             ("int8+vae-int8", "onnxruntime", "onnxruntime-guidance-cutoff-0.5", True),
             ("int8+vae-int8", "onnxruntime", "onnxruntime-deepcache-2", True),
+            ("int8+vae-int8", "onnxruntime", "onnxruntime-tome-0.5", True),
             ("int8-hybrid+vae-int8", "openvino", "openvino-bf16-guidance-cutoff-0.5", True)):
         ours.append(Config(f"edgesd-{backend}-{recipe}{variant[len(backend):]}", "edgesd", recipe, "edgesd", ".venv", variant,
                            f"{backend}:{recipe}", "int8", True, accelerated))

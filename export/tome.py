@@ -144,7 +144,11 @@ def _merge(b: _Builder, x: str, ratio: str, grid: dict[str, str]) -> tuple[str, 
     count = b.op("ScatterElements", ones_d, b.op("Unsqueeze", into, b.const([-1])), ones_m, axis=1, reduction="add")
     merged = b.op("Concat", kept, b.op("Div", total, count), axis=1)  # (B, N - r, C)
     kept_count = b.op("Slice", b.op("Shape", kept_idx), one, b.const([2]))
-    return merged, {"src": src, "order_e": per_channel(order), "into_e": into_e, "kept_count": kept_count}
+    # the inverse permutation of `order` (B, Ns), by a scatter of int64 rows (cheaper than one of (B, Ns, C))
+    rows = b.op("CumSum", b.op("ConstantOfShape", b.op("Shape", order),
+                               value=onnx.helper.make_tensor("one", onnx.TensorProto.INT64, [1], [1])), b.const(1))
+    back = b.op("ScatterElements", order, order, b.op("Sub", rows, one), axis=1)
+    return merged, {"back_e": per_channel(back), "into_e": into_e, "kept_count": kept_count}
 
 
 def _unmerge(b: _Builder, y: str, m: dict[str, str], grid: dict[str, str]) -> str:
@@ -153,9 +157,8 @@ def _unmerge(b: _Builder, y: str, m: dict[str, str], grid: dict[str, str]) -> st
     kept = b.op("Slice", y, zero, m["kept_count"], one)  # (B, Ns - r, C)
     dst = b.op("Slice", y, m["kept_count"], last, one)  # (B, Nd, C)
     moved = b.op("GatherElements", dst, m["into_e"], axis=1)  # (B, r, C)
-    # back to src order: the tokens in `order` (merged first, then kept), written over any (B, Ns, C) tensor
-    src = b.op("ScatterElements", b.op("CastLike", m["src"], y), m["order_e"], b.op("Concat", moved, kept, axis=1),
-               axis=1)
+    # back to src order: token `order[j]` is row j of (merged, kept); gather each src token's row
+    src = b.op("GatherElements", b.op("Concat", moved, kept, axis=1), m["back_e"], axis=1)  # (B, Ns, C)
     cells = b.op("Concat", b.op("Unsqueeze", dst, b.const([2])),
                  b.op("Reshape", src, b.op("Concat", zero, grid["cells"], b.const([3]), b.const([-1]), axis=0)),
                  axis=2)  # (B, cells, 4, C)

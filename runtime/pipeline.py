@@ -230,6 +230,17 @@ class Pipeline:
                 self._from_folder.add(name)
             return self.graphs[name]
 
+    def _one_unet_resident(self, wanted: str) -> None:
+        """The token-merging U-Net is the whole U-Net again (the same weights): a request for one frees the
+        other where it was loaded from the folder, so memory holds one of them."""
+        other = "unet" if wanted == UNET_TOME else UNET_TOME
+        with self._loading:
+            if other not in self._from_folder or not self.folder.has(UNET_TOME):
+                return
+            self._from_folder.discard(other)
+            del self.graphs[other]
+        give_back_freed_memory()
+
     def _stage_done(self, *names: str, ctx: RunContext | None = None) -> None:
         """Memory "low": free the graphs of a finished stage (those loaded from the folder; another decoder
         given at load stays), with what `ctx` keeps for them (an OpenVINO request holds its compiled model)."""
@@ -395,6 +406,7 @@ class Pipeline:
                 raise EdgesdError("token merging with a LoRA on the U-Net is not supported yet",
                                   "leave token_merging at 0 with LoRAs")
             ctx.token_merging = np.array([request.token_merging], np.float32)
+        self._one_unet_resident(UNET_TOME if request.token_merging > 0 else "unet")
         x = run_sampler(sched, denoiser, noise_x, request.steps, noise or draw, step, request.eta,
                         start.step, start.x0, start.after_step)
         self._stage_done("unet", UNET_SHALLOW, UNET_TOME, ctx=ctx)

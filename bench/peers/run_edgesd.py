@@ -24,6 +24,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "openvino-bf16-guidance-cutoff-0.5": ({"backend": "openvino", "ov_precision": "bf16"}, {"guidance_cutoff": 0.5}),
     # DeepCache: the whole U-Net every 2nd step (the model folder has `edgesd deepcache`'s graphs)
     "onnxruntime-deepcache-2": ({"backend": "onnxruntime"}, {"deepcache_interval": 2}),
+    # ToMe: half the full-resolution tokens merged in each self-attention (the folder has `edgesd tome`'s graph)
+    "onnxruntime-tome-0.5": ({"backend": "onnxruntime"}, {"token_merging": 0.5}),
 }
 
 
@@ -50,8 +52,8 @@ def main() -> None:
     t = result.timings
     # with a guidance cutoff or DeepCache the steps differ (batch 2, then 1; whole or shallow U-Net): the mean
     # U-Net evaluation, not the median step, is the figure (without OpenVINO's recompiling, which total_s keeps)
-    mixed = "guidance_cutoff" in generation or "deepcache_interval" in generation
-    unet_s = t["unet_s"] + t.get("unet_shallow_s", 0.0) - t.get("compile_s", 0.0)
+    mixed = bool({"guidance_cutoff", "deepcache_interval", "token_merging"} & set(generation))
+    unet_s = t.get("unet_s", 0.0) + t.get("unet_shallow_s", 0.0) + t.get("unet_tome_s", 0.0) - t.get("compile_s", 0.0)
     per_step = unet_s / t["unet_evaluations"] if mixed else clock.per_step()
     report(load_s=load.seconds, compile_s=compile_s, text_encoder_s=t["text_encoder_s"],
            unet_s_per_step=per_step, vae_decode_s=t["vae_decoder_s"], total_s=total.seconds,
