@@ -190,3 +190,15 @@ def test_cli_adds_and_generates(tiny_onnx, tmp_path):
     out = run_edgesd("generate", PROMPT, "--model", str(tiny_onnx), "--token-merging", "0.5", "-o",
                      str(tmp_path / "c.png"))
     assert out.returncode != 0 and "edgesd tome MODEL" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_one_unet_is_resident_at_a_time(merged):
+    """The token-merging U-Net holds the U-Net's weights again: a request for one frees the other."""
+    folder, _ = merged
+    pipe = edgesd.Pipeline.load(folder)
+    assert "unet" in pipe.graphs and "unet_tome" not in pipe.graphs
+    pipe(PROMPT, num_inference_steps=2, seed=1, token_merging=0.5)
+    assert "unet_tome" in pipe.graphs and "unet" not in pipe.graphs
+    again = pipe(PROMPT, num_inference_steps=2, seed=1)
+    assert "unet" in pipe.graphs and "unet_tome" not in pipe.graphs
+    assert again.timings["unet_calls"] > 0
