@@ -126,7 +126,8 @@ def build(backend: str, recipe: str) -> None:
     if (out / "done").is_file() or out == FP32:
         return
     shutil.rmtree(out, ignore_errors=True)
-    shutil.copytree(FP32, out, ignore=shutil.ignore_patterns("model.onnx*", "vae_encoder", "edgesd.json"))
+    shutil.copytree(FP32, out, ignore=shutil.ignore_patterns("model.onnx*", "vae_encoder", "edgesd.json", "model_tome.onnx",
+                                                         "unet_shallow"))  # added graphs are added to a recipe anew
     fmt = "onnx" if backend == "onnxruntime" else "openvino"
     base, overrides = WITH_OVERRIDES.get(recipe, (recipe, None))
     for component in GRAPHS3:

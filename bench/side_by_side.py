@@ -86,7 +86,7 @@ def _add_tome(folder: Path) -> None:
 
 
 # opt-in rows whose model needs graphs added to the export: variant word -> (the graph it adds, how)
-ADDED_GRAPHS = {"deepcache": ("unet_shallow", _add_deepcache), "tome": ("unet_tome", _add_tome)}
+ADDED_GRAPHS = {"deepcache": ("unet_shallow", _add_deepcache), "tome": ("unet_tome", _add_tome)}  # by component
 
 
 def _edgesd_folder(backend: str, recipe: str, added: str | None = None) -> Path:
@@ -96,7 +96,9 @@ def _edgesd_folder(backend: str, recipe: str, added: str | None = None) -> Path:
         return folder
     graph, add = ADDED_GRAPHS[added]
     copy = folder.with_name(f"{folder.name}-{added}")  # a copy: the like-for-like rows keep their graphs
-    if not (copy / graph).is_dir():
+    from edgesd.model import ModelFolder
+
+    if not (copy.is_dir() and ModelFolder.open(copy).has(graph)):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(folder, copy)
         add(copy)

@@ -7,8 +7,9 @@ partners are averaged into them (bipartite soft matching, Bolya et al. 2023, Sec
 N - r tokens left; after it, every merged src token takes its dst token's output (unmerging, ToMe for SD
 Sec. 3). Only the self-attention is merged, at the full-resolution level by default (the paper's defaults).
 
-The graph `unet_tome/` is the exported U-Net with those nodes added and the ratio as an input, so one graph
-takes any ratio. Its weights are the U-Net's own file, linked (a copy where the file system cannot link). The
+The graph `unet/model_tome.onnx` is the exported U-Net with those nodes added and the ratio as an input, so
+one graph takes any ratio. It sits beside the U-Net's graph and reads the U-Net's own weights file (no copy,
+no link: onnx refuses to load an external data file with several hard links). The
 cut ends with a parity check: at ratio 0 nothing is merged and the graph must give the U-Net's output.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import onnx  # noqa: F401  (the `export` extra; edgesd tome says so when it is m
 
 from edgesd.errors import EdgesdError
 from edgesd.graphs import TOME_RATIO, UNET_TOME
-from edgesd.model import GRAPH_FILE, MANIFEST, ModelFolder
+from edgesd.model import MANIFEST, ModelFolder
 
 from .parity import ParityResult, compare
 
@@ -210,8 +210,9 @@ def _computed(graph) -> set[str]:
     return computed
 
 
-def _cut(unet_path: Path, out_dir: Path, levels: int) -> int:
-    """Write the token-merging U-Net into `out_dir` (its weights: the U-Net's data file, linked); returns the
+def _cut(unet_path: Path, out: Path, levels: int) -> int:
+    """Write the token-merging U-Net to `out`, in the U-Net's folder (its weights: the U-Net's own data file,
+    by the same relative name); returns the
     number of merged self-attentions."""
     from onnx import helper
 
@@ -249,11 +250,11 @@ def _cut(unet_path: Path, out_dir: Path, levels: int) -> int:
         added.nodes += b.nodes
     # new nodes first is not topological order: put each before its first reader
     _insert_sorted(graph, added.nodes)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for location in _external_files(graph):  # the same weights, under the same relative names
-        (out_dir / location).parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(unet_path.parent / location, out_dir / location)
-    onnx.save(model, str(out_dir / GRAPH_FILE))
+    # the U-Net's prediction only (a DeepCache export's deep features are not this graph's)
+    kept = [o for o in graph.output if o.name == "out_sample"]
+    del graph.output[:]
+    graph.output.extend(kept)
+    onnx.save(model, str(out))
     return len(blocks)
 
 
@@ -283,21 +284,6 @@ def _insert_sorted(graph, nodes: list) -> None:
     graph.node.extend(order)
 
 
-def _external_files(graph) -> set[str]:
-    """The files the graph's external initializers are in, relative to its folder."""
-    from onnx import external_data_helper
-
-    return {next(e.value for e in t.external_data if e.key == "location") for t in graph.initializer
-            if external_data_helper.uses_external_data(t)}
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
 def _parity(unet: Path, tome: Path, feeds: dict[str, np.ndarray]) -> ParityResult:
     """The token-merging graph at ratio 0 against the U-Net (ONNX Runtime CPU)."""
     import onnxruntime as ort
@@ -323,7 +309,7 @@ def _parity(unet: Path, tome: Path, feeds: dict[str, np.ndarray]) -> ParityResul
 
 
 def add_tome(root: str | Path, levels: int = DEFAULT_LEVELS) -> ParityResult:
-    """Add the token-merging U-Net `unet_tome/` to the exported model at `root`. Nothing changes unless it
+    """Add the token-merging U-Net (`unet/model_tome.onnx`) to the exported model at `root`. Nothing changes unless it
     passes its parity check."""
     from edgesd.models_path import default_model_path
 
@@ -344,24 +330,25 @@ def add_tome(root: str | Path, levels: int = DEFAULT_LEVELS) -> ParityResult:
     if folder.has(UNET_TOME):
         raise EdgesdError(f"'{folder.root}' has the token-merging U-Net already", "generate with --token-merging R")
     unet_path = folder.graph_path("unet")
-    partial = folder.root / f".{UNET_TOME}.partial-{os.getpid()}"
+    target = folder.graph_path(UNET_TOME)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         _cut(unet_path, partial, levels)
         sizes = folder.family.sample_sizes("unet", folder.configs, max(PARITY_LATENT_SIZE,
                                                                        folder.constants.latent_size_multiple))
-        result = _parity(unet_path, partial / GRAPH_FILE, folder.specs["unet"].sample_inputs(sizes))
+        result = _parity(unet_path, partial, folder.specs["unet"].sample_inputs(sizes))
         if not result.passed:
             raise EdgesdError(f"the token-merging U-Net at ratio 0 is {result.psnr_db:.1f} dB from the U-Net "
                               f"(needs >= {UNMERGED_MIN_PSNR_DB}); nothing was changed",
                               "report this model to the edgesd developers")
-        partial.rename(folder.root / UNET_TOME)
+        os.replace(partial, target)
         _update_manifest(folder, levels)
         return result
     except OSError as e:
         raise EdgesdError(f"the token-merging U-Net could not be written ({e.strerror or e})",
                           "free disk space or check the folder's permissions; nothing was changed") from None
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        partial.unlink(missing_ok=True)
 
 
 def _update_manifest(folder: ModelFolder, levels: int) -> None:
@@ -370,7 +357,8 @@ def _update_manifest(folder: ModelFolder, levels: int) -> None:
     if not path.is_file():
         return
     manifest = json.loads(path.read_text(encoding="utf-8"))
+    target = folder.graph_path(UNET_TOME)
     manifest["graphs"][UNET_TOME] = {
-        **folder.specs[UNET_TOME].to_json(), "file": f"{UNET_TOME}/{GRAPH_FILE}", "format": "onnx",
+        **folder.specs[UNET_TOME].to_json(), "file": target.relative_to(folder.root).as_posix(), "format": "onnx",
         "precision": manifest["graphs"]["unet"].get("precision", "fp32"), "merged_levels": levels}
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -18,13 +18,15 @@ from pathlib import Path
 
 from .errors import EdgesdError
 from .families import ModelFamily, detect_family
-from .graphs import REQUIRED_FOR_TEXT_TO_IMAGE, GraphSpec
+from .graphs import REQUIRED_FOR_TEXT_TO_IMAGE, UNET_TOME, GraphSpec
 
 MANIFEST = "edgesd.json"
 MANIFEST_VERSION = 1
 GRAPH_FILE = "model.onnx"
 IR_FILE = "openvino_model.xml"  # OpenVINO IR; its weights are in openvino_model.bin beside it
 GRAPH_FILES = {"onnx": GRAPH_FILE, "openvino": IR_FILE}
+# ONNX graphs kept in another component's folder, reading its weights file: component -> (folder, file)
+BESIDE = {UNET_TOME: ("unet", "model_tome.onnx")}
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ class ModelFolder:
         return graph_format(self.root, component)
 
     def graph_path(self, component: str) -> Path:
+        if component in BESIDE:
+            return self.root.joinpath(*BESIDE[component])
         return self.root / component / GRAPH_FILES[self.graph_format(component) or "onnx"]
 
     def has(self, component: str) -> bool:
@@ -187,6 +191,8 @@ class ModelFolder:
 
 def graph_format(root: Path, component: str) -> str | None:
     """Which graph file `root/component` holds; both at once is an error (which one would run is unclear)."""
+    if component in BESIDE:
+        return "onnx" if root.joinpath(*BESIDE[component]).is_file() else None
     found = [fmt for fmt, name in GRAPH_FILES.items() if (root / component / name).is_file()]
     if len(found) > 1:
         raise EdgesdError(f"'{root / component}' holds both {GRAPH_FILE} and {IR_FILE}",

@@ -69,7 +69,7 @@ def test_the_graph_passes_its_parity_check_and_is_described(merged):
     manifest = json.loads((folder / "edgesd.json").read_text())
     entry = manifest["graphs"]["unet_tome"]
     assert [i["name"] for i in entry["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "tome_ratio"]
-    assert entry["file"] == "unet_tome/model.onnx" and entry["merged_levels"] == 1
+    assert entry["file"] == "unet/model_tome.onnx" and entry["merged_levels"] == 1
     with pytest.raises(EdgesdError, match="has the token-merging U-Net already"):
         add_tome(folder)
 
@@ -102,9 +102,13 @@ def test_external_weights_are_the_unets_own_file(tiny_onnx, tmp_path):
     unet = folder / "unet" / "model.onnx"
     onnx.save(onnx.load(str(unet)), str(unet), save_as_external_data=True, location="model.onnx.data",
               size_threshold=0)
+    before = {p.name for p in (folder / "unet").iterdir()}
     add_tome(folder)
-    assert (folder / "unet_tome" / "model.onnx.data").samefile(folder / "unet" / "model.onnx.data")  # linked
-    assert (folder / "unet_tome" / "model.onnx").stat().st_size < 1_000_000
+    # beside the U-Net's graph, reading its weights file: nothing copied or linked
+    assert {p.name for p in (folder / "unet").iterdir()} - before == {"model_tome.onnx"}
+    assert (folder / "unet" / "model.onnx.data").stat().st_nlink == 1
+    assert (folder / "unet" / "model_tome.onnx").stat().st_size < 1_000_000
+    onnx.load(str(folder / "unet" / "model.onnx"))  # onnx still loads the U-Net with its weights
     out = edgesd.Pipeline.load(folder)(PROMPT, num_inference_steps=2, seed=1, token_merging=0.5)
     assert out.timings["unet_calls"] == 0 and out.timings["unet_tome_calls"] > 0
 
@@ -140,7 +144,7 @@ def test_tome_with_deepcache_is_refused(tiny_onnx, tmp_path):
     folder = tmp_path / "both"
     shutil.copytree(tiny_onnx, folder)
     add_tome(folder)
-    add_deepcache(folder)
+    add_deepcache(folder)  # after: the U-Net gains DeepCache's output, the token-merging graph keeps its own
     pipe = edgesd.Pipeline.load(folder)
     with pytest.raises(EdgesdError, match="token merging and DeepCache together"):
         pipe(PROMPT, num_inference_steps=2, token_merging=0.5, deepcache_interval=2)
@@ -166,9 +170,10 @@ def test_no_self_attention_at_the_levels_is_an_error(tiny_onnx, tmp_path):
     for node in model.graph.node:
         node.name = node.name.replace("attn1", "self_attention")
     onnx.save(model, str(folder / "unet" / "model.onnx"))
+    before = sorted(p.name for p in (folder / "unet").iterdir())
     with pytest.raises(EdgesdError, match="no self-attention at levels 1-1"):
         add_tome(folder)
-    assert not (folder / "unet_tome").exists() and not list(folder.glob(".unet_tome*"))
+    assert sorted(p.name for p in (folder / "unet").iterdir()) == before
 
 
 def test_cli_adds_and_generates(tiny_onnx, tmp_path):
