@@ -152,7 +152,9 @@ def markdown(result: dict) -> str:
     if fast := accelerated(rows):
         lines += ["Opt-in speed-ups (not like for like: the picture differs from the rows above; -bf16: bf16 "
                   "arithmetic where the CPU has it, -guidance-cutoff-0.5: guidance for the first half of the steps, "
-                  "U-Net s/step = the mean call):", "", *table(fast), ""]
+                  "-deepcache-2: the whole U-Net every 2nd evaluation, -tome-0.5: half the full-resolution tokens "
+                  "merged; for the last three U-Net s/step = the mean evaluation, and 'of peak' counts the whole "
+                  "U-Net's FLOPs, so it overstates the rate):", "", *table(fast), ""]
     lines += [
              f"Roofline: the U-Net (batch 2) costs {flops} TFLOP per step (counted from the graph, bench/flops.py; "
              f"convolutions and matmuls). This machine's GEMM peaks (bench/gemm_peak.py, measured in this run): "

@@ -101,7 +101,8 @@ def _edgesd_folder(backend: str, recipe: str, added: str | None = None) -> Path:
     if not (copy.is_dir() and ModelFolder.open(copy).has(graph)):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(folder, copy)
-        add(copy)
+        if not ModelFolder.open(copy).has(graph):  # a graph added to the recipe's folder itself comes along
+            add(copy)
     return copy
 
 
