@@ -22,6 +22,7 @@ from edgesd.errors import EdgesdError
 from edgesd.graphs import DEEP_FEATURES, UNET, UNET_SHALLOW
 from edgesd.model import GRAPH_FILE, MANIFEST, ModelFolder
 
+from .added import folder_to_add_to
 from .parity import ParityResult, compare
 
 # The shallow graph is the same nodes as the full one's path to its output: anything under this is a bad cut.
@@ -162,20 +163,7 @@ def _parity(full: Path, shallow: Path, feeds: dict[str, np.ndarray]) -> ParityRe
 def add_deepcache(root: str | Path) -> ParityResult:
     """Add DeepCache's graphs to the exported model at `root`: the U-Net's deep-features output and
     `unet_shallow/`. Nothing changes unless the cut passes its parity check."""
-    from edgesd.models_path import default_model_path
-
-    folder = ModelFolder.open(root)
-    try:
-        embedded = default_model_path().resolve()
-    except EdgesdError:  # an installation without it
-        embedded = None
-    if folder.root.resolve() == embedded:
-        raise EdgesdError("the embedded default model is part of the installation and is not changed",
-                          f"copy it and add DeepCache to the copy: cp -r {folder.root} my-model && "
-                          "edgesd deepcache my-model")
-    if folder.graph_format("unet") != "onnx":
-        raise EdgesdError(f"'{folder.root}' has an OpenVINO IR U-Net; DeepCache's graphs are cut from ONNX",
-                          "export the model with --format onnx (the default) and add DeepCache to that")
+    folder = folder_to_add_to(root, "DeepCache's graphs", "edgesd deepcache")
     if folder.has(UNET_SHALLOW):
         raise EdgesdError(f"'{folder.root}' has DeepCache's graphs already", "generate with --deepcache-interval N")
     unet_path = folder.graph_path("unet")

@@ -27,6 +27,7 @@ from edgesd.errors import EdgesdError
 from edgesd.graphs import TOME_RATIO, UNET_TOME
 from edgesd.model import MANIFEST, ModelFolder
 
+from .added import folder_to_add_to
 from .parity import ParityResult, compare
 
 # At ratio 0 the merge and unmerge are a permutation and its inverse: anything under this is a bad cut.
@@ -354,22 +355,9 @@ def _parity(unet: Path, tome: Path, feeds: dict[str, np.ndarray]) -> ParityResul
 def add_tome(root: str | Path, levels: int = DEFAULT_LEVELS) -> ParityResult:
     """Add the token-merging U-Net (`unet/model_tome.onnx`) to the exported model at `root`. Nothing changes unless it
     passes its parity check."""
-    from edgesd.models_path import default_model_path
-
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise EdgesdError(f"levels must be a whole number >= 1, got {levels!r}", "e.g. --levels 1 (the default)")
-    folder = ModelFolder.open(root)
-    try:
-        embedded = default_model_path().resolve()
-    except EdgesdError:
-        embedded = None
-    if folder.root.resolve() == embedded:
-        raise EdgesdError("the embedded default model is part of the installation and is not changed",
-                          f"copy it and add token merging to the copy: cp -r {folder.root} my-model && "
-                          "edgesd tome my-model")
-    if folder.graph_format("unet") != "onnx":
-        raise EdgesdError(f"'{folder.root}' has an OpenVINO IR U-Net; the token-merging graph is made from ONNX",
-                          "export the model with --format onnx (the default) and add token merging to that")
+    folder = folder_to_add_to(root, "the token-merging U-Net", "edgesd tome")
     if folder.has(UNET_TOME):
         raise EdgesdError(f"'{folder.root}' has the token-merging U-Net already", "generate with --token-merging R")
     unet_path = folder.graph_path("unet")

@@ -14,6 +14,7 @@ from edgesd.export.tome import UNMERGED_MIN_PSNR_DB, add_tome
 from edgesd.models_path import default_model_path
 
 from .commands import edgesd as run_edgesd
+from .conftest import FIXTURES
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -158,6 +159,8 @@ def test_the_embedded_model_and_ir_are_refused(tmp_path):
         add_tome(default_model_path())
     with pytest.raises(EdgesdError, match="levels must be a whole number"):
         add_tome(default_model_path(), levels=0)
+    with pytest.raises(EdgesdError, match="edgesd tome works on an ONNX one"):
+        add_tome(FIXTURES / "optimum-intel-micro")
 
 
 def test_no_self_attention_at_the_levels_is_an_error(tiny_onnx, tmp_path):

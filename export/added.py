@@ -1,0 +1,29 @@
+"""What the commands that add graphs to an exported model (`edgesd deepcache`, `edgesd tome`) check first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgesd.errors import EdgesdError
+from edgesd.model import ModelFolder
+
+
+def folder_to_add_to(root: str | Path, what: str, command: str) -> ModelFolder:
+    """The exported model at `root`, if `what` (e.g. "DeepCache's graphs") can be added to it by `command`:
+    not the embedded default model (part of the installation), and with an ONNX U-Net (the graphs are made
+    from it)."""
+    from edgesd.models_path import default_model_path
+
+    folder = ModelFolder.open(root)
+    try:
+        embedded = default_model_path().resolve()
+    except EdgesdError:  # an installation without it
+        embedded = None
+    if folder.root.resolve() == embedded:
+        raise EdgesdError("the embedded default model is part of the installation and is not changed",
+                          f"copy it and add {what} to the copy: cp -r {folder.root} my-model && "
+                          f"{command} my-model")
+    if folder.graph_format("unet") != "onnx":
+        raise EdgesdError(f"'{folder.root}' has an OpenVINO IR U-Net; {command} works on an ONNX one",
+                          f"export the model with --format onnx (the default) and add {what} to that")
+    return folder
