@@ -77,13 +77,16 @@ def _nncf_recipe(model, recipe: str, calibration: list[dict[str, np.ndarray]] | 
     if not calibration:
         raise EdgesdError(f"the {recipe} recipe needs calibration inputs", "give at least one calibration prompt")
     dataset = nncf.Dataset(calibration)
+    # 7-bit weights in every layer (NNCF's overflow fix; its default does the first layer only): int8 kernels on
+    # CPUs without VNNI (AVX2) add pairs of u8 x s8 products in int16 and saturate with full-range weights
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)
     if recipe == "int8":
         return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
-                             ignored_scope=_ignored_sensitive())
+                             ignored_scope=_ignored_sensitive(), advanced_parameters=advanced)
     # int8-hybrid: weight-only int8 for the weighted MatMuls first, then static quantization of the rest.
     matmuls = _weighted_matmuls(model)
     model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
                                   ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
     ignored = nncf.IgnoredScope(names=matmuls, patterns=_ignored_sensitive().patterns, validate=False)
     return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
-                         ignored_scope=ignored)
+                         ignored_scope=ignored, advanced_parameters=advanced)
