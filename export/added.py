@@ -1,4 +1,4 @@
-"""What the commands that add graphs to an exported model (`edgesd deepcache`, `edgesd tome`) check first."""
+"""What the commands that add graphs to an exported model (`edgesd deepcache`, `edgesd tome`) share."""
 
 from __future__ import annotations
 
@@ -27,3 +27,12 @@ def folder_to_add_to(root: str | Path, what: str, command: str) -> ModelFolder:
         raise EdgesdError(f"'{folder.root}' has an OpenVINO IR U-Net; {command} works on an ONNX one",
                           f"export the model with --format onnx (the default) and add {what} to that")
     return folder
+
+
+def cpu_session(path: Path):
+    """An ONNX Runtime CPU session of the graph at `path`, quiet (the parity checks of the added graphs)."""
+    import onnxruntime as ort
+
+    made = ort.SessionOptions()
+    made.log_severity_level = 3
+    return ort.InferenceSession(str(path), made, providers=["CPUExecutionProvider"])

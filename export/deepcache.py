@@ -22,7 +22,7 @@ from edgesd.errors import EdgesdError
 from edgesd.graphs import DEEP_FEATURES, UNET, UNET_SHALLOW
 from edgesd.model import GRAPH_FILE, MANIFEST, ModelFolder
 
-from .added import folder_to_add_to
+from .added import cpu_session, folder_to_add_to
 from .parity import ParityResult, compare
 
 # The shallow graph is the same nodes as the full one's path to its output: anything under this is a bad cut.
@@ -136,17 +136,10 @@ def _cut(unet_path: Path, shallow_dir: Path) -> Path:
 
 def _parity(full: Path, shallow: Path, feeds: dict[str, np.ndarray]) -> ParityResult:
     """The shallow graph on the full graph's deep features against the full graph's output (ONNX Runtime CPU)."""
-    import onnxruntime as ort
-
     from edgesd.backends.base import fit_feeds
     from edgesd.graphs import ONNX_TO_NUMPY
 
-    def session(path: Path):
-        made = ort.SessionOptions()
-        made.log_severity_level = 3
-        return ort.InferenceSession(str(path), made, providers=["CPUExecutionProvider"])
-
-    whole = session(full)
+    whole = cpu_session(full)
     inputs = whole.get_inputs()
     # one timestep for the batch: optimum's U-Net takes a scalar (the runtime's fit_feeds casts as for a run)
     feeds = {**feeds, "timestep": np.full_like(feeds["timestep"], feeds["timestep"][0])}
@@ -155,7 +148,7 @@ def _parity(full: Path, shallow: Path, feeds: dict[str, np.ndarray]) -> ParityRe
     out_name = "out_sample"
     reference, features = whole.run([out_name, DEEP_FEATURES], cast)
     del whole
-    got = session(shallow).run([out_name], {**cast, DEEP_FEATURES: features})[0]
+    got = cpu_session(shallow).run([out_name], {**cast, DEEP_FEATURES: features})[0]
     return compare(UNET_SHALLOW, out_name, reference.astype(np.float32), got.astype(np.float32),
                    SHALLOW_MIN_PSNR_DB)
 

@@ -27,7 +27,7 @@ from edgesd.errors import EdgesdError
 from edgesd.graphs import TOME_RATIO, UNET_TOME
 from edgesd.model import MANIFEST, ModelFolder
 
-from .added import folder_to_add_to
+from .added import cpu_session, folder_to_add_to
 from .parity import ParityResult, compare
 
 # At ratio 0 the merge and unmerge are a permutation and its inverse: anything under this is a bad cut.
@@ -249,7 +249,7 @@ def _cut(unet_path: Path, out: Path, levels: int) -> int:
             if not node.name.startswith(f"{scope}/attn1/"):
                 node.input[:] = [restored if name == y else name for name in node.input]
         added.nodes += b.nodes
-    # new nodes first is not topological order: put each before its first reader
+    # the added nodes are appended: put each before its first reader
     _insert_sorted(graph, added.nodes)
     # the U-Net's prediction only (a DeepCache export's deep features are not this graph's)
     kept = [o for o in graph.output if o.name == "out_sample"]
@@ -323,26 +323,19 @@ def _without_activation_qdq(path: Path, out: Path) -> Path:
 def _parity(unet: Path, tome: Path, feeds: dict[str, np.ndarray]) -> ParityResult:
     """The token-merging graph at ratio 0 against the U-Net (ONNX Runtime CPU), both without their activations'
     int8 rounding where they have it (_without_activation_qdq)."""
-    import onnxruntime as ort
-
     from edgesd.backends.base import fit_feeds
     from edgesd.graphs import ONNX_TO_NUMPY
 
-    def session(path: Path):
-        made = ort.SessionOptions()
-        made.log_severity_level = 3
-        return ort.InferenceSession(str(path), made, providers=["CPUExecutionProvider"])
-
     floats = [unet.with_name(f".{p.name}.float-{os.getpid()}") for p in (unet, tome)]
     try:
-        whole = session(_without_activation_qdq(unet, floats[0]))
+        whole = cpu_session(_without_activation_qdq(unet, floats[0]))
         inputs = whole.get_inputs()
         feeds = {**feeds, "timestep": np.full_like(feeds["timestep"], feeds["timestep"][0])}
         cast = fit_feeds(unet, feeds, {i.name: np.dtype(ONNX_TO_NUMPY[i.type]) for i in inputs},
                          {i.name: len(i.shape) for i in inputs})
         reference = whole.run(["out_sample"], cast)[0]
         del whole
-        merged = session(_without_activation_qdq(tome, floats[1]))
+        merged = cpu_session(_without_activation_qdq(tome, floats[1]))
         got = merged.run(["out_sample"], {**cast, TOME_RATIO.name: np.zeros(1, np.float32)})[0]
         del merged
     finally:

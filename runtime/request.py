@@ -168,7 +168,8 @@ class GenerationRequest:
             raise EdgesdError(f"token_merging must be a share in [0, {MAX_TOKEN_MERGING}], got {self.token_merging!r}",
                               "use e.g. 0.5 (half the full-resolution tokens merged), or 0 for none")
         if self.token_merging > 0 and not folder.has(UNET_TOME):
-            raise EdgesdError(f"'{folder.root.name}' has no token-merging U-Net (its {UNET_TOME}/)",
+            raise EdgesdError(f"'{folder.root.name}' has no token-merging U-Net "
+                              f"({folder.graph_path(UNET_TOME).relative_to(folder.root).as_posix()})",
                               "add it once with `edgesd tome MODEL` (needs the export extra; the embedded model: "
                               "to a copy of it), or leave token_merging at 0")
         if self.token_merging > 0 and self.deepcache_interval > 1:
