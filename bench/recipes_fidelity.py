@@ -3,8 +3,9 @@
     .venv/bin/python bench/recipes_fidelity.py SRC [--name edgesd-tiny] [--recipes fp16,int8-weights,int8,int4-weights]
                                                [--format onnx|openvino]
 
-SRC is a diffusers folder (the embedded model's is training run 4's `diffusers/` folder, made by
-`models/training/train.py`; see models/TRAINING.md). Each recipe is exported with --allow-lossy into a
+SRC is a diffusers folder or an fp32/fp16 edgesd export: the embedded model's shipped folder
+(models/edgesd-tiny, fp16-stored weights) is its own reference, its training run's diffusers folder not being
+kept (models/TRAINING.md). Each recipe is exported with --allow-lossy into a
 temporary folder; the fidelity report (per graph PSNR / cosine / size against the fp32 trace, image PSNR per
 held-out prompt, 10 steps, at the model's own guidance) goes to
 bench/results/recipes-fidelity-<name>[-openvino]-<date>.{json,md}.
@@ -32,7 +33,6 @@ def main() -> None:
     args = parser.parse_args()
     from edgesd.export import ExportOptions, export_model
     from edgesd.model import GenerationDefaults
-    from edgesd.export.fidelity import FIDELITY_PROMPTS
     from edgesd.export.recipes import FORMAT_RECIPES
 
     recipes = args.recipes.split(",") if args.recipes else [r for r in FORMAT_RECIPES[args.format] if r != "fp32"]
@@ -47,22 +47,34 @@ def main() -> None:
     suffix = "" if args.format == "onnx" else f"-{args.format}"
     stem = HERE / "results" / f"recipes-fidelity-{args.name}{suffix}-{date.today()}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    prompts = "; ".join(f"{i + 1}: {p}" for i, p in enumerate(FIDELITY_PROMPTS))
-    lines = [f"Fidelity per recipe ({args.format}) for {args.name} against its fp32 ONNX export ({date.today()}, "
-             f"`bench/recipes_fidelity.py`). Image PSNR per held-out prompt ({prompts}), 10 steps, "
-             f"guidance {args.default_guidance}.", "",
+    stem.with_suffix(".md").write_text(markdown(results, args.format, args.name, args.src, args.default_guidance))
+    print(f"wrote {stem}.json and .md")
+
+
+def _db(value) -> str:
+    """A PSNR from the JSON report: None there means no difference at all."""
+    return "identical" if value is None else str(value)
+
+
+def markdown(results: dict, fmt: str, name: str, src: Path, guidance: float) -> str:
+    held_out = next(iter(results.values()))["pipeline"]["prompts"]
+    prompts = "; ".join(f"{i + 1}: {p}" for i, p in enumerate(held_out))
+    source = (f"made from its shipped fp16 graphs widened to fp32 (`{src}`)" if (src / "edgesd.json").is_file()
+              else f"exported from `{src}`")
+    lines = [f"Fidelity per recipe ({fmt}) for {name} against its fp32 ONNX export, each recipe {source} "
+             f"({date.today()}, `bench/recipes_fidelity.py`; identical: no difference at all). Image PSNR per held-out prompt ({prompts}), 10 steps, "
+             f"guidance {guidance}.", "",
              "| recipe | text encoder (hidden states) dB | U-Net dB (cosine) | VAE decoder dB | U-Net MB (fp32) | all graphs MB | "
              "image PSNR per prompt dB | worst | threshold | passes |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for recipe, r in results.items():
         g, p = r["graphs"], r["pipeline"]
         total = sum(x["size_mb"] for k, x in g.items() if k != "text_encoder.pooler_output")  # one per graph
         text, unet, vae = g["text_encoder.last_hidden_state"], g["unet.out_sample"], g["vae_decoder.sample"]
-        lines.append(f"| {recipe} | {text['psnr_db']} | {unet['psnr_db']} ({unet['cosine']}) "
-                     f"| {vae['psnr_db']} | {unet['size_mb']} ({unet['fp32_size_mb']}) | "
-                     f"{total:.1f} | {', '.join(str(v) for v in p['image_psnr_db'])} | {p['worst_image_psnr_db']} | "
+        lines.append(f"| {recipe} | {_db(text['psnr_db'])} | {_db(unet['psnr_db'])} ({unet['cosine']}) "
+                     f"| {_db(vae['psnr_db'])} | {unet['size_mb']} ({unet['fp32_size_mb']}) | "
+                     f"{total:.1f} | {', '.join(_db(v) for v in p['image_psnr_db'])} | {_db(p['worst_image_psnr_db'])} | "
                      f"{p['threshold_db']} | {'yes' if p['passed'] else 'no'} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and .md")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from edgesd.errors import EdgesdError
 from edgesd.lora import LoraSpec
-from edgesd.model import GRAPH_FILE, GRAPH_FILES, GenerationDefaults, constants_from_configs, write_manifest
+from edgesd.model import (GRAPH_FILE, GRAPH_FILES, MANIFEST, GenerationDefaults, constants_from_configs,
+                          write_manifest)
 from edgesd.tokenizer import ClipTokenizer
 
 from .parity import FP32_MIN_PSNR_DB, ParityResult
@@ -30,6 +31,12 @@ if TYPE_CHECKING:
 
 # Spatial size of the random inputs used for parity checks (latent pixels); small keeps it quick.
 PARITY_LATENT_SIZE = 16
+
+# Built-in calibration prompts run by default, per format. NNCF's IR int8 U-Net needs all eight: on the
+# embedded model its worst fidelity picture is 27.5 dB from fp32 with four, 30.7 with eight
+# (bench/results/recipes-fidelity-edgesd-tiny-openvino-2026-12-05.md); onnxruntime's static int8 keeps 35 dB
+# with four, and its MinMax calibration holds every recorded activation in memory.
+CALIBRATION_SIZE: dict[str, int] = {"onnx": 4, "openvino": 8}
 
 STAGES = ("load", "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "recipes", "fidelity")
 
@@ -47,7 +54,7 @@ class ExportOptions:
     allow_lossy: bool = False  # write the export even if its fidelity is below the recipe's threshold
     # prompts whose U-Net inputs calibrate the int8 recipe (None: the first calibration_size built-in ones)
     calibration_prompts: tuple[str, ...] | None = None
-    calibration_size: int = 4
+    calibration_size: int | None = None  # None: CALIBRATION_SIZE of the format
     defaults: GenerationDefaults | None = None  # the model's own default steps / guidance, if it has them
     # A single-file source: the diffusers folder whose configs describe it (None: the family's shipped configs),
     # and the prediction type where the file cannot say (SD 2.x 768-v: v_prediction).
@@ -67,7 +74,7 @@ class ExportOptions:
             raise EdgesdError(f"unknown attention '{self.attention}'", f"use one of: {', '.join(ATTENTION_MODES)}")
         if self.calibration_prompts is not None and not [p for p in self.calibration_prompts if p.strip()]:
             raise EdgesdError("the calibration prompts are empty", "give at least one prompt, one per line")
-        if self.calibration_size < 1:
+        if self.calibration_size is not None and self.calibration_size < 1:
             raise EdgesdError(f"calibration size must be >= 1, got {self.calibration_size}")
 
     def recipes(self, components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -84,7 +91,7 @@ class ExportOptions:
 
         if self.calibration_prompts is not None:
             return [p for p in self.calibration_prompts if p.strip()]
-        return list(CALIBRATION_PROMPTS[: self.calibration_size])
+        return list(CALIBRATION_PROMPTS[: self.calibration_size or CALIBRATION_SIZE[self.format]])
 
 
 @dataclass
@@ -116,11 +123,12 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                           "pip install -c constraints.txt 'edgesd[export]'") from None
 
     from .components import export_graph
-    from .fidelity import measure as measure_fidelity
     from .loading import source_checksum
     from .vae import export_vae, vae_folder
 
     src, out = Path(src), Path(out)
+    if src.is_dir() and (src / MANIFEST).is_file():  # an edgesd export: its graphs are the reference
+        return reexport(src, out, options, on_stage)
     if src.is_dir() and vae_folder(src) is not None:  # TAESD or another VAE on its own: its decoder
         _check_output(src, out, options)
         started = time.perf_counter()
@@ -168,29 +176,105 @@ def export_model(src: str | Path, out: str | Path, options: ExportOptions = Expo
                                for l in options.loras]
         write_manifest(tmp, constants, _graph_entries(dict.fromkeys(recipes, "fp32"), "onnx"), source,
                        specs, family.name, options.defaults)
-        if converted:
-            stage("recipes")
-            _write_recipes(tmp, final, recipes, options)
-            if options.format == "openvino":
-                _write_model_index(final, cfg, family, "openvino")
-            write_manifest(final, constants, _graph_entries(recipes, options.format), source, specs, family.name,
-                           options.defaults)
-        stage("fidelity")
-        report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes, options.format))
-        report.seconds = time.perf_counter() - started
-        (final / "parity.json").write_text(json.dumps({r.component + "." + r.output: r.to_json() for r in parity},
-                                                      indent=2) + "\n")
-        (final / "fidelity.json").write_text(json.dumps(report.fidelity.to_json(), indent=2) + "\n")
-        if not report.fidelity.passed and not options.allow_lossy:
-            raise ExportFidelityError(report)
-        move_into_place(final, out)
-        return report
+        (tmp / "parity.json").write_text(json.dumps({r.component + "." + r.output: r.to_json() for r in parity},
+                                                    indent=2) + "\n")
+        return _recipes_and_fidelity(tmp, final, out, report, options, converted, stage, started)
     except OSError as e:  # a full disk or a folder that cannot be written (tokenizers, graphs, reports)
         raise EdgesdError(f"the export could not write {e.filename or 'its output'} ({e.strerror or e})",
                           "free disk space or choose another output folder; nothing was written") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
+
+
+def reexport(src: Path, out: Path, options: ExportOptions = ExportOptions(),
+             on_stage: Callable[[str], None] | None = None) -> ExportReport:
+    """An edgesd ONNX export in fp32 or fp16 (fp16-stored weights, computed in fp32) written again in another
+    recipe or format, without its PyTorch source: its graphs, the fp16 weights widened back to fp32, are the
+    reference that the recipes are made from and measured against (the embedded model ships this way)."""
+    import onnx
+
+    from edgesd.model import ModelFolder
+
+    from .components import save_graph
+    from .loading import source_checksum
+    from .quantize import fold_initializer_casts
+
+    folder = ModelFolder.open(src)
+    graphs = folder.manifest.get("graphs", {})
+    other = [f"{c} is {g.get('precision')} {g.get('format', 'onnx')}" for c, g in graphs.items()
+             if g.get("format", "onnx") != "onnx" or g.get("precision") not in ("fp32", "fp16")]
+    if other:
+        raise EdgesdError(f"'{src}' cannot be exported again: {', '.join(other)}",
+                          "export from the model's diffusers folder, or from its fp32 or fp16 ONNX export")
+    if options.loras or options.vae is not None or options.config is not None or options.prediction_type:
+        raise EdgesdError("--lora, --vae, --config and --prediction-type change a PyTorch source, not an export",
+                          "export from the model's diffusers folder or .safetensors file to use them")
+    _check_output(src, out, options)
+    stage = on_stage or (lambda name: None)
+    started = time.perf_counter()
+    stage("load")
+    recipes = options.recipes(tuple(graphs))
+    options = replace(options, defaults=options.defaults or folder.defaults)
+    remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    final = out.parent / f".{out.name}.recipe-{os.getpid()}"
+    for partial in (tmp, final):
+        shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("fidelity.json"))
+        for component in graphs:
+            if component not in recipes:
+                shutil.rmtree(tmp / component)
+                continue
+            stage(component)
+            path = tmp / component / GRAPH_FILE
+            model = onnx.load(str(path))
+            fold_initializer_casts(model.graph)  # fp16-stored weights -> the fp32 values they compute with
+            for data in path.parent.glob(f"{GRAPH_FILE}*"):
+                data.unlink()
+            save_graph(model, path)
+        source = {**folder.manifest.get("source", {}), "export": {"path": str(src.resolve()),
+                                                                 "sha256": source_checksum(src)}}
+        write_manifest(tmp, folder.constants, _graph_entries(dict.fromkeys(recipes, "fp32"), "onnx"), source,
+                       folder.specs, folder.family.name, options.defaults)
+        report = ExportReport(out, [], time.perf_counter() - started)
+        return _recipes_and_fidelity(tmp, final, out, report, options, True, stage, started)
+    except OSError as e:
+        raise EdgesdError(f"the export could not write {e.filename or 'its output'} ({e.strerror or e})",
+                          "free disk space or choose another output folder; nothing was written") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _recipes_and_fidelity(tmp: Path, final: Path, out: Path, report: ExportReport, options: ExportOptions,
+                          converted: bool, stage: Callable[[str], None], started: float) -> ExportReport:
+    """The fp32 ONNX export in `tmp` (with its edgesd.json and parity.json) -> each graph in its recipe and the
+    options' format in `final` (or `tmp` itself when nothing is converted), the fidelity report against `tmp`,
+    and the finished folder moved to `out` if it passes (or lossy exports are allowed)."""
+    from edgesd.model import ModelFolder
+
+    from .fidelity import measure as measure_fidelity
+
+    folder = ModelFolder.open(tmp)
+    recipes = options.recipes(tuple(folder.manifest["graphs"]))
+    if converted:
+        stage("recipes")
+        _write_recipes(tmp, final, recipes, options)
+        if options.format == "openvino":
+            _write_model_index(final, {**folder.configs, "scheduler": folder.scheduler_config}, folder.family,
+                               "openvino")
+        write_manifest(final, folder.constants, _graph_entries(recipes, options.format), folder.manifest["source"],
+                       folder.specs, folder.family.name, options.defaults)
+    stage("fidelity")
+    report.fidelity = measure_fidelity(tmp, final, recipes, _threshold(recipes, options.format))
+    report.seconds = time.perf_counter() - started
+    (final / "fidelity.json").write_text(json.dumps(report.fidelity.to_json(), indent=2) + "\n")
+    if not report.fidelity.passed and not options.allow_lossy:
+        raise ExportFidelityError(report)
+    move_into_place(final, out)
+    return report
 
 
 def remove_stale_partials(out: Path) -> None:

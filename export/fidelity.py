@@ -31,9 +31,14 @@ CALIBRATION_PROMPTS = (
     "a large purple star in the middle on a grey background",
     "a city street at night with neon signs",
 )
+# A prompt that leaves the picture open (for the embedded model, one with no word it knows: "a photo of a cat
+# sitting on a sofa") has no right picture: the fp32 one is one of several the model draws equally, and errors
+# far below a recipe's threshold flip it to another (the embedded model's IR int8-weights U-Net, 55 dB from
+# fp32, drew another scene for it: 9 dB; bench/results/recipes-fidelity-edgesd-tiny-openvino-2026-12-05.md).
+# So every prompt here names the whole scene in the embedded model's words and still reads as a photo prompt.
 FIDELITY_PROMPTS = (
     "a red circle on a blue background",
-    "a photo of a cat sitting on a sofa",
+    "a photo of a small yellow triangle at the top left on a purple background",
     "a white square at the bottom right on a green background",
 )
 # Steps and largest image side of the calibration and fidelity runs (an SD 1.5 U-Net step at 256 x 256 takes

@@ -8,7 +8,8 @@
 - int4-weights: MatMul weights 4-bit symmetric in groups of INT4_GROUP_SIZE (NNCF keeps the first and
   last weighted layers and embeddings in int8, its `backup_mode`).
 - int8: `nncf.quantize`, static W8A8 of the U-Net with activation statistics from the calibration inputs
-  (transformer model type: attention matmuls are quantized too); quantize.SENSITIVE_LAYERS stay fp32.
+  (transformer model type: attention matmuls are quantized too); the U-Net's layers in quantize.KEEP_FLOAT stay
+  fp32.
 - int8-hybrid (OpenVINO only): the MatMul / Gemm weights int8 weight-only, the convolutions static W8A8.
   Attention and projection layers keep fp32 activations, which suits models with outlier activations.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from edgesd.errors import EdgesdError
 from edgesd.model import IR_FILE
 
-from .quantize import SENSITIVE_LAYERS
+from .quantize import KEEP_FLOAT
 
 INT4_GROUP_SIZE = 32
 
@@ -31,7 +32,7 @@ def _ignored_sensitive():
     import nncf
 
     # convert_model keeps the ONNX node names (/conv_in/Conv, /time_embedding/linear_1/Gemm, ...).
-    return nncf.IgnoredScope(patterns=[f".*/{layer}/.*" for layer in SENSITIVE_LAYERS], validate=False)
+    return nncf.IgnoredScope(patterns=[f".*/{layer}/.*" for layer in KEEP_FLOAT["unet"]], validate=False)
 
 
 def _weighted_matmuls(model) -> list[str]:

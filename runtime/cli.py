@@ -66,8 +66,8 @@ def main():
               help="Single-file SRC: what the U-Net predicts where the file cannot say (SD 2.x 768-v: v_prediction).")
 @click.option("--calibration-prompts", type=click.Path(path_type=Path), default=None,
               help="int8: a text file of calibration prompts, one per line (default: built-in ones).")
-@click.option("--calibration-size", type=int, default=4, show_default=True,
-              help="int8: how many built-in calibration prompts to run (10 steps each).")
+@click.option("--calibration-size", type=int, default=None,
+              help="int8: how many built-in calibration prompts to run (10 steps each; default 4 for onnx, 8 for openvino).")
 @click.option("--allow-lossy", is_flag=True, help="Write the export even below its recipe's fidelity threshold.")
 @click.option("--attention", type=click.Choice(["fused", "unfused"]), default=None,
               help="fused (default for ONNX): each attention as one onnxruntime MultiHeadAttention node (faster, "
@@ -77,12 +77,14 @@ def main():
 def export(src: Path, out: Path, overwrite: bool, no_vae_encoder: bool, recipe: str, fmt: str,
            text_encoder_recipe: str | None, unet_recipe: str | None, vae_recipe: str | None, vae: Path | None,
            config: Path | None, loras: tuple[str, ...], prediction_type: str | None, calibration_prompts: Path | None,
-           calibration_size: int, allow_lossy: bool, attention: str | None, default_steps: int | None,
+           calibration_size: int | None, allow_lossy: bool, attention: str | None, default_steps: int | None,
            default_guidance: float | None):
     """Export SRC, a diffusers-layout SD folder or a single-file .safetensors checkpoint, to ONNX graphs (or
-    OpenVINO IR) in OUT."""
+    OpenVINO IR) in OUT. SRC may also be an fp32 or fp16 ONNX export of edgesd (the embedded model's folder,
+    say): its graphs are then the reference, written again in the recipe and format asked for."""
     if not src.exists():  # said at once, before seconds of importing torch
-        raise EdgesdError(f"source '{src}' does not exist", "pass a diffusers folder or a .safetensors checkpoint")
+        raise EdgesdError(f"source '{src}' does not exist",
+                          "pass a diffusers folder, a .safetensors checkpoint or an fp32/fp16 edgesd export")
     import signal
 
     def on_sigterm(signum, frame):  # as Ctrl-C: the export's cleanup runs and leaves no partial folder
@@ -195,6 +197,8 @@ def _print_fidelity(report) -> None:
 
 
 def _print_parity(results) -> None:
+    if not results:  # a re-export of an edgesd export traces nothing
+        return
     click.echo(f"{'graph':<14}{'output':<20}{'PSNR dB':>9}{'max |err|':>12}{'min dB':>8}  result")
     for r in results:
         click.echo(f"{r.component:<14}{r.output:<20}{r.psnr_db:>9.1f}{r.max_abs_error:>12.2e}"
