@@ -6,11 +6,14 @@
 #   bash bench/device_scaling.sh prepare     # here: .device/call1 (wheels but OpenVINO's, the SD 1.5 configs),
 #                                            # .device/call2 (OpenVINO, CPU plugin only, as .tar.xz)
 #   bash bench/device_scaling.sh call1       # there (carry .device/call1): install, build the SD 1.5 architecture
-#                                            # with RANDOM weights, export fp32 ONNX, the ONNX int8 recipes
-#   bash bench/device_scaling.sh call2       # there (carry .device/call2): install OpenVINO, sweep the ONNX Runtime
-#                                            # configurations (results to $OUT), write the IR int8-hybrid recipe
+#                                            # with RANDOM weights, export fp32 ONNX
+#   bash bench/device_scaling.sh call2       # there (carry .device/call2): install OpenVINO, the ONNX int8 recipes,
+#                                            # sweep the ONNX Runtime configurations (results to $OUT), write the IR
+#                                            # int8-hybrid recipe
 #   bash bench/device_scaling.sh call3       # there: the IR recipe with the int8 VAE, sweep the OpenVINO
 #                                            # configurations; results to $OUT
+#   bash bench/device_scaling.sh best        # there, after call1 (carry .device/call2): edgesd's fastest
+#                                            # configuration (static int8 IR U-Net + int8 VAE), in f32 and bf16
 #   .venv/bin/python bench/side_by_side.py --combine <call2's json> <call3's json> --machine device16 --steps 3
 #                                            # here: one results file (each call's tree is fresh: bench/results
 #                                            # does not carry over, so the parts are combined here)
@@ -36,6 +39,10 @@ download() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform manylinux1_x86_64 -d "$@"
+}
+install_openvino() {  # side_by_side measures OpenVINO's GEMM peaks too
+  [ -d "$SITE/openvino" ] || tar xJf .device/call2/openvino-cpu.tar.xz -C "$SITE"
+  "$PY" -c "import openvino as ov, nncf; print('openvino', ov.__version__, ov.Core().available_devices)"
 }
 export PYTHONPATH=$SITE
 
@@ -68,12 +75,11 @@ if not (src / 'model_index.json').exists():
     build_random_sd(src, seed=0, reference_config=Path('.device/call1/sd15-configs'))
 if not (out / 'unet' / 'model.onnx').exists():
     export_model(src, out, ExportOptions(overwrite=True))"
-  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r
-for recipe in ('int8', 'int8+vae-int8'): r.build('onnxruntime', recipe)"
   ;;
 call2)
-  tar xJf .device/call2/openvino-cpu.tar.xz -C "$SITE"  # side_by_side measures OpenVINO's GEMM peaks too
-  "$PY" -c "import openvino as ov, nncf; print('openvino', ov.__version__, ov.Core().available_devices)"
+  install_openvino
+  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r
+for recipe in ('int8', 'int8+vae-int8'): r.build('onnxruntime', recipe)"
   sweep edgesd-onnxruntime-int8,edgesd-onnxruntime-int8+vae-int8
   "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r; r.build('openvino', 'int8-hybrid')"
   ;;
@@ -81,6 +87,11 @@ call3)
   "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r; r.build('openvino', 'int8-hybrid+vae-int8')"
   sweep edgesd-openvino-int8-hybrid,edgesd-openvino-int8-hybrid+vae-int8
   ;;
+best)
+  install_openvino
+  "$PY" -c "import sys; sys.path.insert(0, 'bench'); import recipes_backends as r; r.build('openvino', 'int8+vae-int8')"
+  sweep edgesd-openvino-int8+vae-int8,edgesd-openvino-int8+vae-int8-bf16
+  ;;
 *)
-  echo "usage: bash bench/device_scaling.sh prepare | call1 | call2 | call3" >&2; exit 2 ;;
+  echo "usage: bash bench/device_scaling.sh prepare | call1 | call2 | call3 | best" >&2; exit 2 ;;
 esac

@@ -119,6 +119,7 @@ def all_configs() -> tuple[list[Config], list[Config]]:
             ("int8+vae-int8", "onnxruntime", "onnxruntime-low-memory", False),
             ("int8-hybrid+vae-int8", "openvino", "openvino-low-memory", False),
             ("int8-hybrid+vae-int8", "openvino", "openvino-bf16", True),
+            ("int8+vae-int8", "openvino", "openvino-bf16", True),
             ("int8+vae-int8", "onnxruntime", "onnxruntime-guidance-cutoff-0.5", True),
             ("int8+vae-int8", "onnxruntime", "onnxruntime-deepcache-2", True),
             ("int8+vae-int8", "onnxruntime", "onnxruntime-tome-0.5", True),
