@@ -182,3 +182,38 @@ def test_a_fresh_clone_builds_the_foundation_before_any_recipe(tmp_path, monkeyp
     (recipes_backends.FP32 / "edgesd.json").unlink()
     with pytest.raises(SystemExit, match="did not make"):
         recipes_backends.foundation()
+
+
+def test_every_timed_attention_kernel_computes_the_attention():
+    import attention_floor
+
+    shape = (2, 2, 16, 12, 8)  # (batch, heads, queries, keys, head dim)
+    q, k, v = attention_floor.attention_inputs(shape)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = ((p / p.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(2, 16, 16)  # (B, S, heads*D)
+    for name, (build, _) in attention_floor.KERNELS.items():
+        error = np.abs(build(shape)() - expected).max()
+        # int8 products: steps of 4/127 on q, k, v and 1/255 on the probabilities; bf16: 8 bits of mantissa
+        assert error < (0.15 if "int8" in name or "bf16" in name else 1e-4), name
+
+
+def test_the_attention_floor_splits_a_unet_s_products(tmp_path):
+    import attention_floor
+
+    # x (B, 16, 8) -> q/k/v projections (8 x 8) -> one MultiHeadAttention, 2 heads -> output projection
+    weights = [numpy_helper.from_array(np.eye(8, dtype=np.float32), n) for n in ("wq", "wk", "wv", "wo")]
+    nodes = [helper.make_node("MatMul", ["x", w], [w + "_out"]) for w in ("wq", "wk", "wv")]
+    nodes += [helper.make_node("MultiHeadAttention", ["wq_out", "wk_out", "wv_out"], ["a"], domain="com.microsoft",
+                               num_heads=2),
+              helper.make_node("MatMul", ["a", "wo"], ["sample_out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 16, 8])],
+                              [helper.make_tensor_value_info("sample_out", TensorProto.FLOAT, None)], weights)
+    graph.node[0].input[0] = graph.node[1].input[0] = graph.node[2].input[0] = "sample"
+    path = tmp_path / "g.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+         path)
+    shapes, attention, other = attention_floor.attention_shapes(path, {"sample": (2, 16, 8)})
+    assert shapes == {(2, 2, 16, 16, 4): 1}
+    assert attention == 4 * 2 * 2 * 16 * 16 * 4  # Q K^T and P V, 2 FLOPs per multiply-add
+    assert other == 4 * 2 * (2 * 16 * 8) * 8
