@@ -201,15 +201,14 @@ def test_every_timed_attention_kernel_computes_the_attention():
 def test_the_attention_floor_splits_a_unet_s_products(tmp_path):
     import attention_floor
 
-    # x (B, 16, 8) -> q/k/v projections (8 x 8) -> one MultiHeadAttention, 2 heads -> output projection
+    # sample (B, 16, 8) -> q/k/v projections (8 x 8) -> one MultiHeadAttention, 2 heads -> output projection
     weights = [numpy_helper.from_array(np.eye(8, dtype=np.float32), n) for n in ("wq", "wk", "wv", "wo")]
-    nodes = [helper.make_node("MatMul", ["x", w], [w + "_out"]) for w in ("wq", "wk", "wv")]
+    nodes = [helper.make_node("MatMul", ["sample", w], [w + "_out"]) for w in ("wq", "wk", "wv")]
     nodes += [helper.make_node("MultiHeadAttention", ["wq_out", "wk_out", "wv_out"], ["a"], domain="com.microsoft",
                                num_heads=2),
               helper.make_node("MatMul", ["a", "wo"], ["sample_out"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [2, 16, 8])],
                               [helper.make_tensor_value_info("sample_out", TensorProto.FLOAT, None)], weights)
-    graph.node[0].input[0] = graph.node[1].input[0] = graph.node[2].input[0] = "sample"
     path = tmp_path / "g.onnx"
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
          path)
